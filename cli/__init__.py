@@ -1,0 +1,1 @@
+"""dreamlora's command line: a thin Typer layer over the library."""

@@ -1,0 +1,213 @@
+"""Sample grids: prompts (x LoRA scales) in rows, seeds in columns, with the single images and a JSON sidecar.
+
+`sample()` loads the LoRA file the way users do (diffusers' `load_lora_weights`), so a grid also
+proves the file loads. Scale 0 turns the adapter off: it is the base model, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .atomic import atomic_path, write_text_atomic
+from .config import DEFAULT_MODEL, SAMPLERS, describe, fill_prompt
+from .errors import ConfigError, ModelLoadError
+from .grid import make_grid
+from .progress import ProgressCallback, ProgressEvent, ignore_progress
+
+ADAPTER_NAME = "dreamlora"
+
+
+@dataclass
+class SampleSettings:
+    prompts: list[str]  # may use {token} and {class}, filled from the LoRA file
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    scales: list[float] = field(default_factory=lambda: [1.0])  # 0 = the base model
+    steps: int = 20
+    guidance: float = 7.5
+    sampler: str = "dpm++2m"
+    negative_prompt: str = ""
+    resolution: int | None = None  # None: the model's native resolution
+
+    def check(self) -> None:
+        problems = []
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            problems.append("--prompt must be given at least once and not be empty")
+        if not self.seeds:
+            problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
+        if any(s < 0 for s in self.scales):
+            problems.append(f"--scales must be >= 0 (got {self.scales})")
+        if self.steps <= 0:
+            problems.append(f"--steps must be > 0 (got {self.steps})")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"--sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler!r})")
+        if self.resolution is not None and self.resolution % 8:
+            problems.append(f"--resolution must be a multiple of 8 (got {self.resolution})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class SampleResult:
+    grid: Path
+    images: list[Path]
+    sidecar: Path
+
+
+def lora_training_info(lora_path: str | Path) -> dict:
+    """The training config stored in a dreamlora file ({} for files made elsewhere)."""
+    from .lora import read_lora_file
+
+    metadata = read_lora_file(lora_path).metadata
+    try:
+        return json.loads(metadata.get("dreamlora.config", "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def model_for_lora(info: dict, lora_path: str | Path) -> str:
+    """The base model a LoRA was trained on, when that name can be loaded again here."""
+    name = info.get("model", {}).get("name")
+    if not name:
+        return DEFAULT_MODEL
+    if name.startswith("builtin:") or (name.count("/") == 1 and not Path(name).exists()):
+        return name
+    raise ConfigError(f"'{Path(lora_path).name}' was trained on the local model '{name}'; pass it with --model.")
+
+
+def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Path, *, model: str | None = None,
+           single_file_config: str | None = None, progress: ProgressCallback = ignore_progress) -> SampleResult:
+    """Render prompts x scales x seeds with a LoRA file and write the grid, the images and a sidecar.
+
+    Raises:
+        ConfigError: bad settings; ModelLoadError: the model or the LoRA file cannot be loaded.
+    """
+    from .models import load_base_model
+
+    settings.check()
+    out = Path(out)
+    info = lora_training_info(lora_path) if lora_path else {}
+    data = info.get("data", {})
+    token, class_word = data.get("token", "sks"), data.get("class_word", "")
+    model = model or (model_for_lora(info, lora_path) if lora_path else DEFAULT_MODEL)
+    base = load_base_model(model, single_file_config=single_file_config)
+    pipe = base.pipeline(settings.sampler)
+    scales = settings.scales if lora_path else [0.0]
+    if lora_path:
+        try:
+            pipe.load_lora_weights(str(lora_path), adapter_name=ADAPTER_NAME)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
+                                 f"{str(exc).splitlines()[0][:300]}. Pass the --model it was trained on.") from exc
+
+    def set_scale(scale: float) -> None:
+        if not lora_path:
+            return
+        if scale == 0:
+            pipe.disable_lora()  # the adapter is skipped entirely: exactly the base model
+        else:
+            pipe.enable_lora()
+            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+    prompts = [fill_prompt(p, token, class_word) for p in settings.prompts]
+    resolution = settings.resolution or base.default_resolution
+    rows, labels, records = [], [], []
+    image_dir = out.parent / f"{out.stem}-images"
+    total = len(prompts) * len(scales)
+    for p_index, prompt in enumerate(prompts):
+        for scale in scales:
+            set_scale(scale)
+            images = render_images(pipe, prompt, settings.seeds, steps=settings.steps, guidance=settings.guidance,
+                                   negative_prompt=settings.negative_prompt, resolution=resolution)
+            rows.append(images)
+            labels.append(prompt if len(scales) == 1 else f"{prompt}\nLoRA scale {scale:g}")
+            for seed, image in zip(settings.seeds, images):
+                path = image_dir / f"p{p_index:02d}_scale{scale:g}_seed{seed}.png"
+                save_png(image, path)
+                records.append({"prompt": prompt, "scale": scale, "seed": seed, "file": f"{image_dir.name}/{path.name}"})
+            progress(ProgressEvent("sample", len(rows), total))
+    title = f"{Path(lora_path).name if lora_path else 'base model'} on {base.identity}"
+    save_png(make_grid(rows, labels, [f"seed {s}" for s in settings.seeds], title=title), out)
+    sidecar = out.with_suffix(".json")
+    record = {"model": base.identity, "lora": Path(lora_path).name if lora_path else None, "token": token,
+              "class_word": class_word, "resolution": resolution, **asdict(settings), "prompts_filled": prompts,
+              "images": records}
+    write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
+    return SampleResult(out, [image_dir / Path(r["file"]).name for r in records], sidecar)
+
+
+def render_images(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
+                  negative_prompt: str = "") -> list[Image.Image]:
+    """One image per seed, in one batch; each seed's starting noise comes from its own CPU generator."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    with torch.no_grad():
+        latents = pipe(
+            prompt=[prompt] * len(seeds),
+            negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            latents=initial_latents(pipe, generators, resolution),
+            output_type="latent",
+        ).images
+        return decode_latents(pipe.vae, pipe.image_processor, latents)
+
+
+def decode_latents(vae, image_processor, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode in the VAE's own dtype (it may differ from the UNet's), one image at a time to bound memory."""
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    pixels = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in scaled])
+    return image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def initial_latents(pipe, generators: list[torch.Generator], resolution: int) -> torch.Tensor:
+    """Each image's starting noise drawn on the CPU from its own generator: the same on every device and batch."""
+    channels = pipe.unet.config.in_channels
+    side = resolution // pipe.vae_scale_factor
+    noise = [torch.randn((1, channels, side, side), generator=g) for g in generators]
+    return torch.cat(noise).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
+def set_adapters_enabled(modules, enabled: bool) -> None:
+    """Switch in-memory peft adapters on or off (off = the base model's exact forward)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.enable_adapters(enabled)
+
+
+def render_validation_grid(base, prompts: list[str], seeds: list[int], path: Path, *, steps: int, guidance: float,
+                           sampler: str, resolution: int, title: str) -> Path:
+    """Base vs LoRA rows for each prompt, from the adapters being trained (no file round trip)."""
+    models = [base.unet, *base.text_encoders]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    pipe = base.pipeline(sampler)
+    rows, labels = [], []
+    try:
+        for prompt in prompts:
+            for enabled, tag in ((False, "base"), (True, "LoRA")):
+                set_adapters_enabled(models, enabled)
+                rows.append(render_images(pipe, prompt, seeds, steps=steps, guidance=guidance, resolution=resolution))
+                labels.append(f"{prompt}\n({tag})")
+    finally:
+        set_adapters_enabled(models, True)
+        for m, training in zip(models, was_training):
+            m.train(training)
+    save_png(make_grid(rows, labels, [f"seed {s}" for s in seeds], title=title), path)
+    return path
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+

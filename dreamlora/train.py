@@ -1,0 +1,384 @@
+"""DreamBooth-LoRA training: train(config) -> TrainResult.
+
+The loop reads like the algorithm: draw a batch (instance rows, then class rows) from cached
+latents and embeddings, add noise, predict, prior-preservation loss, step, log, checkpoint,
+validate. Setup and bookkeeping live in small helpers below it and in sibling modules.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoints
+from .config import DreamLoraConfig, describe, fill_prompt, to_portable_json
+from .data import (ImageSet, LatentCache, class_set, derive_seed, draw_latents, encode_latents, instance_set,
+                   load_rgb, pick_indices, resize_for_training)
+from .errors import ConfigError, TrainingError
+from .losses import LossParts, diffusion_target, prior_preservation_loss
+from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dict, lora_metadata, save_lora_file,
+                   trainable_parameters)
+from .models import BaseModel, load_base_model
+from .models.family import PromptEmbeddings
+from .priors import PriorSpec, cached_prior_dir, generate_priors
+from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
+from .sampling import render_validation_grid
+
+# Settings that may change between a run and its resume without changing what is learned.
+RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.log_every", "output.overwrite", "output.path", "output.format", "output.save_dtype",
+                     "validation.every", "validation.prompts", "validation.seeds", "validation.steps",
+                     "validation.guidance", "validation.sampler", "train.run_dir", "data.instance_dir",
+                     "prior.class_dir", "model.name", "model.single_file_config"}
+
+
+@dataclass
+class TrainResult:
+    output: Path  # the LoRA file
+    run_dir: Path  # checkpoints and validation grids
+    steps: int
+    loss: float | None  # the last logged losses
+    instance_loss: float | None
+    prior_loss: float | None
+    validation_grid: Path | None
+
+
+def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress) -> TrainResult:
+    """Teach the base model the subject in `config.data.instance_dir` and write one LoRA file.
+
+    Raises:
+        ConfigError, DataError, ModelLoadError, TrainingError: a message naming the file or flag.
+    """
+    from accelerate import Accelerator
+
+    output, run_dir = output_paths(config)
+    instances = instance_set(config.data)  # preflight: read the folder before any model loads
+    for message in instances.skipped:
+        note(progress, message)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+                              gradient_accumulation_steps=config.train.gradient_accumulation_steps)
+    check_hardware(config, accelerator.device)
+    start_step = prepare_run_dir(config, run_dir)
+
+    base = load_base_model(config.model.name, single_file_config=config.model.single_file_config)
+    resolution = config.data.resolution or base.default_resolution
+    place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision))
+    classes = class_images(config, base, resolution, accelerator, progress) if config.prior.enabled else None
+    add_adapters(base, config, accelerator.device)
+    batches = BatchSource(base, config, instances, classes, resolution, accelerator, progress)
+    optimizer, lr_scheduler = make_optimizer(base, config)
+    if start_step:
+        restore(run_dir, start_step, base, optimizer, lr_scheduler, config, progress)
+    unet = accelerator.prepare(base.unet)
+    text_encoders = [accelerator.prepare(te) for te in base.text_encoders] if config.lora.train_text_encoder \
+        else base.text_encoders
+    optimizer = accelerator.prepare(optimizer)
+    trained = [p for p in trainable_parameters(base.unet)] + \
+        [p for te in base.text_encoders for p in trainable_parameters(te)]
+
+    t, cfg = config.train, config
+    logged: LossParts | None = None
+    running = torch.zeros(3, device=accelerator.device)  # summed (total, instance, prior) since the last log
+    step = last_log = start_step
+    try:
+        for step in range(start_step, t.steps):
+            for micro in range(t.gradient_accumulation_steps):
+                batch = batches.draw(step, micro, text_encoders)
+                with accelerator.accumulate(unet):
+                    torch.manual_seed(derive_seed(t.seed, "dropout", step, micro, accelerator.process_index))
+                    noisy = base.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+                    pred = unet(noisy, batch.timesteps, **base.family.unet_kwargs(batch.embeddings)).sample
+                    target = diffusion_target(base.noise_scheduler.config.prediction_type, batch.latents,
+                                              batch.noise, base.noise_scheduler.alphas_cumprod, batch.timesteps)
+                    parts = prior_preservation_loss(pred, target, batch.num_instance, cfg.prior.loss_weight)
+                    accelerator.backward(parts.total)
+                    if accelerator.sync_gradients and t.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trained, t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running += torch.stack([p.detach().float() for p in parts]) / t.gradient_accumulation_steps
+            lr_scheduler.step()
+            done = step + 1
+            metrics = {}
+            if done % t.log_every == 0 or done == t.steps:
+                logged = LossParts(*(running / (done - last_log)).tolist())
+                running.zero_()
+                last_log = done
+                ensure_finite(logged, done, run_dir, config)
+                metrics = {"loss": logged.total, "instance_loss": logged.instance, "prior_loss": logged.prior,
+                           "lr": lr_scheduler.get_last_lr()[0]}
+            progress(ProgressEvent("train", done, t.steps, metrics))
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+                save_step(run_dir, done, base, optimizer, lr_scheduler, config, accelerator)
+            if cfg.validation.every and done % cfg.validation.every == 0 and done < t.steps:
+                validate(base, config, resolution, run_dir, done, accelerator, progress)
+    except KeyboardInterrupt:
+        # Keep what the completed steps learned; the optimizer may be mid-accumulation, so save the last whole step.
+        if step > start_step:
+            save_step(run_dir, step, base, optimizer, lr_scheduler, config, accelerator)
+        raise TrainingError(f"interrupted at step {step}; a checkpoint is in '{run_dir}'. "
+                            "Run the same command with --resume to continue.") from None
+
+    save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, accelerator)
+    grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress)
+    if accelerator.is_main_process:
+        save_output(output, base, config, resolution)
+        progress(ProgressEvent("save", message=f"wrote {output}"))
+    accelerator.wait_for_everyone()
+    return TrainResult(output, run_dir, t.steps, *(logged or (None, None, None)), grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def output_paths(config: DreamLoraConfig) -> tuple[Path, Path]:
+    """The output file and run folder; refuses to overwrite a finished file without --overwrite."""
+    output = Path(config.output.path)
+    if output.exists() and not config.output.overwrite:
+        raise ConfigError(f"output '{output}' already exists. Pass --overwrite to replace it, or choose another --out.")
+    if output.parent and not output.parent.exists():
+        output.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(config.train.run_dir) if config.train.run_dir else output.parent / f"{output.stem}-run"
+    return output, run_dir
+
+
+def prepare_run_dir(config: DreamLoraConfig, run_dir: Path) -> int:
+    """The step to start from: 0 for a new run, the latest checkpoint's step with --resume."""
+    latest = checkpoints.latest_checkpoint(run_dir)
+    if config.train.resume:
+        if latest is None:
+            raise TrainingError(f"--resume: no checkpoint in '{run_dir}'. Run without --resume to start.")
+        if latest.step >= config.train.steps:
+            raise TrainingError(f"--resume: the run in '{run_dir}' already reached step {latest.step}; "
+                                f"raise --steps above it to train further.")
+        return latest.step
+    if latest is not None:
+        if not config.output.overwrite:
+            raise TrainingError(f"run folder '{run_dir}' holds checkpoints of an earlier run. "
+                                "Pass --resume to continue it or --overwrite to start over.")
+        shutil.rmtree(checkpoints.checkpoint_dir(run_dir))
+    return 0
+
+
+def check_hardware(config: DreamLoraConfig, device: torch.device) -> None:
+    if config.train.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError(f"{describe('train.mixed_precision')}: fp16 needs a CUDA GPU; use bf16 or no on the CPU.")
+
+
+def class_images(config: DreamLoraConfig, base: BaseModel, resolution: int, accelerator,
+                 progress: ProgressCallback) -> ImageSet:
+    """The user's class folder, or the cached generated set (made here if missing)."""
+    if config.prior.class_dir:
+        return class_set(config.prior.class_dir, config.data)
+    p = config.prior
+    spec = PriorSpec(prompt=fill_prompt(config.data.class_prompt, config.data.token, config.data.class_word),
+                     negative_prompt=p.negative_prompt, seed=p.seed, steps=p.steps, guidance=p.guidance,
+                     sampler=p.sampler, resolution=resolution, model=base.identity,
+                     model_fingerprint=base.fingerprint)
+    folder = cached_prior_dir(spec)
+    generate_priors(base, spec, folder, p.num_class_images, batch_size=p.batch_size, accelerator=accelerator,
+                    progress=progress)
+    images = class_set(folder, config.data)
+    images.paths = images.paths[:p.num_class_images]
+    images.prompts = images.prompts[:p.num_class_images]
+    return images
+
+
+def frozen_dtype(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def place_frozen(base: BaseModel, device: torch.device, dtype: torch.dtype) -> None:
+    """Freeze the base model and move it to the device: UNet and text encoders in the frozen dtype.
+
+    The VAE stays fp32 while it encodes the cache (fp16 VAEs can overflow); BatchSource casts it after.
+    """
+    for module in (base.unet, base.vae, *base.text_encoders):
+        module.requires_grad_(False)
+        module.to(device=device, dtype=dtype if module is not base.vae else torch.float32)
+
+
+def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device) -> None:
+    """LoRA adapters through peft, trained in fp32 whatever the frozen dtype."""
+    lora = config.lora
+    add_lora_adapters(base.unet, base.text_encoders, rank=lora.rank, alpha=lora.resolved_alpha, dropout=lora.dropout,
+                      unet_targets=lora.target_modules, train_text_encoder=lora.train_text_encoder,
+                      text_targets=lora.text_target_modules)
+    for module in (base.unet, *base.text_encoders):
+        for param in trainable_parameters(module):
+            param.data = param.data.to(device=device, dtype=torch.float32)
+    base.unet.train()
+    if config.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    if lora.train_text_encoder:
+        for te in base.text_encoders:
+            te.train()
+            if config.train.gradient_checkpointing:
+                te.gradient_checkpointing_enable()
+
+
+def make_optimizer(base: BaseModel, config: DreamLoraConfig):
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the adapter parameters, and the LR schedule."""
+    from diffusers.optimization import get_scheduler
+
+    t, lora = config.train, config.lora
+    groups = [{"params": trainable_parameters(base.unet), "lr": t.learning_rate}]
+    if lora.train_text_encoder:
+        text_params = [p for te in base.text_encoders for p in trainable_parameters(te)]
+        groups.append({"params": text_params, "lr": lora.text_encoder_lr or t.learning_rate})
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        except (ImportError, RuntimeError) as exc:
+            raise TrainingError(f"--optimizer adamw8bit needs a working bitsandbytes ({exc}). "
+                                "Install bitsandbytes for your platform or use --optimizer adamw.") from exc
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.steps)
+    return optimizer, lr_scheduler
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches from the caches
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (B_inst + B_class, C, h, w): instance rows first
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (rows,)
+    embeddings: PromptEmbeddings
+    num_instance: int
+
+
+class BatchSource:
+    """Cached latents and prompt embeddings, and the per-step draws derived from (seed, step)."""
+
+    def __init__(self, base: BaseModel, config: DreamLoraConfig, instances: ImageSet, classes: ImageSet | None,
+                 resolution: int, accelerator, progress: ProgressCallback):
+        self.base, self.config, self.accelerator = base, config, accelerator
+        data = config.data
+        factor = base.vae_scale_factor
+        size = resolution // factor
+        progress(ProgressEvent("cache", 0, 1, message="encoding images and prompts once"))
+        self.instance = self._encode(instances, resolution, data.crop, size)
+        self.classes = self._encode(classes, resolution, "center", size) if classes else None
+        self.prompts = instances.prompts + (classes.prompts if classes else [])
+        self.train_text = config.lora.train_text_encoder
+        if not self.train_text:
+            unique = sorted(set(self.prompts))
+            with torch.no_grad():
+                embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
+            self.cached = {p: embedded.index([i]) for i, p in enumerate(unique)}
+        base.vae.to(dtype=frozen_dtype(config.train.mixed_precision))
+        progress(ProgressEvent("cache", 1, 1))
+
+    def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:
+        factor = self.base.vae_scale_factor
+        pixels = [resize_for_training(load_rgb(p), resolution, crop, factor) for p in images.paths]
+        return encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip)
+
+    def draw(self, step: int, micro: int, text_encoders) -> Batch:
+        t, data = self.config.train, self.config.data
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        first = ((step * t.gradient_accumulation_steps + micro) * world + rank) * t.batch_size
+        generator = torch.Generator().manual_seed(derive_seed(t.seed, "step", step, micro, rank))
+        inst_idx = pick_indices(len(self.instance), derive_seed(t.seed, "instance"), first, t.batch_size)
+        latents = [draw_latents(self.instance, inst_idx, generator, random_crop=data.crop == "random",
+                                random_flip=data.random_flip)]
+        prompts = [self.prompts[i] for i in inst_idx]
+        if self.classes is not None:
+            class_idx = pick_indices(len(self.classes), derive_seed(t.seed, "class"), first, t.batch_size)
+            latents.append(draw_latents(self.classes, class_idx, generator, random_crop=False,
+                                        random_flip=data.random_flip))
+            prompts += [self.prompts[len(self.instance) + i] for i in class_idx]
+        x0 = torch.cat(latents)
+        noise = torch.randn(x0.shape, generator=generator)
+        timesteps = torch.randint(0, self.base.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                                  generator=generator)
+        device, dtype = self.accelerator.device, frozen_dtype(self.config.train.mixed_precision)
+        if self.train_text:
+            embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
+        else:
+            embeddings = PromptEmbeddings.cat([self.cached[p] for p in prompts])
+        return Batch(x0.to(device, dtype), noise.to(device, dtype), timesteps.to(device),
+                     embeddings.to(device, dtype), len(inst_idx))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, numerics, validation and the output file
+
+
+def save_step(run_dir: Path, step: int, base: BaseModel, optimizer, lr_scheduler, config: DreamLoraConfig,
+              accelerator) -> None:
+    if accelerator.is_main_process:
+        state = adapter_state_dict(base.unet, base.text_encoders)
+        checkpoints.save_checkpoint(run_dir, step, state, optimizer, lr_scheduler, to_portable_json(config),
+                                    config.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def restore(run_dir: Path, step: int, base: BaseModel, optimizer, lr_scheduler, config: DreamLoraConfig,
+            progress: ProgressCallback) -> None:
+    checkpoint = checkpoints.latest_checkpoint(run_dir)
+    adapter, stored = checkpoints.load_checkpoint(checkpoint, optimizer, lr_scheduler)
+    changed = changed_settings(stored, json.loads(to_portable_json(config)))
+    if changed:
+        raise TrainingError(f"--resume: the run in '{run_dir}' was made with other settings ({', '.join(changed)}). "
+                            "Resume with the same settings, or start over with --overwrite.")
+    load_adapter_state_dict(base.unet, base.text_encoders, adapter)
+    note(progress, f"resuming from step {step} ({checkpoint.path.name})")
+
+
+def changed_settings(stored: dict, current: dict) -> list[str]:
+    changed = []
+    for section, values in current.items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if dotted not in RESUMABLE_CHANGES and stored.get(section, {}).get(key) != value:
+                changed.append(f"{dotted}: {stored.get(section, {}).get(key)!r} -> {value!r}")
+    return changed
+
+
+def ensure_finite(losses: LossParts, step: int, run_dir: Path, config: DreamLoraConfig) -> None:
+    if not all(torch.isfinite(torch.tensor(v)) for v in losses):
+        hint = ("the fp16 VAE/UNet overflowed: try --mixed-precision bf16 or no"
+                if config.train.mixed_precision == "fp16" else "lower --lr or set --max-grad-norm 1")
+        latest = checkpoints.latest_checkpoint(run_dir)
+        kept = f"the last good checkpoint is '{latest.path}'" if latest else "no checkpoint was written yet"
+        raise TrainingError(f"the loss became non-finite by step {step}; {hint}. {kept}.")
+
+
+def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir: Path, step: int, accelerator,
+             progress: ProgressCallback) -> Path | None:
+    """A small base-vs-LoRA grid in the run folder (main process only)."""
+    if not accelerator.is_main_process:
+        return None
+    v = config.validation
+    prompts = [fill_prompt(p, config.data.token, config.data.class_word) for p in v.prompts]
+    path = run_dir / "validation" / f"step-{step:06d}.png"
+    progress(ProgressEvent("validate", 0, 1, message=f"validation grid at step {step}"))
+    render_validation_grid(base, prompts, v.seeds, path, steps=v.steps, guidance=v.guidance, sampler=v.sampler,
+                           resolution=resolution, title=f"step {step}")
+    progress(ProgressEvent("validate", 1, 1, message=f"validation grid: {path}"))
+    return path
+
+
+def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resolution: int) -> None:
+    config_json = to_portable_json(config)
+    data = config.data
+    metadata = lora_metadata(family=base.family, rank=config.lora.rank, alpha=config.lora.resolved_alpha,
+                             resolution=resolution, output_name=output.stem,
+                             trigger_phrase=f"{data.token} {data.class_word}", title=output.stem,
+                             config_json=config_json, train_text_encoder=config.lora.train_text_encoder)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_dtype]
+    save_lora_file(output, base.unet, base.text_encoders, base.family, format=config.output.format,
+                   alpha=config.lora.resolved_alpha, dtype=dtype, metadata=metadata)
