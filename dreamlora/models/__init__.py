@@ -1,0 +1,20 @@
+"""Base models: loading (hub id, folder, single file, built-in), families, single-file export."""
+
+from .builtin import BUILDER_VERSION, BUILTIN_MODELS, builtin_model_dir
+from .family import PromptEmbeddings, StableDiffusionFamily, detect_family
+from .loading import SAMPLERS, BaseModel, load_base_model, make_scheduler
+from .single_file import export_single_file
+
+__all__ = [
+    "BUILDER_VERSION",
+    "BUILTIN_MODELS",
+    "SAMPLERS",
+    "BaseModel",
+    "PromptEmbeddings",
+    "StableDiffusionFamily",
+    "builtin_model_dir",
+    "detect_family",
+    "export_single_file",
+    "load_base_model",
+    "make_scheduler",
+]
