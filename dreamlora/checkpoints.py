@@ -86,21 +86,33 @@ def load_checkpoint(checkpoint: Checkpoint, optimizer, lr_scheduler) -> tuple[di
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into safetensors-able tensors and JSON-able everything else."""
+    """Split an optimizer state dict into safetensors-able tensors and JSON-able everything else.
+
+    Per-parameter state may nest (bitsandbytes keeps its quantisation state in a sub-dict), so keys
+    are paths joined with '/'.
+    """
     tensors, scalars = {}, {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(f"{prefix}/{name}", item)
+        elif isinstance(value, torch.Tensor):
+            tensors[prefix] = value.detach().contiguous().cpu()
+        else:
+            scalars[prefix] = value
+
     for param_id, param_state in state_dict["state"].items():
-        for name, value in param_state.items():
-            key = f"{param_id}.{name}"
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().contiguous().cpu()
-            else:
-                scalars[key] = value
+        walk(str(param_id), param_state)
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        param_id, _, name = key.partition(".")
-        state.setdefault(int(param_id), {})[name] = value
+        param_id, *path = key.split("/")
+        node = state.setdefault(int(param_id), {})
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,27 @@
+"""Shared test setup: offline, and one cache folder for the whole session (built-in models are built once)."""
+
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    previous = os.environ.get("DREAMLORA_CACHE")
+    path = tmp_path_factory.mktemp("dreamlora-cache")
+    os.environ["DREAMLORA_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("DREAMLORA_CACHE", None)
+    else:
+        os.environ["DREAMLORA_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(session_cache):
+    from dreamlora.models import load_base_model
+
+    return load_base_model("builtin:tiny-sd")

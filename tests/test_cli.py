@@ -1,0 +1,96 @@
+"""The command line through Typer's CliRunner: help, one-line errors with exit code 1, a real run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", ["--token", "--class-word", "--out", "--model", "--steps", "--num-class-images", "--class-dir",
+               "--no-prior", "--resolution", "--rank", "--seed", "--batch-size", "--format", "--save-dtype",
+               "--resume", "--config", "--train-text-encoder", "--mixed-precision"]),
+    ("priors", ["--model", "--class-prompt", "--num-images", "--out", "--seed"]),
+    ("sample", ["--model", "--lora", "--prompt", "--seeds", "--scales", "--out"]),
+    ("inspect", ["--json"]),
+])
+def test_help_lists_the_documented_flags(command, flags):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert result.exit_code == 0
+    for flag in flags:
+        assert flag in result.output, flag
+
+
+def one_error_line(result):
+    lines = [line for line in (result.stderr or result.output).splitlines() if line.strip()]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_missing_instance_folder_is_one_line_and_exit_1(tmp_path):
+    line = one_error_line(runner.invoke(app, ["train", str(tmp_path / "nope"), "--class-word", "dog",
+                                              "--out", str(tmp_path / "x.safetensors")]))
+    assert "nope' does not exist" in line
+
+
+def test_bad_flag_values_are_reported_together(tmp_path):
+    line = one_error_line(runner.invoke(app, ["train", str(tmp_path), "--class-word", "dog", "--out",
+                                              str(tmp_path / "x.safetensors"), "--steps", "0", "--rank", "-1"]))
+    assert "--steps" in line and "--rank" in line
+
+
+def test_missing_config_file(tmp_path):
+    line = one_error_line(runner.invoke(app, ["train", "--config", str(tmp_path / "none.toml")]))
+    assert "none.toml' does not exist" in line
+
+
+def test_inspect_of_a_non_lora_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    assert "bad.safetensors" in one_error_line(runner.invoke(app, ["inspect", str(bad)]))
+
+
+def test_sample_with_a_missing_lora(tmp_path):
+    line = one_error_line(runner.invoke(app, ["sample", "--lora", str(tmp_path / "x.safetensors"), "--prompt", "p",
+                                              "--out", str(tmp_path / "g.png")]))
+    assert "--lora" in line and "x.safetensors" in line
+
+
+def test_bad_seeds_list(tmp_path):
+    line = one_error_line(runner.invoke(app, ["sample", "--prompt", "p", "--seeds", "a,b", "--out", str(tmp_path / "g.png")]))
+    assert "--seeds" in line
+
+
+def test_unknown_model(tmp_path):
+    line = one_error_line(runner.invoke(app, ["priors", "--class-prompt", "a photo of a dog", "--out", str(tmp_path),
+                                              "--model", "builtin:nope", "--num-images", "1"]))
+    assert "builtin:nope" in line
+
+
+def test_train_from_the_sample_toml_then_inspect_and_priors(tmp_path):
+    toml = ROOT / "sample_instances" / "polkaball" / "dreamlora.toml"
+    out = tmp_path / "s.safetensors"
+    result = runner.invoke(app, ["train", "--config", str(toml), "--out", str(out), "--steps", "2",
+                                 "--num-class-images", "2", "--checkpoint-every", "0"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "wrote" in result.output
+    info = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert info.exit_code == 0 and '"trigger_phrase": "sks ball"' in info.output
+    priors = runner.invoke(app, ["priors", "--class-prompt", "a photo of a ball", "--num-images", "2",
+                                 "--out", str(tmp_path / "priors"), "--steps", "2"])
+    assert priors.exit_code == 0, priors.output
+    assert sorted(p.name for p in (tmp_path / "priors").glob("*.png")) == ["00000.png", "00001.png"]
+
+
+def test_python_dash_m_cli_works():
+    result = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "train" in result.stdout

@@ -1,0 +1,128 @@
+"""End-to-end training on the built-in tiny models (random weights): files, formats, resume, sampling."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreamlora import SampleSettings, load_config, sample, train
+from dreamlora.errors import ConfigError, TrainingError
+from dreamlora.lora import read_lora_file
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = ROOT / "sample_instances" / "polkaball"
+
+
+def tiny_config(tmp_path, name="ball", **overrides):
+    values = {
+        "data.instance_dir": str(INSTANCES), "data.class_word": "ball", "output.path": str(tmp_path / f"{name}.safetensors"),
+        "train.steps": 4, "train.learning_rate": 5e-3, "train.checkpoint_every": 2, "prior.num_class_images": 2,
+        "prior.steps": 2, "validation.steps": 2, "validation.seeds": [0], "validation.prompts": ["a photo of {token} {class}"],
+    }
+    values.update(overrides)
+    return load_config(None, values)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("trained")
+    config = tiny_config(tmp_path)
+    events = []
+    result = train(config, progress=events.append)
+    return config, result, events, tmp_path
+
+
+def test_training_writes_one_kohya_file_with_metadata(trained):
+    config, result, events, tmp_path = trained
+    lora = read_lora_file(result.output)
+    assert lora.format == "kohya" and lora.rank == 4 and lora.alpha == 4.0 and lora.dtype == torch.float16
+    assert lora.unet_modules == 48 and lora.text_modules == 0  # 12 attention blocks' q, k, v, out
+    meta = lora.metadata
+    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_v2",
+                "ss_output_name", "ss_resolution", "modelspec.sai_model_spec", "modelspec.architecture",
+                "modelspec.implementation", "modelspec.title", "modelspec.resolution", "modelspec.trigger_phrase",
+                "modelspec.prediction_type", "modelspec.date", "dreamlora.config"):
+        assert meta.get(key), key
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.trigger_phrase"] == "sks ball"
+    assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.prediction_type"] == "epsilon"
+    text = " ".join(meta.values())
+    assert str(tmp_path) not in text and str(ROOT) not in text and "/tmp" not in text  # no local paths
+
+
+def test_progress_reports_instance_and_prior_loss_separately(trained):
+    _, result, events, _ = trained
+    logged = [e.metrics for e in events if e.stage == "train" and e.metrics]
+    assert logged and {"loss", "instance_loss", "prior_loss", "lr"} <= set(logged[-1])
+    last = logged[-1]
+    assert last["loss"] == pytest.approx(last["instance_loss"] + 1.0 * last["prior_loss"], rel=1e-5)
+    assert result.prior_loss is not None and result.prior_loss > 0
+    assert [e.step for e in events if e.stage == "train"] == [1, 2, 3, 4]
+
+
+def test_run_folder_has_checkpoints_and_a_validation_grid(trained):
+    _, result, _, _ = trained
+    steps = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert steps == ["step-000002", "step-000004"]
+    assert result.validation_grid.is_file()
+
+
+def test_sampling_scale_zero_is_the_base_model_and_scale_one_is_not(trained, tmp_path):
+    _, result, _, _ = trained
+    settings = SampleSettings(prompts=["a photo of {token} {class}"], seeds=[0, 1], scales=[0.0, 1.0], steps=2)
+    with_lora = sample(result.output, settings, tmp_path / "grid.png")
+    base_only = sample(None, SampleSettings(prompts=["a photo of sks ball"], seeds=[0, 1], steps=2), tmp_path / "base.png")
+    images = [np.asarray(__import__("PIL.Image").Image.open(p)) for p in with_lora.images]
+    base = [np.asarray(__import__("PIL.Image").Image.open(p)) for p in base_only.images]
+    assert np.array_equal(images[0], base[0]) and np.array_equal(images[1], base[1])  # scale 0, seeds 0 and 1
+    assert not np.array_equal(images[2], base[0])  # scale 1 changes the picture
+    assert with_lora.sidecar.is_file() and with_lora.grid.is_file()
+    from dreamlora.grid import grid_layout  # noqa: F401  (layout maths is tested in test_grid)
+    from PIL import Image
+    assert Image.open(with_lora.grid).size[0] > 2 * 128  # two seed columns of at least 128 px each
+
+
+def test_resume_continues_steps_and_randomness_exactly(tmp_path):
+    straight = train(tiny_config(tmp_path / "a", "ball"))
+    first = train(tiny_config(tmp_path / "b", "ball", **{"train.steps": 2}))
+    Path(first.output).unlink()  # the 2-step file; the run folder keeps its checkpoint
+    resumed = train(tiny_config(tmp_path / "b", "ball", **{"train.resume": True}))
+    assert resumed.steps == 4
+    a, b = load_file(straight.output), load_file(resumed.output)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train(tiny_config(tmp_path, "ball", **{"train.steps": 2}))
+    Path(tmp_path / "ball.safetensors").unlink()
+    with pytest.raises(TrainingError, match=r"other settings \(train.learning_rate"):
+        train(tiny_config(tmp_path, "ball", **{"train.resume": True, "train.learning_rate": 1e-3}))
+
+
+def test_existing_output_is_not_overwritten(trained):
+    config, _, _, _ = trained
+    with pytest.raises(ConfigError, match="already exists. Pass --overwrite"):
+        train(config)
+
+
+def test_sd2_v_prediction_model_trains_and_records_its_family(tmp_path):
+    result = train(tiny_config(tmp_path, "v", **{"model.name": "builtin:tiny-sd2", "train.steps": 2}))
+    meta = read_lora_file(result.output).metadata
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"
+    assert meta["modelspec.prediction_type"] == "v"
+
+
+def test_diffusers_format_text_encoder_and_8bit_adam(tmp_path):
+    result = train(tiny_config(tmp_path, "te", **{"output.format": "diffusers", "lora.train_text_encoder": True,
+                                                  "train.optimizer": "adamw8bit", "train.steps": 2,
+                                                  "output.save_dtype": "fp32"}))
+    lora = read_lora_file(result.output)
+    assert lora.format == "diffusers" and lora.text_modules > 0 and lora.dtype == torch.float32
+    settings = SampleSettings(prompts=["a photo of {token} {class}"], seeds=[0], scales=[0.0, 1.0], steps=2)
+    grid = sample(result.output, settings, tmp_path / "grid.png")  # loads through diffusers' load_lora_weights
+    from PIL import Image
+    off, on = (np.asarray(Image.open(p)) for p in grid.images)
+    assert not np.array_equal(off, on)
