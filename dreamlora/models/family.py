@@ -70,7 +70,7 @@ class StableDiffusionFamily:
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(text_encoder.device)
+        ).input_ids.to(next(text_encoder.parameters()).device)  # works through a DDP wrapper too
         hidden = text_encoder(ids)[0]  # (B, 77, D)
         return PromptEmbeddings(hidden)
 
