@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .models.loading import SAMPLERS as _SAMPLER_TABLE
 
 DEFAULT_MODEL = "builtin:tiny-sd"
-SAMPLERS = ("dpm++2m", "ddim", "pndm", "euler", "euler_a", "ddpm")
+SAMPLERS = tuple(_SAMPLER_TABLE)  # the names --sampler / --prior-sampler accept
 
 
 @dataclass
