@@ -1,9 +1,13 @@
-"""Built-in tiny models: random-weight SD 1 and SD 2 layouts that run on a CPU in seconds.
+"""Built-in tiny models: random-weight SD 1 and SD 2 layouts that run on a CPU in seconds, and `toy`.
 
-They are not for pictures anyone wants to look at; they let the whole tool (training, priors,
-sampling, export) run and be tested without downloading a multi-gigabyte base model. Each one is
-built once, from a fixed seed, into `cache_dir()/builtin/<name>-<BUILDER_VERSION>/` as a standard
-diffusers StableDiffusionPipeline folder with safetensors weights.
+The random-weight ones are not for pictures anyone wants to look at; they let the whole tool
+(training, priors, sampling, export) run and be tested without downloading a multi-gigabyte base
+model. Each one is built once, from a fixed seed, into `cache_dir()/builtin/<name>-<BUILDER_VERSION>/`
+as a standard diffusers StableDiffusionPipeline folder with safetensors weights.
+
+`toy` is different: an SD 1.x-layout model pretrained on the toy world (dreamlora.toyworld), whose
+weights ship inside the package in `dreamlora/builtin_models/toy/`. It is loaded from there, never
+rebuilt; `python -m dreamlora.toyworld.pretrain` is how it was made.
 """
 
 from __future__ import annotations
@@ -66,12 +70,15 @@ class BuiltinModel:
     name: str
     description: str
     v2: bool  # SD 2 layout: gelu text encoder, linear attention projections, v-prediction
+    shipped: bool = False  # trained weights in SHIPPED_DIR/<name>/, loaded as they are (never built)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-sd": BuiltinModel("tiny-sd", "random-weight SD 1.x layout, epsilon prediction, 64 px", v2=False),
     "tiny-sd2": BuiltinModel("tiny-sd2", "random-weight SD 2.x layout, v-prediction, 64 px", v2=True),
+    # "toy" (shipped=True) joins when its pretrained weights are in SHIPPED_DIR/toy/.
 }
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
 
 
 def builtin_spec(name: str) -> BuiltinModel:
@@ -96,12 +103,18 @@ def builtin_model_dir(name: str) -> Path:
         name: A key of BUILTIN_MODELS, without the "builtin:" prefix.
 
     Returns:
-        `cache_dir()/builtin/<name>-<BUILDER_VERSION>/`.
+        `cache_dir()/builtin/<name>-<BUILDER_VERSION>/`, or for a shipped model its folder in the package.
 
     Raises:
-        ModelLoadError: unknown name.
+        ModelLoadError: unknown name, or a shipped model missing from the installed package.
     """
     spec = builtin_spec(name)
+    if spec.shipped:
+        folder = SHIPPED_DIR / name
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"built-in model 'builtin:{name}' is missing from this installation ('{folder}' "
+                                 "has no model_index.json). Reinstall dreamlora.")
+        return folder
     target = cache_dir() / "builtin" / f"{name}-{BUILDER_VERSION}"
     if (target / "model_index.json").is_file():
         return target

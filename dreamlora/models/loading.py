@@ -160,10 +160,11 @@ def load_base_model(
 
 
 def _load_builtin(name: str, dtype: torch.dtype) -> BaseModel:
-    builtin_spec(name)  # unknown name -> ModelLoadError listing the known ones
+    spec = builtin_spec(name)  # unknown name -> ModelLoadError listing the known ones
     folder = builtin_model_dir(name)
     pipe = _call_loader(f"built-in model 'builtin:{name}'", _from_pretrained, str(folder), dtype, local_files_only=True)
-    fingerprint = _short_hash(f"builtin:{name}:{BUILDER_VERSION}".encode())
+    # Shipped weights are trained, not rebuilt from a seed: their files are what identifies them.
+    fingerprint = fingerprint_folder(folder) if spec.shipped else _short_hash(f"builtin:{name}:{BUILDER_VERSION}".encode())
     return _base_model(pipe, identity=f"builtin:{name}", fingerprint=fingerprint)
 
 
