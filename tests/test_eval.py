@@ -1,0 +1,201 @@
+"""dreamlora.evaluate and `dreamlora eval`: report structure, ranges, DINO/CLIP metrics, the CLI, errors.
+
+The last test is the one that shows DreamBooth works: a short seeded run on builtin:toy must make
+the oracle find the subject far more often than in the base model's renders, while plain class
+renders stay free of it (prior preservation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dreamlora import load_config, train
+from dreamlora.errors import ConfigError, ModelLoadError
+from dreamlora.evaluate import EvalReport, evaluate, strip_token, subject_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = ROOT / "sample_instances" / "polkaball"
+SCORE_KEYS = {"subject_detected", "subject_similarity", "background_match", "class_shows_subject", "class_shift",
+              "dino", "clip_i", "clip_t"}
+FRACTIONS = ("subject_detected", "background_match", "class_shows_subject")
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory) -> Path:
+    """A 2-step LoRA on builtin:tiny-sd (random weights), no prior: enough to change the renders a little."""
+    tmp = tmp_path_factory.mktemp("eval-lora")
+    config = load_config(None, {
+        "data.instance_dir": str(INSTANCES), "data.class_word": "ball", "output.path": str(tmp / "ball.safetensors"),
+        "train.steps": 2, "train.learning_rate": 5e-3, "train.checkpoint_every": 0, "prior.enabled": False,
+        "validation.steps": 1, "validation.seeds": [0], "validation.prompts": ["a photo of {class}"],
+    })
+    return train(config).output
+
+
+@pytest.fixture(scope="module")
+def dino_dir(tmp_path_factory) -> Path:
+    """A tiny random ViT with its image processor, saved as a local transformers folder."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
+                       patch_size=8), add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP with a CLIPProcessor (dreamlora's built-in tokenizer), saved locally."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from dreamlora.models.tokenizer import load_tokenizer, write_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("clip")
+    vocab_size = write_tokenizer_files(folder / "tok")
+    tokenizer = load_tokenizer(folder / "tok")
+    specials = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id}
+    config = CLIPConfig(
+        text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77, **specials},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def check_scores(scores: dict, *, oracle: bool, base: bool) -> None:
+    assert set(scores) == SCORE_KEYS
+    if not oracle:
+        assert all(scores[k] is None for k in ("subject_detected", "subject_similarity", "background_match",
+                                               "class_shows_subject", "class_shift"))
+        return
+    for key in FRACTIONS:
+        assert 0.0 <= scores[key] <= 1.0, (key, scores[key])
+    assert -1.0 <= scores["subject_similarity"] <= 1.0
+    assert 0.0 <= scores["class_shift"] <= 2.0
+    if base:
+        assert scores["class_shift"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def report_and_events(lora_file, dino_dir, clip_dir, tmp_path_factory):
+    """One evaluation with every metric: the oracle (forced on tiny-sd), DINO and CLIP; 1 sampling step."""
+    events = []
+    grid = tmp_path_factory.mktemp("eval-grid") / "renders.png"
+    report = evaluate(lora_file, seeds=[0, 1], steps=1, backgrounds=["blue", "orange"], oracle=True, dino=dino_dir,
+                      clip=clip_dir, grid=grid, progress=events.append)
+    return report, events
+
+
+def test_evaluate_reports_lora_and_base_side_by_side(report_and_events):
+    report, events = report_and_events
+    data = json.loads(json.dumps(report.to_dict()))  # JSON-ready
+    check_scores(data["lora"], oracle=True, base=False)
+    check_scores(data["base"], oracle=True, base=True)
+    assert data["prompts"] == ["a photo of sks ball on a blue background", "a photo of sks ball on an orange background",
+                               "a photo of a ball"]
+    assert data["seeds"] == [0, 1] and data["model"] == "builtin:tiny-sd" and data["token"] == "sks"
+    assert data["instance_images"] == 5 and Path(data["instance_dir"]).name == "polkaball"
+    assert data["lora"]["class_shift"] > 0  # the LoRA changed the class renders a little
+    assert [e.step for e in events] == [2, 4, 6, 8, 10, 12] and events[-1].total == 12
+    assert Path(data["grid"]).is_file()  # 3 prompts x (LoRA, base) rows, 2 seed columns
+
+
+def test_dino_and_clip_metrics_from_local_folders(report_and_events, dino_dir, clip_dir):
+    report, _ = report_and_events
+    for scores in (report.to_dict()["lora"], report.to_dict()["base"]):
+        for key in ("dino", "clip_i", "clip_t"):
+            assert isinstance(scores[key], float) and -1.0 <= scores[key] <= 1.0, key
+    assert report.dino_model == dino_dir.name and report.clip_model == clip_dir.name
+
+
+def test_prompts_and_token_stripping():
+    assert subject_prompt("sks", "ball", "orange") == "a photo of sks ball on an orange background"
+    assert strip_token("a photo of sks ball on a blue background", "sks") == "a photo of ball on a blue background"
+
+
+def test_bad_settings_and_folders_are_one_line_errors(lora_file, tmp_path):
+    with pytest.raises(ConfigError, match="--instance-dir"):
+        evaluate(lora_file, instance_dir=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="--dino .* not a local transformers model folder"):
+        evaluate(lora_file, dino=tmp_path)
+    with pytest.raises(ConfigError, match="--steps must be > 0"):
+        evaluate(lora_file, steps=0)
+    with pytest.raises(ConfigError, match="not backgrounds the toy oracle knows"):
+        evaluate(lora_file, seeds=[0], steps=1, oracle=True, backgrounds=["plaid"])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        evaluate(bad)
+
+
+def test_cli_json_is_one_parseable_object(lora_file):
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["eval", str(lora_file), "--json", "--seeds", "0", "--steps", "1",
+                                      "--backgrounds", "gray"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {"lora", "base", "prompts", "seeds"} <= set(data) and data["seeds"] == [0]
+    # no oracle reads builtin:tiny-sd, and no --dino/--clip: every metric is null, and a note says why
+    check_scores(data["lora"], oracle=False, base=False)
+    assert data["oracle"] is None and any("oracle" in note for note in data["notes"])
+
+
+def test_cli_table_and_bad_file(lora_file, tmp_path):
+    from cli.main import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(lora_file), "--seeds", "0", "--steps", "1", "--backgrounds", "gray",
+                                 "--oracle"])
+    assert result.exit_code == 0, result.output
+    assert "LoRA" in result.stdout and "subject detected" in result.stdout and "class shift" in result.stdout
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 16)
+    result = runner.invoke(app, ["eval", str(bad), "--json"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bad.safetensors" in lines[0]
+    result = runner.invoke(app, ["eval", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+# --- DreamBooth on the toy model -------------------------------------------------------------------
+
+
+def toy_model_available() -> bool:
+    return (ROOT / "dreamlora" / "builtin_models" / "toy" / "model_index.json").is_file()
+
+
+@pytest.mark.skipif(not toy_model_available(), reason="builtin:toy is not shipped yet")
+def test_dreambooth_on_toy_improves_subject_fidelity(tmp_path):
+    """A short seeded DreamBooth run must teach the subject without leaking it into the class."""
+    started = time.time()
+    config = load_config(None, {
+        "model.name": "builtin:toy", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+        "output.path": str(tmp_path / "sks.safetensors"), "train.steps": 150, "train.learning_rate": 1e-3,
+        "train.checkpoint_every": 0, "prior.num_class_images": 20, "validation.seeds": [0],
+        "validation.prompts": ["a photo of {token} {class}"], "validation.steps": 1,
+    })
+    result = train(config)
+    report: EvalReport = evaluate(result.output, seeds=[0, 1, 2, 3], steps=10, backgrounds=["blue", "pink"])
+    lora, base = report.lora, report.base
+    print(f"\nDreamBooth on builtin:toy in {time.time() - started:.0f} s: lora {lora} base {base}")
+    assert report.oracle is not None
+    assert lora.subject_detected - base.subject_detected >= 0.5
+    assert base.subject_detected <= 0.15
+    assert lora.class_shows_subject <= 0.25  # prior preservation keeps plain "ball" renders dot-free
