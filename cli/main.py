@@ -64,9 +64,10 @@ def error_boundary(command):
 
 
 def _register() -> None:
-    from . import inspect_cmd, priors, sample, train
+    from . import check_images, eval_cmd, inspect_cmd, priors, sample, train
 
-    for name, module in (("train", train), ("priors", priors), ("sample", sample), ("inspect", inspect_cmd)):
+    for name, module in (("train", train), ("priors", priors), ("sample", sample), ("inspect", inspect_cmd),
+                         ("check-images", check_images), ("eval", eval_cmd)):
         app.command(name)(error_boundary(module.command))
 
 

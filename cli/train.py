@@ -54,6 +54,13 @@ def command(
     format: Annotated[Optional[str], Opt("--format", help="kohya (AUTOMATIC1111/ComfyUI, default) or diffusers.")] = None,
     save_dtype: Annotated[Optional[str], Opt("--save-dtype", help="fp16 (default), bf16 or fp32.")] = None,
     overwrite: OverwriteOpt = False,
+    compile: Annotated[Optional[bool], Opt("--compile/--no-compile",
+                                           help="torch.compile the UNet (GPU: faster steps after a compile).")] = None,
+    memory_budget: Annotated[Optional[float], Opt("--memory-budget",
+                                                  help="GiB the run may use (e.g. 8, 12, 24): memory savers are "
+                                                       "turned on until the estimate fits.")] = None,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Print steps, epochs, class images and the memory estimate; "
+                                                   "load no weights, train nothing.")] = False,
 ) -> None:
     """Train a DreamBooth LoRA on the photos in INSTANCE_DIR and write one .safetensors file."""
     from dreamlora import load_config, train
@@ -73,10 +80,16 @@ def command(
         "train.gradient_checkpointing": gradient_checkpointing, "train.seed": seed,
         "train.checkpoint_every": checkpoint_every, "validation.every": validate_every, "train.run_dir": run_dir,
         "train.resume": resume, "output.format": format, "output.save_dtype": save_dtype,
-        "output.overwrite": overwrite or None,
+        "output.overwrite": overwrite or None, "train.compile": compile, "train.memory_budget": memory_budget,
     }
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
     settings = load_config(config, overrides)
+    if dry_run:
+        from dreamlora.memory import plan
+
+        for line in plan(settings).lines():
+            typer.echo(line)
+        return
     progress = TerminalProgress()
     try:
         result = train(settings, progress=progress)

@@ -90,6 +90,8 @@ class TrainConfig:
     run_dir: str | None = None  # None: "<out stem>-run" beside the output file
     resume: bool = False  # continue from the latest checkpoint in the run folder
     log_every: int = 10  # steps between loss reports (the only host-device syncs)
+    compile: bool = False  # torch.compile the UNet: faster steps on a GPU after a compile of a minute or more
+    memory_budget: float | None = None  # GiB the run may use; settings are picked to fit (see dreamlora.memory)
 
 
 @dataclass
@@ -159,12 +161,18 @@ FLAGS: dict[str, str] = {
     "train.checkpoint_every": "--checkpoint-every",
     "train.run_dir": "--run-dir",
     "train.resume": "--resume",
+    "train.compile": "--compile",
+    "train.memory_budget": "--memory-budget",
     "validation.every": "--validate-every",
     "output.path": "--out",
     "output.format": "--format",
     "output.save_dtype": "--save-dtype",
     "output.overwrite": "--overwrite",
 }
+
+# Flags that say how a command is run, not what is learnt: left out of the stored config, so a resumed
+# run stores what an uninterrupted one does.
+RUN_CONTROL_KEYS = ("train.resume", "output.overwrite")
 
 # Keys holding paths: in a TOML file they are relative to the file.
 PATH_KEYS = ("data.instance_dir", "prior.class_dir", "train.run_dir", "output.path", "model.single_file_config")
@@ -197,10 +205,9 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
         if value is not None:
             values[key] = value
     config = DreamLoraConfig()
-    for key, value in values.items():
-        _assign(config, key, value, problems)
-    if not problems:
-        problems.extend(validate(config))
+    unread = {key for key, value in values.items() if not _assign(config, key, value, problems)}
+    # A value that could not be read keeps its default; the others are still checked, so all show at once.
+    problems.extend(p for p in validate(config) if not any(p.startswith(f"{key} ") for key in unread))
     if problems:
         raise ConfigError(_format_problems(problems))
     return config
@@ -238,22 +245,25 @@ def _looks_like_hub_id(key: str, value: str) -> bool:
     return key == "model.single_file_config" and value.count("/") == 1 and not Path(value).exists()
 
 
-def _assign(config: DreamLoraConfig, key: str, value: Any, problems: list[str]) -> None:
+def _assign(config: DreamLoraConfig, key: str, value: Any, problems: list[str]) -> bool:
+    """Set one dotted key; False (and a problem) when the key is unknown or the value has the wrong type."""
     section_name, _, field_name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(config)}
     if section_name not in sections or not field_name:
         problems.append(f"unknown config key '{key}'{_suggest(key, _all_keys())}")
-        return
+        return False
     section = getattr(config, section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
     if field_name not in fields:
         problems.append(f"unknown config key '{key}'{_suggest(key, _all_keys())}")
-        return
+        return False
     hint = typing.get_type_hints(type(section))[field_name]
     try:
         setattr(section, field_name, _coerce(value, hint))
     except (TypeError, ValueError) as exc:
         problems.append(f"{describe(key)}: {exc}")
+        return False
+    return True
 
 
 def _all_keys() -> list[str]:
@@ -334,6 +344,8 @@ def validate(config: DreamLoraConfig) -> list[str]:
     check(c.train.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {c.train.checkpoint_every})")
     check(c.train.keep_checkpoints > 0, "train.keep_checkpoints", f"must be > 0 (got {c.train.keep_checkpoints})")
     check(c.train.log_every > 0, "train.log_every", f"must be > 0 (got {c.train.log_every})")
+    check(c.train.memory_budget is None or c.train.memory_budget > 0, "train.memory_budget",
+          f"must be > 0 GiB (got {c.train.memory_budget})")
     check(c.lora.rank > 0, "lora.rank", f"must be > 0 (got {c.lora.rank})")
     check(c.lora.alpha is None or c.lora.alpha > 0, "lora.alpha", f"must be > 0 (got {c.lora.alpha})")
     check(0 <= c.lora.dropout < 1, "lora.dropout", f"must be in [0, 1) (got {c.lora.dropout})")
@@ -351,6 +363,15 @@ def validate(config: DreamLoraConfig) -> list[str]:
           f"must be one of {', '.join(SAMPLERS)} (got {c.validation.sampler!r})")
     check(c.validation.every >= 0, "validation.every", f"must be >= 0 (got {c.validation.every})")
     check(bool(c.validation.seeds), "validation.seeds", "must list at least one seed")
+    check(all(0 <= s < 2**63 for s in c.validation.seeds), "validation.seeds",
+          f"must be whole numbers from 0 to 2**63-1 (got {c.validation.seeds})")
+    check(c.validation.steps > 0, "validation.steps", f"must be > 0 (got {c.validation.steps})")
+    check(c.validation.guidance >= 0, "validation.guidance", f"must be >= 0 (got {c.validation.guidance})")
+    check(c.prior.guidance >= 0, "prior.guidance", f"must be >= 0 (got {c.prior.guidance})")
+    check(not (c.prior.enabled and c.prior.class_dir and c.data.instance_dir
+               and Path(c.prior.class_dir).resolve() == Path(c.data.instance_dir).resolve()), "prior.class_dir",
+          f"must not be the instance folder (both '{c.prior.class_dir}'): class images show other "
+          f"{c.data.class_word or 'class'} pictures")
     problems.extend(_prompt_problems(c.data))
     check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")
@@ -368,14 +389,25 @@ def _prompt_problems(data: DataConfig) -> list[str]:
         problems.append(f"{describe('data.class_word')} is required, e.g. --class-word dog")
     if token and token.lower() == data.class_word.strip().lower():
         problems.append(f"{describe('data.token')} must differ from the class word (both '{token}')")
-    if "{token}" not in data.instance_prompt and token and token not in data.instance_prompt.split():
+    if token and len(token.split()) > 1:
+        problems.append(f"{describe('data.token')} must be one word without spaces (got '{data.token}'), e.g. sks")
+    if "{token}" not in data.instance_prompt and token and token not in _words(data.instance_prompt):
         problems.append(f"{describe('data.instance_prompt')} must contain {{token}} or '{token}' (got '{data.instance_prompt}')")
+    if token and ("{token}" in data.class_prompt or token in _words(data.class_prompt)):
+        problems.append(f"{describe('data.class_prompt')} must not contain the token '{token}' (got "
+                        f"'{data.class_prompt}'): class images show any {data.class_word or 'member of the class'}, "
+                        "not the subject")
     for key, template in (("data.instance_prompt", data.instance_prompt), ("data.class_prompt", data.class_prompt)):
         try:
             fill_prompt(template, "t", "c")
         except (KeyError, IndexError, ValueError):
             problems.append(f"{describe(key)} may only use the placeholders {{token}} and {{class}} (got '{template}')")
     return problems
+
+
+def _words(text: str) -> list[str]:
+    """'a photo of sks, dog.' -> ['a', 'photo', 'of', 'sks', 'dog']"""
+    return [w.strip(".,;:!?()[]\"'") for w in text.split()]
 
 
 def fill_prompt(template: str, token: str, class_word: str) -> str:
@@ -390,6 +422,9 @@ def to_dict(config: DreamLoraConfig) -> dict[str, Any]:
 def to_portable_json(config: DreamLoraConfig) -> str:
     """The resolved config as JSON with local paths reduced to their base names (for file metadata)."""
     data = to_dict(config)
+    for key in RUN_CONTROL_KEYS:  # how the command was run, not how the file was made
+        section, _, name = key.partition(".")
+        data[section].pop(name, None)
     for key in PATH_KEYS:
         section, _, name = key.partition(".")
         value = data[section][name]

@@ -1,4 +1,6 @@
-"""Instance and class image sets: finding and reading images, prompts, and the cached latents.
+"""Instance and class image sets: prompts, training transforms, and the cached latents.
+
+Finding, decoding and checking image files is dreamlora.preflight.
 
 The frozen VAE runs once per image. What is cached is the latent *distribution* (mean, std) of
 each image, for the unflipped and, with random flips, the flipped image; with random crops the
@@ -15,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .config import DataConfig, fill_prompt
-from .errors import DataError
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-Image.MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb beyond ~8k x 8k is refused with a DataError
+from .preflight import list_image_files, load_rgb  # noqa: F401  (image reading lives in preflight)
 
 
 @dataclass
@@ -31,65 +30,6 @@ class ImageSet:
     paths: list[Path]
     prompts: list[str]
     skipped: list[str]  # notes on files passed over
-
-
-def list_image_files(folder: str | Path, role: str) -> tuple[list[Path], list[str]]:
-    """Image files directly in `folder`, sorted; hidden and non-image files are skipped with a note.
-
-    Raises:
-        DataError: the folder does not exist or holds no image.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{role} folder '{folder}' does not exist or is not a folder. Check the path.")
-    paths, skipped = [], []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
-            if path.name.startswith("."):
-                skipped.append(f"skipped hidden file '{path}'")
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            paths.append(path)
-        elif path.suffix.lower() not in (".txt", ".json", ".toml", ".md"):
-            skipped.append(f"skipped '{path}': not an image ({path.suffix or 'no extension'})")
-    if not paths:
-        raise DataError(f"{role} folder '{folder}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). "
-                        "Add some photos or point to the right folder.")
-    return paths, skipped
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully, apply its EXIF orientation and return it as RGB.
-
-    Transparent images are composited on white (a black background would teach the model one).
-
-    Raises:
-        DataError: naming the file, when it cannot be decoded.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.seek(0)  # MPO and animated files: the first frame
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"image '{path}' is too large to decode safely ({exc}). Downscale it.") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"image '{path}' cannot be read: {exc}. Remove or re-export it.") from exc
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v / 256).convert("L")  # 16-bit to 8-bit grey
-    return image.convert("RGB")
 
 
 def caption_for(image_path: Path) -> str | None:
@@ -118,9 +58,14 @@ def prompt_from_caption(caption: str, token: str, class_word: str) -> str:
     return f"{token} {class_word}, {caption}"
 
 
-def instance_set(data: DataConfig) -> ImageSet:
-    """The instance images and their prompts (caption files override the template)."""
-    paths, skipped = list_image_files(data.instance_dir, "instance")
+def instance_set(data: DataConfig, paths: list[Path] | None = None) -> ImageSet:
+    """The instance images (`paths`, e.g. a preflight's usable files, or the folder's) and their prompts.
+
+    Caption files override the prompt template.
+    """
+    skipped: list[str] = []
+    if paths is None:
+        paths, skipped = list_image_files(data.instance_dir, "instance")
     default_prompt = fill_prompt(data.instance_prompt, data.token, data.class_word)
     prompts = []
     for path in paths:
@@ -129,8 +74,10 @@ def instance_set(data: DataConfig) -> ImageSet:
     return ImageSet(paths, prompts, skipped)
 
 
-def class_set(folder: str | Path, data: DataConfig) -> ImageSet:
-    paths, skipped = list_image_files(folder, "class")
+def class_set(folder: str | Path, data: DataConfig, paths: list[Path] | None = None) -> ImageSet:
+    skipped: list[str] = []
+    if paths is None:
+        paths, skipped = list_image_files(folder, "class")
     prompt = fill_prompt(data.class_prompt, data.token, data.class_word)
     return ImageSet(paths, [prompt] * len(paths), skipped)
 
@@ -251,13 +198,6 @@ def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed from a base seed and labels: independent streams that need no stored state."""
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def upscale_warning(path: Path, image: Image.Image, resolution: int) -> str | None:
-    short = min(image.size)
-    if short < resolution:
-        return f"'{path.name}' is {image.size[0]}x{image.size[1]}; it is upscaled {resolution / short:.1f}x to {resolution}"
-    return None
 
 
 def latent_size(resolution: int, vae_scale_factor: int) -> int:

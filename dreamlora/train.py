@@ -7,7 +7,11 @@ validate. Setup and bookkeeping live in small helpers below it and in sibling mo
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +19,18 @@ from pathlib import Path
 import torch
 
 from . import checkpoints
+from .atomic import write_bytes_atomic, write_text_atomic
 from .config import DreamLoraConfig, describe, fill_prompt, to_portable_json
 from .data import (ImageSet, LatentCache, class_set, derive_seed, draw_latents, encode_latents, instance_set,
                    load_rgb, pick_indices, resize_for_training)
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DreamLoraError, TrainingError
 from .losses import LossParts, diffusion_target, prior_preservation_loss
+from .memory import CACHE_BATCH, GIB, apply_memory_budget
 from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dict, lora_metadata, save_lora_file,
                    trainable_parameters)
 from .models import BaseModel, load_base_model
 from .models.family import PromptEmbeddings
+from .preflight import preflight_training_data, token_warnings
 from .priors import PriorSpec, cached_prior_dir, generate_priors
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import render_validation_grid
@@ -33,7 +40,8 @@ RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.checkpoint_every", "t
                      "train.log_every", "output.overwrite", "output.path", "output.format", "output.save_dtype",
                      "validation.every", "validation.prompts", "validation.seeds", "validation.steps",
                      "validation.guidance", "validation.sampler", "train.run_dir", "data.instance_dir",
-                     "prior.class_dir", "model.name", "model.single_file_config"}
+                     "prior.class_dir", "model.name", "model.single_file_config", "train.compile",
+                     "train.memory_budget"}
 
 
 @dataclass
@@ -55,21 +63,31 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
     """
     from accelerate import Accelerator
 
+    config = fit_memory_budget(config, progress)  # from the model's configs: before any weight is read
     output, run_dir = output_paths(config)
-    instances = instance_set(config.data)  # preflight: read the folder before any model loads
-    for message in instances.skipped:
-        note(progress, message)
+    images = preflight_training_data(config.data, config.prior)  # decode every image before any model loads
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps)
     check_hardware(config, accelerator.device)
     start_step = prepare_run_dir(config, run_dir)
+    started = run_started(run_dir, start_step, accelerator.is_main_process)
 
-    base = load_base_model(config.model.name, single_file_config=config.model.single_file_config)
+    # The main process loads first: it builds a missing built-in model, which other ranks could not
+    # (transformers' save_pretrained writes nothing on non-main ranks of a process group).
+    with accelerator.main_process_first():
+        base = load_base_model(config.model.name, single_file_config=config.model.single_file_config)
     resolution = config.data.resolution or base.default_resolution
+    images.finish(resolution, progress)  # size checks need the resolution; warnings become notes
+    for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]):
+        note(progress, message)
+    instances = instance_set(config.data, images.instance.usable)
     place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision))
-    classes = class_images(config, base, resolution, accelerator, progress) if config.prior.enabled else None
+    use_channels_last(base, accelerator.device, config)
+    classes = class_images(config, base, resolution, accelerator, progress,
+                           images.classes.usable if images.classes else None) if config.prior.enabled else None
     add_adapters(base, config, accelerator.device)
     batches = BatchSource(base, config, instances, classes, resolution, accelerator, progress)
+    offload_encoders(base, config, accelerator.device)  # the caches hold what the VAE and text encoders made
     optimizer, lr_scheduler = make_optimizer(base, config)
     if start_step:
         restore(run_dir, start_step, base, optimizer, lr_scheduler, config, progress)
@@ -77,13 +95,15 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
     text_encoders = [accelerator.prepare(te) for te in base.text_encoders] if config.lora.train_text_encoder \
         else base.text_encoders
     optimizer = accelerator.prepare(optimizer)
+    forward = torch.compile(unet) if config.train.compile else unet  # same parameters; compiled on first call
     trained = [p for p in trainable_parameters(base.unet)] + \
         [p for te in base.text_encoders for p in trainable_parameters(te)]
 
     t, cfg = config.train, config
     logged: LossParts | None = None
     running = torch.zeros(3, device=accelerator.device)  # summed (total, instance, prior) since the last log
-    step = last_log = start_step
+    step = last_log = completed = start_step
+    updating = False  # True while the weights are ahead of `completed` (optimizer stepped, step not yet counted)
     try:
         for step in range(start_step, t.steps):
             for micro in range(t.gradient_accumulation_steps):
@@ -91,18 +111,21 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
                 with accelerator.accumulate(unet):
                     torch.manual_seed(derive_seed(t.seed, "dropout", step, micro, accelerator.process_index))
                     noisy = base.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-                    pred = unet(noisy, batch.timesteps, **base.family.unet_kwargs(batch.embeddings)).sample
+                    pred = forward(noisy, batch.timesteps, **base.family.unet_kwargs(batch.embeddings)).sample
                     target = diffusion_target(base.noise_scheduler.config.prediction_type, batch.latents,
                                               batch.noise, base.noise_scheduler.alphas_cumprod, batch.timesteps)
                     parts = prior_preservation_loss(pred, target, batch.num_instance, cfg.prior.loss_weight)
                     accelerator.backward(parts.total)
-                    if accelerator.sync_gradients and t.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trained, t.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        updating = True
+                        if t.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trained, t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 running += torch.stack([p.detach().float() for p in parts]) / t.gradient_accumulation_steps
             lr_scheduler.step()
-            done = step + 1
+            done = completed = step + 1
+            updating = False
             metrics = {}
             if done % t.log_every == 0 or done == t.steps:
                 logged = LossParts(*(running / (done - last_log)).tolist())
@@ -113,20 +136,29 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
                            "lr": lr_scheduler.get_last_lr()[0]}
             progress(ProgressEvent("train", done, t.steps, metrics))
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+                ensure_finite(LossParts(*running.tolist()), done, run_dir, config)  # never checkpoint a NaN step
                 save_step(run_dir, done, base, optimizer, lr_scheduler, config, accelerator)
             if cfg.validation.every and done % cfg.validation.every == 0 and done < t.steps:
                 validate(base, config, resolution, run_dir, done, accelerator, progress)
     except KeyboardInterrupt:
-        # Keep what the completed steps learned; the optimizer may be mid-accumulation, so save the last whole step.
-        if step > start_step:
-            save_step(run_dir, step, base, optimizer, lr_scheduler, config, accelerator)
-        raise TrainingError(f"interrupted at step {step}; a checkpoint is in '{run_dir}'. "
+        # Save the last whole step, labelled with the steps the weights really hold: an interrupt during
+        # logging, a checkpoint or a validation grid comes after step `completed`; one between the optimizer
+        # update and the count cannot be labelled, so the last periodic checkpoint is kept instead.
+        if updating:
+            raise TrainingError(f"interrupted while applying step {completed + 1}; the last checkpoint in "
+                                f"'{run_dir}' is kept. Run the same command with --resume to continue.") from None
+        if completed > start_step:
+            save_step(run_dir, completed, base, optimizer, lr_scheduler, config, accelerator)
+        raise TrainingError(f"interrupted after step {completed}; a checkpoint is in '{run_dir}'. "
                             "Run the same command with --resume to continue.") from None
 
-    save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, accelerator)
+    if start_step < t.steps:  # resumed at the last step (its file was not written): the checkpoint is there
+        save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, accelerator)
     grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress)
     if accelerator.is_main_process:
-        save_output(output, base, config, resolution)
+        with disk_errors(output, then=f" The trained weights are kept in '{run_dir}': run the same command "
+                                      "with --resume to write the file."):
+            save_output(output, base, config, resolution, started)
         progress(ProgressEvent("save", message=f"wrote {output}"))
     accelerator.wait_for_everyone()
     return TrainResult(output, run_dir, t.steps, *(logged or (None, None, None)), grid)
@@ -142,9 +174,57 @@ def output_paths(config: DreamLoraConfig) -> tuple[Path, Path]:
     if output.exists() and not config.output.overwrite:
         raise ConfigError(f"output '{output}' already exists. Pass --overwrite to replace it, or choose another --out.")
     if output.parent and not output.parent.exists():
-        output.parent.mkdir(parents=True, exist_ok=True)
+        with disk_errors(output.parent):
+            output.parent.mkdir(parents=True, exist_ok=True)
     run_dir = Path(config.train.run_dir) if config.train.run_dir else output.parent / f"{output.stem}-run"
     return output, run_dir
+
+
+def run_started(run_dir: Path, start_step: int, is_main: bool) -> str:
+    """The file's modelspec.date: when the run began, kept across resumes in <run>/run.json.
+
+    SOURCE_DATE_EPOCH (the reproducible-builds convention) overrides it, so two runs with the same
+    settings, one of them interrupted and resumed, write byte-identical files.
+    """
+    record = run_dir / "run.json"
+    started = None
+    if start_step:
+        try:
+            started = str(json.loads(record.read_text(encoding="utf-8"))["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a run folder from before run.json: date the resumed run now
+    if started is None:
+        started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+        if is_main:
+            with disk_errors(record):
+                write_text_atomic(record, json.dumps({"started": started}) + "\n")
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).isoformat()
+        except (ValueError, OverflowError, OSError):
+            raise ConfigError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970 (got {epoch!r})") from None
+    return started
+
+
+@contextlib.contextmanager
+def disk_errors(target: Path, then: str = ""):
+    """A failed write (no space, no permission, read-only disk) as one clear error naming the file.
+
+    Args:
+        target: the file or folder being written, for the message.
+        then: what the user does next, appended to the message.
+    """
+    try:
+        yield
+    except OSError as exc:
+        hint = ("Free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+                "Check that the folder is writable, or choose another --out / --run-dir")
+        raise TrainingError(f"cannot write '{target}': {exc.strerror or exc}. {hint}.{then}") from exc
+    except DreamLoraError as exc:
+        if then and isinstance(exc.__cause__, OSError):  # atomic.py's "disk full while writing ..."
+            raise TrainingError(f"{exc}{then}") from exc
+        raise
 
 
 def prepare_run_dir(config: DreamLoraConfig, run_dir: Path) -> int:
@@ -153,10 +233,10 @@ def prepare_run_dir(config: DreamLoraConfig, run_dir: Path) -> int:
     if config.train.resume:
         if latest is None:
             raise TrainingError(f"--resume: no checkpoint in '{run_dir}'. Run without --resume to start.")
-        if latest.step >= config.train.steps:
+        if latest.step > config.train.steps:
             raise TrainingError(f"--resume: the run in '{run_dir}' already reached step {latest.step}; "
                                 f"raise --steps above it to train further.")
-        return latest.step
+        return latest.step  # equal to --steps: the file was not written (disk full, Ctrl-C); write it now
     if latest is not None:
         if not config.output.overwrite:
             raise TrainingError(f"run folder '{run_dir}' holds checkpoints of an earlier run. "
@@ -171,10 +251,10 @@ def check_hardware(config: DreamLoraConfig, device: torch.device) -> None:
 
 
 def class_images(config: DreamLoraConfig, base: BaseModel, resolution: int, accelerator,
-                 progress: ProgressCallback) -> ImageSet:
-    """The user's class folder, or the cached generated set (made here if missing)."""
+                 progress: ProgressCallback, checked: list[Path] | None = None) -> ImageSet:
+    """The user's class folder (its `checked` preflight-usable files), or the cached generated set (made if missing)."""
     if config.prior.class_dir:
-        return class_set(config.prior.class_dir, config.data)
+        return class_set(config.prior.class_dir, config.data, checked)
     p = config.prior
     spec = PriorSpec(prompt=fill_prompt(config.data.class_prompt, config.data.token, config.data.class_word),
                      negative_prompt=p.negative_prompt, seed=p.seed, steps=p.steps, guidance=p.guidance,
@@ -203,12 +283,62 @@ def place_frozen(base: BaseModel, device: torch.device, dtype: torch.dtype) -> N
         module.to(device=device, dtype=dtype if module is not base.vae else torch.float32)
 
 
+def fit_memory_budget(config: DreamLoraConfig, progress: ProgressCallback) -> DreamLoraConfig:
+    """With --memory-budget: the config with the memory savers the plan picked (dreamlora.memory)."""
+    if config.train.memory_budget is None:
+        return config
+    config, changes, estimate = apply_memory_budget(config)
+    note(progress, f"memory budget {config.train.memory_budget:g} GiB: "
+                   f"{'; '.join(changes) if changes else 'the settings fit as given'} "
+                   f"(estimated peak {estimate.peak / GIB:.2f} GiB)")
+    return config
+
+
+def channels_last_helps(device: torch.device, mixed_precision: str) -> bool:
+    """NHWC convolutions run on CUDA tensor cores in fp16/bf16 without layout transposes; on the CPU
+    they measured no faster for a training step (benchmarks/README.md)."""
+    return device.type == "cuda" and mixed_precision != "no"
+
+
+def use_channels_last(base: BaseModel, device: torch.device, config: DreamLoraConfig) -> None:
+    """Store the UNet's convolution weights channels-last where that is faster; its outputs follow."""
+    if channels_last_helps(device, config.train.mixed_precision):
+        base.unet.to(memory_format=torch.channels_last)
+
+
+def offload_encoders(base: BaseModel, config: DreamLoraConfig, device: torch.device) -> None:
+    """After caching, the VAE and the frozen text encoders leave the accelerator until a validation grid."""
+    if device.type == "cpu":
+        return
+    for module in (base.vae, *([] if config.lora.train_text_encoder else base.text_encoders)):
+        module.to("cpu")
+
+
+@contextlib.contextmanager
+def encoders_on(base: BaseModel, device: torch.device):
+    """Bring the offloaded VAE and text encoders back for sampling, and send them away again after."""
+    moved = [m for m in (base.vae, *base.text_encoders) if m.device != device]
+    for module in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in moved:
+            module.to("cpu")
+
+
 def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device) -> None:
-    """LoRA adapters through peft, trained in fp32 whatever the frozen dtype."""
+    """LoRA adapters through peft, trained in fp32 whatever the frozen dtype.
+
+    peft draws the initial A matrices from the global RNG: seeded from --seed here, so the run is a
+    function of its settings and not of what the process did before (the caller's RNG is left as it was).
+    """
     lora = config.lora
-    add_lora_adapters(base.unet, base.text_encoders, rank=lora.rank, alpha=lora.resolved_alpha, dropout=lora.dropout,
-                      unet_targets=lora.target_modules, train_text_encoder=lora.train_text_encoder,
-                      text_targets=lora.text_target_modules)
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(config.train.seed, "lora-init"))
+        add_lora_adapters(base.unet, base.text_encoders, rank=lora.rank, alpha=lora.resolved_alpha,
+                          dropout=lora.dropout, unet_targets=lora.target_modules,
+                          train_text_encoder=lora.train_text_encoder, text_targets=lora.text_target_modules)
     for module in (base.unet, *base.text_encoders):
         for param in trainable_parameters(module):
             param.data = param.data.to(device=device, dtype=torch.float32)
@@ -284,7 +414,9 @@ class BatchSource:
     def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:
         factor = self.base.vae_scale_factor
         pixels = [resize_for_training(load_rgb(p), resolution, crop, factor) for p in images.paths]
-        return encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip)
+        # One image a VAE call: the fp32 VAE at 512 px needs ~0.6 GiB of activations an image (dreamlora.memory).
+        return encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip,
+                              batch_size=CACHE_BATCH)
 
     def draw(self, step: int, micro: int, text_encoders) -> Batch:
         t, data = self.config.train, self.config.data
@@ -309,8 +441,16 @@ class BatchSource:
             embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
         else:
             embeddings = PromptEmbeddings.cat([self.cached[p] for p in prompts])
-        return Batch(x0.to(device, dtype), noise.to(device, dtype), timesteps.to(device),
+        return Batch(to_device(x0, device, dtype), to_device(noise, device, dtype), to_device(timesteps, device),
                      embeddings.to(device, dtype), len(inst_idx))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host-to-GPU copy that does not make the host wait for the GPU's queue (pinned, non-blocking)."""
+    tensor = tensor.to(dtype) if dtype is not None else tensor
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,10 +459,13 @@ class BatchSource:
 
 def save_step(run_dir: Path, step: int, base: BaseModel, optimizer, lr_scheduler, config: DreamLoraConfig,
               accelerator) -> None:
+    state = adapter_state_dict(base.unet, base.text_encoders)
+    if not bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
+        raise non_finite("the LoRA weights", step, run_dir, config)  # the last good checkpoint stays the latest
     if accelerator.is_main_process:
-        state = adapter_state_dict(base.unet, base.text_encoders)
-        checkpoints.save_checkpoint(run_dir, step, state, optimizer, lr_scheduler, to_portable_json(config),
-                                    config.train.keep_checkpoints)
+        with disk_errors(checkpoints.checkpoint_dir(run_dir)):
+            checkpoints.save_checkpoint(run_dir, step, state, optimizer, lr_scheduler, to_portable_json(config),
+                                        config.train.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
@@ -350,11 +493,21 @@ def changed_settings(stored: dict, current: dict) -> list[str]:
 
 def ensure_finite(losses: LossParts, step: int, run_dir: Path, config: DreamLoraConfig) -> None:
     if not all(torch.isfinite(torch.tensor(v)) for v in losses):
-        hint = ("the fp16 VAE/UNet overflowed: try --mixed-precision bf16 or no"
-                if config.train.mixed_precision == "fp16" else "lower --lr or set --max-grad-norm 1")
-        latest = checkpoints.latest_checkpoint(run_dir)
-        kept = f"the last good checkpoint is '{latest.path}'" if latest else "no checkpoint was written yet"
-        raise TrainingError(f"the loss became non-finite by step {step}; {hint}. {kept}.")
+        raise non_finite("the loss", step, run_dir, config)
+
+
+def non_finite(what: str, step: int, run_dir: Path, config: DreamLoraConfig) -> TrainingError:
+    """The error for NaN/inf: which setting to change, and which checkpoint is still good."""
+    if config.train.mixed_precision == "fp16":
+        hint = "the fp16 VAE/UNet overflowed: try --mixed-precision bf16 or no"
+    elif config.train.max_grad_norm == 0:
+        hint = f"lower --lr (now {config.train.learning_rate:g}) or turn clipping on with --max-grad-norm 1"
+    else:
+        hint = f"lower --lr (now {config.train.learning_rate:g})"
+    latest = checkpoints.latest_checkpoint(run_dir)
+    kept = (f"The last good checkpoint is '{latest.path}' (step {latest.step}): resume from it with a lower --lr"
+            if latest else "No checkpoint was written yet")
+    return TrainingError(f"{what} became non-finite (NaN or inf) by step {step}; {hint}. {kept}.")
 
 
 def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir: Path, step: int, accelerator,
@@ -366,19 +519,38 @@ def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir:
     prompts = [fill_prompt(p, config.data.token, config.data.class_word) for p in v.prompts]
     path = run_dir / "validation" / f"step-{step:06d}.png"
     progress(ProgressEvent("validate", 0, 1, message=f"validation grid at step {step}"))
-    render_validation_grid(base, prompts, v.seeds, path, steps=v.steps, guidance=v.guidance, sampler=v.sampler,
-                           resolution=resolution, title=f"step {step}")
+    with encoders_on(base, accelerator.device):
+        render_validation_grid(base, prompts, v.seeds, path, steps=v.steps, guidance=v.guidance, sampler=v.sampler,
+                               resolution=resolution, title=f"step {step}")
     progress(ProgressEvent("validate", 1, 1, message=f"validation grid: {path}"))
     return path
 
 
-def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resolution: int) -> None:
+def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resolution: int, started: str) -> None:
     config_json = to_portable_json(config)
     data = config.data
     metadata = lora_metadata(family=base.family, rank=config.lora.rank, alpha=config.lora.resolved_alpha,
                              resolution=resolution, output_name=output.stem,
                              trigger_phrase=f"{data.token} {data.class_word}", title=output.stem,
-                             config_json=config_json, train_text_encoder=config.lora.train_text_encoder)
+                             config_json=config_json, train_text_encoder=config.lora.train_text_encoder,
+                             date=started)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_dtype]
     save_lora_file(output, base.unet, base.text_encoders, base.family, format=config.output.format,
                    alpha=config.lora.resolved_alpha, dtype=dtype, metadata=metadata)
+    sort_safetensors_header(output)
+
+
+def sort_safetensors_header(path: Path) -> None:
+    """Rewrite the file's JSON header with sorted keys, atomically, if it is not sorted already.
+
+    safetensors writes its metadata in hash-map order, which changes from process to process; sorted,
+    equal runs give byte-equal files. Readers find tensors by their stored offsets, so order is free.
+    """
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
+    canonical = len(text).to_bytes(8, "little") + text + data[8 + length:]
+    if canonical != data:
+        write_bytes_atomic(path, canonical)

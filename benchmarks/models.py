@@ -1,0 +1,170 @@
+"""The benchmark models: configs, random-weight diffusers folders, and images to train on.
+
+- "tiny" and "small": the reference-figure models of the performance issue (/work/shared/bench_models.json,
+  copied below), trained at 64 and 128 px.
+- "sd15" and "sdxl": the SD 1.5 and SDXL base architectures, written from their published configs
+  (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) with random weights.
+- "sd15-mini" and "sdxl-mini": the same layouts at a tenth of the width, for `gpu.sh --cpu-smoke`.
+
+Folders are standard diffusers StableDiffusionPipeline folders with the project's tokenizer
+(dreamlora/models/tokenizer.py), so `--model <folder>` loads them like any base model. SDXL folders
+are not built: dreamlora does not load SDXL yet, so SDXL rows run the UNet alone (see train_step.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = ROOT / "sample_instances" / "polkaball"  # 5 PNGs, as in the reference set-up
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+                "set_alpha_to_one": False, "steps_offset": 1, "skip_prk_steps": True, "prediction_type": "epsilon"}
+
+BENCH = {  # /work/shared/bench_models.json
+    "tiny": {
+        "unet": {"block_out_channels": [32, 64], "layers_per_block": 2, "sample_size": 32, "in_channels": 4,
+                 "out_channels": 4, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32},
+        "vae": {"block_out_channels": [32, 64], "in_channels": 3, "out_channels": 3,
+                "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "latent_channels": 4, "sample_size": 64},
+        "text": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 5,
+                 "vocab_size": 1000, "projection_dim": 32},
+        "resolution": 64,
+    },
+    "small": {
+        "unet": {"block_out_channels": [64, 128, 256, 256], "layers_per_block": 2, "sample_size": 64, "in_channels": 4,
+                 "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                         "CrossAttnDownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                 "cross_attention_dim": 256, "attention_head_dim": 8},
+        "vae": {"block_out_channels": [64, 128], "in_channels": 3, "out_channels": 3,
+                "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "latent_channels": 4, "layers_per_block": 2,
+                "sample_size": 128},
+        "text": {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_hidden_layers": 4,
+                 "vocab_size": 1000, "projection_dim": 256},
+        "resolution": 128,
+    },
+}
+
+_SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+              "block_out_channels": [320, 640, 1280, 1280],
+              "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+              "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32}
+_SD_VAE = {"block_out_channels": [128, 256, 512, 512], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
+_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+           "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu", "max_position_embeddings": 77}
+_SDXL_UNET = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+              "block_out_channels": [320, 640, 1280],
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+              "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10],
+              "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+              "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32}
+_CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+              "vocab_size": 49408, "projection_dim": 1280, "hidden_act": "gelu", "max_position_embeddings": 77,
+              "architectures": ["CLIPTextModelWithProjection"]}
+
+ARCH = {
+    "sd15": {"unet": _SD15_UNET, "vae": _SD_VAE, "text": _CLIP_L, "resolution": 512},
+    "sdxl": {"unet": _SDXL_UNET, "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
+             "text": _CLIP_L, "text_2": _CLIP_BIGG, "resolution": 1024},
+    # Same layouts at a tenth of the width (and 2 of SDXL's 10 deep transformer layers): CPU smoke tests.
+    "sd15-mini": {"unet": {**_SD15_UNET, "block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 64,
+                           "norm_num_groups": 16},
+                  "vae": {**_SD_VAE, "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8},
+                  "text": {**_CLIP_L, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
+                           "num_hidden_layers": 2, "vocab_size": 1000, "projection_dim": 64},
+                  "resolution": 128},
+    "sdxl-mini": {"unet": {**_SDXL_UNET, "block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 8],
+                           "transformer_layers_per_block": [1, 2, 2], "cross_attention_dim": 64,
+                           "addition_time_embed_dim": 32, "projection_class_embeddings_input_dim": 64 + 6 * 32,
+                           "norm_num_groups": 16},
+                  "vae": {**_SD_VAE, "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8},
+                  "text": {}, "resolution": 256},
+}
+MODELS = {**BENCH, **ARCH}
+
+
+def model_configs(name: str):
+    """dreamlora.memory.ModelConfigs of a benchmark model (text encoders in pipeline order)."""
+    from dreamlora.memory import ModelConfigs
+
+    spec = MODELS[name]
+    texts = tuple(_text_config(spec[k]) for k in ("text", "text_2") if spec.get(k))
+    return ModelConfigs(dict(spec["unet"]), dict(spec["vae"]), texts, name)
+
+
+def _text_config(config: dict) -> dict:
+    return {"max_position_embeddings": 77, **config}
+
+
+def bench_dir() -> Path:
+    """Where benchmark models and images are kept: $DREAMLORA_BENCH_DIR or /tmp/dreamlora-bench."""
+    return Path(os.environ.get("DREAMLORA_BENCH_DIR", "/tmp/dreamlora-bench"))
+
+
+def model_folder(name: str, *, device: str = "cpu") -> Path:
+    """A diffusers folder of the SD-family benchmark model `name`, random weights from a fixed seed (built once).
+
+    Full-size architectures are stored in fp16 (half the disk and load time); dreamlora loads them in fp32.
+    """
+    spec = MODELS[name]
+    dtype = torch.float16 if name in ("sd15", "sdxl") else torch.float32
+    if spec.get("text_2"):
+        raise ValueError(f"{name}: SDXL folders are not built (dreamlora loads SD 1.x/2.x only)")
+    key = hashlib.sha256(json.dumps([spec, str(dtype)], sort_keys=True).encode()).hexdigest()[:10]
+    folder = bench_dir() / "models" / f"{name}-{key}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreamlora.models.tokenizer import load_tokenizer, write_tokenizer_files
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_tokenizer_files(tmp / "tokenizer")
+    tokenizer = load_tokenizer(tmp / "tokenizer")
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**spec["unet"])
+        torch.manual_seed(1)
+        vae = AutoencoderKL(**spec["vae"])
+        torch.manual_seed(2)
+        text = CLIPTextModel(CLIPTextConfig(**_text_config(spec["text"]), bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp / "tokenizer")
+    write_tokenizer_files(tmp / "tokenizer")  # the plain CLIP files, as the built-in models have
+    os.replace(tmp, folder)
+    return folder
+
+
+def class_folder(resolution: int, count: int = 20) -> Path:
+    """`count` random-noise PNGs at `resolution`: class images given with --class-dir (none are generated)."""
+    from PIL import Image
+
+    folder = bench_dir() / "class-images" / f"{resolution}px-{count}"
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(resolution)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (resolution, resolution, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i:05d}.png")
+    return folder

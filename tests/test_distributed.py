@@ -1,0 +1,86 @@
+"""Scale-out: `accelerate launch` with 2 CPU processes (gloo) trains with DDP, splits the class images, and
+writes one output file from the main process; each class image equals the single-process one.
+
+On a CPU-only machine accelerate needs ACCELERATE_USE_CPU=1 and the multi-process launcher:
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m cli train ...
+(`--cpu` alone starts a single process). On GPUs: accelerate launch --num_processes N -m cli train ...
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = ROOT / "sample_instances" / "polkaball"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes of `python -m cli <args>`, one thread each (2 cores)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    out = tmp / "out" / "ball.safetensors"
+    settings = tmp / "fast.toml"  # few sampling steps: class images and the validation grid
+    settings.write_text('[prior]\nsteps = 2\n[validation]\nsteps = 2\nseeds = [0]\n'
+                        'prompts = ["a photo of {token} {class}"]\n')
+    result = launch(["train", str(INSTANCES), "--class-word", "ball", "--out", str(out), "--steps", "2",
+                     "--num-class-images", "4", "--checkpoint-every", "0", "--config", str(settings)], tmp / "cache")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return tmp, out, result
+
+
+def test_two_processes_train_with_ddp_and_write_one_file(two_process_run):
+    from dreamlora.lora import read_lora_file
+
+    tmp, out, result = two_process_run
+    assert [p.name for p in out.parent.glob("*.safetensors")] == ["ball.safetensors"]
+    lora = read_lora_file(out)
+    assert lora.rank == 4 and lora.unet_modules == 48
+    assert sorted(p.name for p in (out.parent / "ball-run" / "checkpoints").iterdir()) == ["step-000002"]
+    output = result.stdout + result.stderr
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines()]
+    assert lines.count(f"wrote {out}") == 1  # the save event: only the main process writes the file
+    assert "generating 2 class images" in output and "generating 4 class images" not in output  # split in two
+
+
+def test_class_images_of_two_processes_equal_the_single_process_ones(two_process_run, tiny_sd, tmp_path):
+    from dreamlora.priors import PriorSpec, cached_prior_dir, generate_priors
+
+    tmp, _, _ = two_process_run
+    spec = PriorSpec(prompt="a photo of ball", negative_prompt="", seed=0, steps=2, guidance=7.5, sampler="dpm++2m",
+                     resolution=64, model=tiny_sd.identity, model_fingerprint=tiny_sd.fingerprint)
+    os.environ["DREAMLORA_CACHE"], previous = str(tmp / "cache"), os.environ["DREAMLORA_CACHE"]
+    try:
+        shared = cached_prior_dir(spec)
+    finally:
+        os.environ["DREAMLORA_CACHE"] = previous
+    assert sorted(p.name for p in shared.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process ran; batches of 2, as each process's share was
+    try:
+        alone = generate_priors(tiny_sd, spec, tmp_path / "alone", 4, batch_size=2)
+    finally:
+        torch.set_num_threads(threads)
+    for path in alone:
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(shared / path.name))), path.name
