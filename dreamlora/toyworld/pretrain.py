@@ -412,6 +412,10 @@ def save_pipeline(vae, unet, text, folder: Path) -> None:
     write_tokenizer_files(folder / "tokenizer")
     shutil.rmtree(tok_tmp)
     for path in folder.rglob("*"):
+        if path.name == "config.json":  # a component loaded from the run folder records that path
+            config = json.loads(path.read_text())
+            if config.pop("_name_or_path", None) is not None:
+                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if path.is_file():
             path.chmod(0o644)  # safetensors are written through private (0600) temporary files
 
