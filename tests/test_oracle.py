@@ -61,8 +61,6 @@ def test_oracle_tells_polka_balls_from_plain_balls(oracle):
     assert (oracle.embed(polka) @ photo_emb.T).mean() > (oracle.embed(plain) @ photo_emb.T).mean() + 0.2
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: the shipped oracle reports the subject on about half of some "
-                   "negative sets (issue 3, retraining in progress)")
 def test_oracle_ignores_noise_dots_off_a_ball_and_glossy_balls(oracle):
     # what a broken model renders, white dots on the background or on other objects, a ball with a big
     # highlight or one white spot: none of them is the subject
