@@ -110,6 +110,18 @@ def native_resolution(name: str, models) -> int:
     return MODELS[name]["resolution"] if name in MODELS else models.default_resolution
 
 
+def clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): with one thread the CPU time hardly depends on what
+    else the machine runs, so it is the steadier figure on a shared machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def per_step(stamps: dict, spec: dict) -> dict:
+    n = spec["steps"] - spec["warmup"]
+    (wall0, cpu0), (wall1, cpu1) = stamps[spec["warmup"]], stamps[spec["steps"]]
+    return {"step_s": (wall1 - wall0) / n, "step_cpu_s": (cpu1 - cpu0) / n}
+
+
 def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     if spec["kind"] in ("train", "tensors"):
@@ -180,7 +192,7 @@ def train_worker(spec: dict) -> dict:
         if event.stage == "train" and event.step in (spec["warmup"], spec["steps"]):
             if device == "cuda":
                 torch.cuda.synchronize()  # the loop itself never waits for the GPU
-            stamps[event.step] = time.perf_counter()
+            stamps[event.step] = clock()
 
     # kind "tensors": the same run with every tensor it creates counted (weights, caches, activations,
     # optimizer states): the quantity the plan estimates, without the allocator's and libraries' overhead.
@@ -200,7 +212,7 @@ def train_worker(spec: dict) -> dict:
     if spec["kind"] == "tensors":
         return {**result, "tensor_peak_gb": tracker.peak / 1e9,
                 "estimate_error": planned.memory.peak / tracker.peak - 1}
-    result["step_s"] = (stamps[spec["steps"]] - stamps[spec["warmup"]]) / (spec["steps"] - spec["warmup"])
+    result.update(per_step(stamps, spec))
     result.update(_memory_and_rate(device, spec["mixed_precision"], rss_before))
     return _derived(result)
 
@@ -253,9 +265,8 @@ def reference_worker(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         if step in (spec["warmup"], spec["steps"]):
-            stamps[step] = time.perf_counter()
-    result = {**spec, "resolution": resolution,
-              "step_s": (stamps[spec["steps"]] - stamps[spec["warmup"]]) / (spec["steps"] - spec["warmup"])}
+            stamps[step] = clock()
+    result = {**spec, "resolution": resolution, **per_step(stamps, spec)}
     result.update(_memory_and_rate(spec["device"], "no", rss_before))
     return result
 
@@ -333,12 +344,11 @@ def unet_worker(spec: dict) -> dict:
         if step in (spec["warmup"], spec["steps"]):
             if device == "cuda":
                 torch.cuda.synchronize()
-            stamps[step] = time.perf_counter()
-    step_s = (stamps[spec["steps"]] - stamps[spec["warmup"]]) / (spec["steps"] - spec["warmup"])
+            stamps[step] = clock()
     settings = _settings(spec, models, resolution)
     estimate = estimate_memory(models, settings).training
     unet_only = sum(v for k, v in estimate.items() if k not in ("text encoders", "VAE", "cached embeddings"))
-    result = {**spec, "resolution": resolution, "step_s": step_s, "flops": step_flops(models, settings),
+    result = {**spec, "resolution": resolution, **per_step(stamps, spec), "flops": step_flops(models, settings),
               "estimate_gb": unet_only / 1e9, "estimate_phase": "training (UNet only)"}
     result.update(_memory_and_rate(device, mp, rss_before, resident if device == "cpu" else 0))
     return _derived(result)
@@ -376,7 +386,8 @@ def _derived(result: dict) -> dict:
 
 COLUMNS = [("kind", "kind"), ("model", "model"), ("resolution", "px"), ("device", "device"),
            ("mixed_precision", "precision"), ("gradient_checkpointing", "ckpt"), ("optimizer", "optimizer"),
-           ("compile", "compile"), ("step_s", "s/step"), ("step_vs_run_ref", "x run ref"), ("step_vs_ref", "x ref fig"),
+           ("compile", "compile"), ("step_s", "s/step"), ("step_cpu_s", "CPU s/step"),
+           ("step_vs_run_ref", "x run ref"), ("cpu_vs_run_ref", "x run ref (CPU s)"), ("step_vs_ref", "x ref fig"),
            ("process_rss_gb", "proc RSS GB"), ("rss_vs_run_ref", "x run ref"), ("rss_vs_ref", "x ref fig"), ("peak_gb", "peak GB"), ("tensor_peak_gb", "tensor peak GB"), ("estimate_gb", "plan GB"), ("estimate_error", "plan err"),
            ("flops", "GFLOP/step"), ("achieved_tflops", "TFLOP/s"), ("matmul_tflops", "matmul TFLOP/s"),
            ("mfu", "MFU")]
@@ -436,6 +447,7 @@ def _pair(results: list[dict]) -> None:
                    None)
         if ref:
             r["step_vs_run_ref"] = r["step_s"] / ref["step_s"]
+            r["cpu_vs_run_ref"] = r["step_cpu_s"] / ref["step_cpu_s"]
             r["rss_vs_run_ref"] = r["process_rss_gb"] / ref["process_rss_gb"]
 
 

@@ -3,9 +3,10 @@
 `plan(config)` reads the base model's JSON configs (unet/, vae/, text_encoder/), builds the models
 on PyTorch's meta device (shapes, no storage) and runs each phase of a run there: class-image
 sampling, encoding the caches, one training step (forward and backward, with the run's LoRA,
-precision and gradient checkpointing), a validation grid. A dispatch mode adds up the bytes of the
-tensors that are alive at each moment; weights, adapters and optimizer states are added from their
-shapes. With `train.memory_budget` (flag --memory-budget) it then picks the settings that fit.
+precision and gradient checkpointing), a validation grid; on the CPU also loading the fp32 weights.
+A dispatch mode adds up the bytes of the tensors that are alive at each moment; weights, adapters
+and optimizer states are added from their shapes. With `train.memory_budget` (flag --memory-budget)
+it then picks the settings that fit.
 
 Two things of the accelerator are modelled rather than run, because meta tensors cannot run them:
 - attention is flash/memory-efficient SDPA (what PyTorch uses on CUDA and on the CPU): it keeps
