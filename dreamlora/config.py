@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .models.builtin import recommended_settings
 from .models.loading import SAMPLERS as _SAMPLER_TABLE
 
-DEFAULT_MODEL = "builtin:tiny-sd"
+DEFAULT_MODEL = "builtin:toy"
 SAMPLERS = tuple(_SAMPLER_TABLE)  # the names --sampler / --prior-sampler accept
 
 
@@ -80,6 +81,8 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); None: plain MSE
+    noise_offset: float = 0.0  # per-channel offset added to the noise (kohya's noise_offset; 0.05-0.1 typical)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = 1e-2
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -154,6 +157,8 @@ FLAGS: dict[str, str] = {
     "train.lr_warmup_steps": "--lr-warmup-steps",
     "train.gradient_accumulation_steps": "--grad-accum",
     "train.max_grad_norm": "--max-grad-norm",
+    "train.snr_gamma": "--snr-gamma",
+    "train.noise_offset": "--noise-offset",
     "train.optimizer": "--optimizer",
     "train.mixed_precision": "--mixed-precision",
     "train.gradient_checkpointing": "--gradient-checkpointing",
@@ -187,6 +192,9 @@ def describe(key: str) -> str:
 def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DreamLoraConfig:
     """Build the configuration: defaults, then the TOML file, then `overrides` (dotted keys, e.g. from flags).
 
+    Keys that neither sets take the base model's recommended value where it has one
+    (dreamlora.models.builtin.recommended_settings: builtin:toy), else the dataclass default.
+
     Args:
         toml_path: optional TOML file; relative paths inside it are resolved against its folder.
         overrides: {"train.steps": 100, ...}; None values are ignored (flag not given).
@@ -204,6 +212,10 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
+    # Then what the base model recommends (builtin:toy), for the keys neither the file nor a flag set.
+    model = values.get("model.name", DEFAULT_MODEL)
+    for key, value in recommended_settings(model if isinstance(model, str) else "").items():
+        values.setdefault(key, value)
     config = DreamLoraConfig()
     unread = {key for key, value in values.items() if not _assign(config, key, value, problems)}
     # A value that could not be read keeps its default; the others are still checked, so all show at once.
@@ -341,6 +353,9 @@ def validate(config: DreamLoraConfig) -> list[str]:
     check(c.train.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
           f"must be > 0 (got {c.train.gradient_accumulation_steps})")
     check(c.train.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, 0 turns clipping off (got {c.train.max_grad_norm})")
+    check(c.train.snr_gamma is None or c.train.snr_gamma > 0, "train.snr_gamma",
+          f"must be > 0, or unset for plain MSE (got {c.train.snr_gamma})")
+    check(0 <= c.train.noise_offset <= 1, "train.noise_offset", f"must be in [0, 1] (got {c.train.noise_offset})")
     check(c.train.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {c.train.checkpoint_every})")
     check(c.train.keep_checkpoints > 0, "train.keep_checkpoints", f"must be > 0 (got {c.train.keep_checkpoints})")
     check(c.train.log_every > 0, "train.log_every", f"must be > 0 (got {c.train.log_every})")

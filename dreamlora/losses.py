@@ -37,15 +37,52 @@ def diffusion_target(prediction_type: str, latents: torch.Tensor, noise: torch.T
 
 
 def prior_preservation_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
-                            prior_weight: float) -> LossParts:
+                            prior_weight: float, row_weights: torch.Tensor | None = None) -> LossParts:
     """Instance loss + prior_weight · class loss; the batch holds instance rows first, then class rows.
 
     Computed in fp32 whatever the forward dtype, so fp16 predictions cannot underflow the mean.
+
+    Args:
+        row_weights: optional (B,) weights of each row's mean squared error (e.g. min_snr_weights);
+            None weighs every row 1, which is plain MSE.
     """
-    pred, target = pred.float(), target.float()
-    instance = F.mse_loss(pred[:num_instance], target[:num_instance])
+    per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    if row_weights is not None:
+        per_row = per_row * row_weights.to(per_row)
+    instance = per_row[:num_instance].mean()
     if pred.shape[0] == num_instance:
         zero = instance.new_zeros(())
         return LossParts(instance, instance, zero)
-    prior = F.mse_loss(pred[num_instance:], target[num_instance:])
+    prior = per_row[num_instance:].mean()
     return LossParts(instance + prior_weight * prior, instance, prior)
+
+
+def min_snr_weights(prediction_type: str, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
+                    gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), (B,): min(SNR, γ) / SNR for ε targets, min(SNR, γ) / (SNR + 1) for v.
+
+    SNR(t) = ᾱ / (1 − ᾱ). Nearly clean timesteps have a huge SNR; their ε loss is mostly about
+    invisible noise, so the weight shrinks there and the steps go to the noisy timesteps where shapes
+    and colours are decided. γ = 5 is the paper's value (and what --snr_gamma users set).
+    """
+    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    return clipped / snr
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """ε + strength · one random value per (row, channel): lets the model change an image's mean colour.
+
+    The SD schedule leaves a little of each latent's mean at t = 999, so a model trained on plain
+    noise can never make much darker or brighter pictures than its start; a per-channel offset
+    teaches it to set the mean itself (kohya's --noise_offset). (B, C, h, w) -> same shape.
+    """
+    if strength == 0:
+        return noise
+    offset = torch.randn((*noise.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
+    return noise + strength * offset

@@ -24,7 +24,7 @@ from .config import DreamLoraConfig, describe, fill_prompt, to_portable_json
 from .data import (ImageSet, LatentCache, class_set, derive_seed, draw_latents, encode_latents, instance_set,
                    load_rgb, pick_indices, resize_for_training)
 from .errors import ConfigError, DreamLoraError, TrainingError
-from .losses import LossParts, diffusion_target, prior_preservation_loss
+from .losses import LossParts, diffusion_target, min_snr_weights, offset_noise, prior_preservation_loss
 from .memory import CACHE_BATCH, GIB, apply_memory_budget
 from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dict, lora_metadata, save_lora_file,
                    trainable_parameters)
@@ -114,7 +114,8 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
                     pred = forward(noisy, batch.timesteps, **base.family.unet_kwargs(batch.embeddings)).sample
                     target = diffusion_target(base.noise_scheduler.config.prediction_type, batch.latents,
                                               batch.noise, base.noise_scheduler.alphas_cumprod, batch.timesteps)
-                    parts = prior_preservation_loss(pred, target, batch.num_instance, cfg.prior.loss_weight)
+                    parts = prior_preservation_loss(pred, target, batch.num_instance, cfg.prior.loss_weight,
+                                                    loss_weights(base, batch.timesteps, t.snr_gamma))
                     accelerator.backward(parts.total)
                     if accelerator.sync_gradients:
                         updating = True
@@ -433,7 +434,7 @@ class BatchSource:
                                         random_flip=data.random_flip))
             prompts += [self.prompts[len(self.instance) + i] for i in class_idx]
         x0 = torch.cat(latents)
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = offset_noise(torch.randn(x0.shape, generator=generator), t.noise_offset, generator)
         timesteps = torch.randint(0, self.base.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                                   generator=generator)
         device, dtype = self.accelerator.device, frozen_dtype(self.config.train.mixed_precision)
@@ -443,6 +444,14 @@ class BatchSource:
             embeddings = PromptEmbeddings.cat([self.cached[p] for p in prompts])
         return Batch(to_device(x0, device, dtype), to_device(noise, device, dtype), to_device(timesteps, device),
                      embeddings.to(device, dtype), len(inst_idx))
+
+
+def loss_weights(base: BaseModel, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
+    """Per-row loss weights: min-SNR-γ with --snr-gamma, else None (plain MSE)."""
+    if snr_gamma is None:
+        return None
+    scheduler = base.noise_scheduler
+    return min_snr_weights(scheduler.config.prediction_type, scheduler.alphas_cumprod, timesteps, snr_gamma)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -43,3 +43,29 @@ def test_epsilon_target_is_the_noise():
     latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     target = diffusion_target("epsilon", latents, noise, torch.ones(1000), torch.tensor([1, 2]))
     assert target is noise
+
+
+def test_min_snr_weights_match_hand_computation():
+    from dreamlora.losses import min_snr_weights
+
+    abar = torch.tensor([0.99, 0.5, 0.01])  # SNR 99, 1, 1/99
+    t = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(min_snr_weights("epsilon", abar, t, 5.0), torch.tensor([5 / 99, 1.0, 1.0]))
+    torch.testing.assert_close(min_snr_weights("v_prediction", abar, t, 5.0),
+                               torch.tensor([5 / 100, 0.5, (1 / 99) / (1 / 99 + 1)]))
+
+
+def test_row_weights_scale_each_rows_mse():
+    pred, target = torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.zeros(2, 2)
+    parts = prior_preservation_loss(pred, target, num_instance=1, prior_weight=1.0, row_weights=torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(parts.instance, torch.tensor(0.5))  # 0.5 * mean(1, 1)
+    torch.testing.assert_close(parts.prior, torch.tensor(8.0))  # 2 * mean(4, 4)
+
+
+def test_offset_noise_adds_one_value_per_row_and_channel():
+    from dreamlora.losses import offset_noise
+
+    noise = torch.zeros(2, 4, 3, 3)
+    assert offset_noise(noise, 0.0, torch.Generator().manual_seed(0)) is noise  # off: no draw, same stream
+    shifted = offset_noise(noise, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted, shifted[:, :, :1, :1].expand_as(shifted)) and shifted.abs().sum() > 0
