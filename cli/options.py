@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="Base model: builtin:tiny-sd (default), builtin:tiny-sd2, a hub id, a diffusers folder, "
+    "--model", help="Base model: builtin:toy (default), builtin:tiny-sd, builtin:tiny-sd2, a hub id, a diffusers folder, "
                     "or a .safetensors/.ckpt checkpoint.")]
 ModelConfigOpt = Annotated[Optional[str], typer.Option(
     "--model-config", help="For a single-file checkpoint: a diffusers folder or hub id holding its configs.")]

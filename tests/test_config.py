@@ -6,7 +6,8 @@ from dreamlora.config import DreamLoraConfig, load_config, to_portable_json
 from dreamlora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = {"data.instance_dir": "photos", "data.class_word": "dog", "output.path": "out.safetensors"}
+REQUIRED = {"model.name": "builtin:tiny-sd", "data.instance_dir": "photos", "data.class_word": "dog",
+            "output.path": "out.safetensors"}
 
 
 def test_defaults_with_required_values():
@@ -19,7 +20,7 @@ def test_defaults_with_required_values():
 def test_toml_then_flags_and_paths_relative_to_the_file(tmp_path):
     toml = tmp_path / "sub" / "run.toml"
     toml.parent.mkdir()
-    toml.write_text('[data]\ninstance_dir = "photos"\nclass_word = "cat"\n[train]\nsteps = 7\nlearning_rate = 2e-4\n')
+    toml.write_text('[model]\nname = "builtin:tiny-sd"\n[data]\ninstance_dir = "photos"\nclass_word = "cat"\n[train]\nsteps = 7\nlearning_rate = 2e-4\n')
     config = load_config(toml, {"train.steps": 9, "output.path": "x.safetensors", "lora.rank": None})
     assert config.train.steps == 9  # flag wins
     assert config.train.learning_rate == 2e-4  # TOML wins over default
@@ -75,3 +76,16 @@ def test_shipped_tomls_are_valid(toml):
     config = load_config(toml, {"output.path": "x.safetensors"})
     assert Path(config.data.instance_dir).is_dir()
     assert isinstance(config, DreamLoraConfig)
+
+
+def test_the_toy_model_fills_the_settings_left_unset_and_flags_still_win(tmp_path):
+    # builtin:toy (the default model) needs more rank, a higher rate and the text encoder to learn a subject.
+    toml = tmp_path / "run.toml"
+    toml.write_text('[lora]\nrank = 8\n')
+    config = load_config(toml, {**REQUIRED, "model.name": None, "train.steps": 30})
+    assert config.model.name == "builtin:toy"
+    assert config.lora.rank == 8 and config.train.steps == 30  # the TOML file and the flag win
+    assert config.train.learning_rate == 1e-3 and config.lora.train_text_encoder is True  # unset: recommended
+    plain = load_config(None, REQUIRED)  # builtin:tiny-sd recommends nothing: the SD 1.5-sized defaults
+    assert (plain.train.learning_rate, plain.lora.rank, plain.train.steps) == (1e-4, 4, 500)
+    assert plain.lora.train_text_encoder is False

@@ -44,7 +44,7 @@ def two_process_run(tmp_path_factory):
     settings = tmp / "fast.toml"  # few sampling steps: class images and the validation grid
     settings.write_text('[prior]\nsteps = 2\n[validation]\nsteps = 2\nseeds = [0]\n'
                         'prompts = ["a photo of {token} {class}"]\n')
-    result = launch(["train", str(INSTANCES), "--class-word", "ball", "--out", str(out), "--steps", "2",
+    result = launch(["train", str(INSTANCES), "--model", "builtin:tiny-sd", "--class-word", "ball", "--out", str(out), "--steps", "2",
                      "--num-class-images", "4", "--checkpoint-every", "0", "--config", str(settings)], tmp / "cache")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return tmp, out, result

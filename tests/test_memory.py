@@ -21,7 +21,7 @@ SD15_UNET = {"sample_size": 64, "layers_per_block": 2, "block_out_channels": [32
 
 
 def config(tmp_path, **overrides):
-    values = {"data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+    values = {"model.name": "builtin:tiny-sd", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
               "output.path": str(tmp_path / "out.safetensors"), "train.steps": 50,
               "data.class_prompt": "a plan-test photo of a {class}"}  # no other test fills this prompt's cache
     values.update(overrides)
@@ -185,7 +185,7 @@ def test_estimate_in_gib_is_sane_for_sd15_fp16():
     text = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
             "vocab_size": 49408, "max_position_embeddings": 77}
     models = ModelConfigs(SD15_UNET, vae, (text,), "sd15")
-    c = load_config(None, {"data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+    c = load_config(None, {"model.name": "builtin:tiny-sd", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
                            "output.path": "/tmp/x.safetensors", "train.mixed_precision": "fp16"})
     e = estimate_memory(models, MemorySettings.from_config(c, device_type="cuda", resolution=512))
     assert e.training["frozen UNet"] == 859_520_964 * 2

@@ -313,7 +313,8 @@ def test_class_dir_must_not_be_the_instance_dir(tmp_path):
 
 
 def small_config(tmp_path: Path, name: str = "ball", **overrides):
-    values = {"data.instance_dir": str(INSTANCES), "data.class_word": "ball", "prior.enabled": False,
+    values = {"model.name": "builtin:tiny-sd", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+              "prior.enabled": False,
               "output.path": str(tmp_path / f"{name}.safetensors"), "train.steps": 4, "train.learning_rate": 5e-3,
               "train.checkpoint_every": 2, "validation.steps": 1, "validation.seeds": [0],
               "validation.prompts": ["a photo of {token} {class}"]}
@@ -486,7 +487,7 @@ def write_half_then(exc: BaseException):
 
 def test_disk_full_while_writing_the_file_is_one_clear_line_and_resume_writes_it(tmp_path, monkeypatch):
     out = tmp_path / "out" / "ball.safetensors"
-    flags = ["train", INSTANCES, "--class-word", "ball", "--out", out, "--no-prior", "--steps", "2",
+    flags = ["train", INSTANCES, "--model", "builtin:tiny-sd", "--class-word", "ball", "--out", out, "--no-prior", "--steps", "2",
              "--config", quick_validation_toml(tmp_path)]
     with monkeypatch.context() as patch:
         patch.setattr(safetensors.torch, "save_file", write_half_then(OSError(errno.ENOSPC, "No space left on device")))
@@ -611,7 +612,7 @@ def test_lora_that_does_not_fit_the_base_model_is_one_clear_line(tmp_path):
                f"{module}.alpha": torch.tensor(4.0)}
     lora = tmp_path / "other-model.safetensors"
     safetensors.torch.save_file(tensors, str(lora), metadata={"ss_network_dim": "4"})
-    line = error_line(invoke("sample", "--lora", lora, "--prompt", "a photo", "--out", tmp_path / "grid.png",
-                             "--steps", "1", "--seeds", "0"))
+    line = error_line(invoke("sample", "--lora", lora, "--model", "builtin:tiny-sd", "--prompt", "a photo", "--out",
+                             tmp_path / "grid.png", "--steps", "1", "--seeds", "0"))
     assert "other-model.safetensors' does not fit the model 'builtin:tiny-sd'" in line and "--model" in line
     assert not (tmp_path / "grid.png").exists()

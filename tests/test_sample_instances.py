@@ -49,6 +49,14 @@ def test_script_reproduces_shipped_images_exactly():
 def test_config_points_at_the_images():
     config = tomllib.loads((FOLDER / "dreamlora.toml").read_text())
     assert config["data"]["token"] == "sks" and config["data"]["class_word"] == "ball"
-    assert config["train"]["steps"] > 0
+    assert config["model"]["name"] == "builtin:toy"
     instance_dir = (FOLDER / config["data"]["instance_dir"]).resolve()
     assert instance_dir == FOLDER.resolve() and len(list(instance_dir.glob("*.png"))) >= 4
+
+
+def test_config_loads_with_the_toy_models_recommended_settings():
+    from dreamlora import load_config
+
+    config = load_config(FOLDER / "dreamlora.toml", {"output.path": "s.safetensors"})
+    assert Path(config.data.instance_dir) == FOLDER.resolve()
+    assert (config.train.steps, config.lora.rank, config.lora.train_text_encoder) == (1000, 32, True)

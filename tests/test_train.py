@@ -17,8 +17,8 @@ INSTANCES = ROOT / "sample_instances" / "polkaball"
 
 def tiny_config(tmp_path, name="ball", **overrides):
     values = {
-        "data.instance_dir": str(INSTANCES), "data.class_word": "ball", "output.path": str(tmp_path / f"{name}.safetensors"),
-        "train.steps": 4, "train.learning_rate": 5e-3, "train.checkpoint_every": 2, "prior.num_class_images": 2,
+        "model.name": "builtin:tiny-sd", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+        "output.path": str(tmp_path / f"{name}.safetensors"), "train.steps": 4, "train.learning_rate": 5e-3, "train.checkpoint_every": 2, "prior.num_class_images": 2,
         "prior.steps": 2, "validation.steps": 2, "validation.seeds": [0], "validation.prompts": ["a photo of {token} {class}"],
     }
     values.update(overrides)
@@ -72,7 +72,8 @@ def test_sampling_scale_zero_is_the_base_model_and_scale_one_is_not(trained, tmp
     _, result, _, _ = trained
     settings = SampleSettings(prompts=["a photo of {token} {class}"], seeds=[0, 1], scales=[0.0, 1.0], steps=2)
     with_lora = sample(result.output, settings, tmp_path / "grid.png")
-    base_only = sample(None, SampleSettings(prompts=["a photo of sks ball"], seeds=[0, 1], steps=2), tmp_path / "base.png")
+    base_only = sample(None, SampleSettings(prompts=["a photo of sks ball"], seeds=[0, 1], steps=2), tmp_path / "base.png",
+                       model="builtin:tiny-sd")
     images = [np.asarray(__import__("PIL.Image").Image.open(p)) for p in with_lora.images]
     base = [np.asarray(__import__("PIL.Image").Image.open(p)) for p in base_only.images]
     assert np.array_equal(images[0], base[0]) and np.array_equal(images[1], base[1])  # scale 0, seeds 0 and 1
