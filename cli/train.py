@@ -25,7 +25,7 @@ def command(
     prior: Annotated[Optional[bool], Opt("--prior/--no-prior", help="Prior preservation (default on).")] = None,
     class_dir: Annotated[Optional[Path], Opt("--class-dir", help="Use these class images instead of generating.")] = None,
     num_class_images: Annotated[Optional[int], Opt("--num-class-images", help="Generated class images (default 100).")] = None,
-    prior_loss_weight: Annotated[Optional[float], Opt("--prior-loss-weight", help="λ of the class loss (default 1).")] = None,
+    prior_loss_weight: Annotated[Optional[float], Opt("--prior-loss-weight", help="λ of the class loss (default 1; builtin:toy 0.5).")] = None,
     class_prompt: Annotated[Optional[str], Opt("--class-prompt", help="Default: 'a photo of {class}'.")] = None,
     instance_prompt: Annotated[Optional[str], Opt("--instance-prompt", help="Default: 'a photo of {token} {class}'.")] = None,
     resolution: ResolutionOpt = None,

@@ -86,6 +86,7 @@ def test_the_toy_model_fills_the_settings_left_unset_and_flags_still_win(tmp_pat
     assert config.model.name == "builtin:toy"
     assert config.lora.rank == 8 and config.train.steps == 30  # the TOML file and the flag win
     assert config.train.learning_rate == 1e-3 and config.lora.train_text_encoder is True  # unset: recommended
+    assert config.prior.loss_weight == 0.5
     plain = load_config(None, REQUIRED)  # builtin:tiny-sd recommends nothing: the SD 1.5-sized defaults
     assert (plain.train.learning_rate, plain.lora.rank, plain.train.steps) == (1e-4, 4, 500)
-    assert plain.lora.train_text_encoder is False
+    assert plain.lora.train_text_encoder is False and plain.prior.loss_weight == 1.0
