@@ -55,9 +55,8 @@ def row(kind: str, model: str, sampler: str, steps: int, **extra) -> dict:
 def preset_rows(preset: str, images: int | None, sweep: bool, reference_steps: int) -> list[dict]:
     rows: list[dict] = []
     if preset == "cpu":
-        plan = [("builtin:tiny-sd", 12, True), ("tiny", 12, True), ("small", 4, "dpm++2m")]
-        if _toy_model_ships():  # a trained model: quality judged by the toy oracle too
-            plan.insert(0, ("builtin:toy", 16, True))
+        # builtin:toy first: a trained model, whose images the toy oracle also judges
+        plan = [("builtin:toy", 16, True), ("builtin:tiny-sd", 12, True), ("tiny", 12, True), ("small", 4, "dpm++2m")]
     elif preset == "gpu":
         plan = [("sd15", 8, True)]
     elif preset == "cpu-smoke":
@@ -83,14 +82,6 @@ def preset_rows(preset: str, images: int | None, sweep: bool, reference_steps: i
     if preset == "cpu-smoke":
         rows += [row("unet-sampling", "sdxl-mini", s, n, images=2, batch=2) for s, n in (("dpm++2m", 3), ("pndm", 3))]
     return rows
-
-
-def _toy_model_ships() -> bool:
-    try:
-        from dreamlora.models.builtin import SHIPPED_DIR
-    except ImportError:
-        return False
-    return (SHIPPED_DIR / "toy" / "model_index.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,11 +314,15 @@ def _compare(results: list[dict]) -> None:
             if reference and r is not reference:
                 r[key] = psnr(Path(r["out"]), Path(reference["out"]), min(r["images"], reference["images"]))
         r["pixel_std"] = pixel_std(Path(r["out"]), r["images"])
-        if r["model"] in ORACLE_MODELS:
+        if r["model"] in oracle_models():
             _oracle_scores(r, next((b for b in same if b.get("reference") and b["sampler"] == "dpm++2m"), None))
 
 
-ORACLE_MODELS = ("builtin:toy",)  # trained models the toy oracle (dreamlora.toyworld.oracle) can read
+def oracle_models() -> tuple[str, ...]:
+    """The trained models the toy oracle can read: dreamlora eval's own list."""
+    from dreamlora.evaluate import ORACLE_MODELS
+
+    return ORACLE_MODELS
 
 
 def _oracle_scores(row: dict, reference: dict | None) -> None:

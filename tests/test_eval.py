@@ -178,11 +178,6 @@ def test_cli_table_and_bad_file(lora_file, tmp_path):
 # --- DreamBooth on the toy model -------------------------------------------------------------------
 
 
-def toy_model_available() -> bool:
-    return (ROOT / "dreamlora" / "builtin_models" / "toy" / "model_index.json").is_file()
-
-
-@pytest.mark.skipif(not toy_model_available(), reason="builtin:toy is not shipped yet")
 def test_dreambooth_on_toy_improves_subject_fidelity(tmp_path):
     """A short seeded DreamBooth run (the toy model's recommended settings, fewer steps) must teach the
     subject without leaking it into plain class renders."""
