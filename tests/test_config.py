@@ -90,3 +90,11 @@ def test_the_toy_model_fills_the_settings_left_unset_and_flags_still_win(tmp_pat
     plain = load_config(None, REQUIRED)  # builtin:tiny-sd recommends nothing: the SD 1.5-sized defaults
     assert (plain.train.learning_rate, plain.lora.rank, plain.train.steps) == (1e-4, 4, 500)
     assert plain.lora.train_text_encoder is False and plain.prior.loss_weight == 1.0
+
+
+def test_bad_snr_gamma_and_noise_offset_name_their_flags():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {**REQUIRED, "train.snr_gamma": 0, "train.noise_offset": 2})
+    message = str(error.value)
+    assert "train.snr_gamma (flag --snr-gamma) must be > 0" in message
+    assert "train.noise_offset (flag --noise-offset) must be in [0, 1] (got 2.0)" in message
