@@ -405,7 +405,7 @@ def _normalized_features(output) -> torch.Tensor:
 
 def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 0, steps: int = 20,
                         guidance: float = 7.5, sampler: str = "dpm++2m", batch_size: int = 16,
-                        progress: ProgressCallback = ignore_progress) -> dict:
+                        oracle_dir: str | Path | None = None, progress: ProgressCallback = ignore_progress) -> dict:
     """Render `n` full toy-world captions (one seed each) and let the oracle read them back.
 
     "a photo of a red ball on a blue background" should come out as a red ball on blue: the oracle's
@@ -419,6 +419,7 @@ def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 
         seed: Seeds the scenes; render i uses seed `seed + i`.
         steps, guidance, sampler: Sampling settings.
         batch_size: Captions rendered together.
+        oracle_dir: The oracle that reads the renders (a train_oracle.py folder); None: the shipped one.
         progress: Receives ("eval", renders done, n) events.
 
     Returns:
@@ -448,7 +449,7 @@ def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 
                            latents=initial_latents(pipe, generators, resolution), output_type="latent").images
             renders += decode_latents(pipe.vae, pipe.image_processor, latents)
         progress(ProgressEvent("eval", len(renders), n))
-    reader = load_oracle()
+    reader = load_oracle(oracle_dir)
 
     def accuracy(images: list[Image.Image]) -> dict:
         reading = reader.read(images)

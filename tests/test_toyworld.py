@@ -178,3 +178,33 @@ def test_toy_pipeline_renders_a_64px_image(toy):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 0  # not a blank (NaN-decoded) picture
+
+
+# --- reproducing the shipped model ---------------------------------------------------------------
+
+
+def test_reproduce_quick_runs_every_stage_and_compares_with_the_shipped_pair(tmp_path):
+    """`python -m dreamlora.toyworld.reproduce --quick`: pretraining, oracle training and the scoring
+    run end to end at a few steps; the architecture is the shipped one, the 2-step weights are not."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dreamlora.models import load_base_model
+    from dreamlora.toyworld.oracle import load_oracle
+    from dreamlora.toyworld.reproduce import reproduce
+
+    figures = reproduce(tmp_path, quick=True, log=lambda message: None)
+    model_dir = tmp_path / "pretrain" / "model"
+    rebuilt = load_base_model(str(model_dir))
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        new, shipped = load_file(model_dir / part), load_file(SHIPPED / part)
+        assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in shipped.items()}
+    assert rebuilt.family.name == "sd1" and rebuilt.default_resolution == 64
+    assert not any(figures["identical_to_shipped"].values())  # two steps of training are not the shipped weights
+    assert load_oracle(tmp_path / "oracle").config.backgrounds == load_oracle().config.backgrounds
+    # The shipped pair reads its own renders correctly, so the comparison column means something.
+    assert min(figures["rendered"]["shipped"][k] for k in ("class", "color", "background")) >= 0.75
+    assert json.loads((tmp_path / "reproduce.json").read_text()) == figures
+    report = (tmp_path / "REPRODUCE.md").read_text()
+    assert "| renders read correctly: class |" in report and "byte-identical" in report

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 
 from ..models.builtin import SD_SCHEDULE
 from ..models.tokenizer import load_tokenizer, write_tokenizer_files
+from .openmp import restart_with_passive_openmp
 from .world import caption, dataset
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "builtin_models" / "toy"
@@ -462,11 +461,8 @@ def log(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None and os.environ.get("OMP_WAIT_POLICY") is None:
-        # OpenMP threads spin while they wait; on a CPU shared with other jobs that made steps ~10x
-        # slower (measured: 30 s instead of 2.9 s). The policy is read when torch loads, so restart.
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", "dreamlora.toyworld.pretrain", *sys.argv[1:]])
+    if argv is None:
+        restart_with_passive_openmp("dreamlora.toyworld.pretrain")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="run folder (resumes what is there)")
     parser.add_argument("--ship", action="store_true", help=f"copy the finished model into {SHIPPED_DIR}")
