@@ -249,6 +249,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also 10/15/30-step DPM++ 2M and 20/30-step PNDM")
     parser.add_argument("--reference-steps", type=int, default=200, help="steps of the converged reference")
     parser.add_argument("--no-quality", action="store_true", help="skip the reference runs")
+    parser.add_argument("--batch", type=int, help="images a pipeline call for dreamlora's rows (default 4, as "
+                                                   "--num-class-images' batch; the diffusers pipeline row stays at 4)")
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     parser.add_argument("--timeout", type=float, default=7200)
     parser.add_argument("--threads", type=int, help="CPU threads a worker uses (default: all cores; 1 is steadier "
@@ -266,6 +268,8 @@ def main() -> None:
     rows = [{**r, "threads": threads or os.cpu_count()} for r in rows]
     if args.rows:
         rows = [r for r in rows if r["model"] in args.rows.split(",")]
+    if args.batch:
+        rows = [{**r, "batch": args.batch} if r["kind"] == "priors" else r for r in rows]
     if args.no_quality:
         rows = [r for r in rows if not r.get("reference")]
     from models import model_folder

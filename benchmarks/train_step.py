@@ -87,6 +87,11 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
             rows = [r for r in rows if r["mixed_precision"] == "bf16"]
         else:
             rows.append(row("train", "sd15", mixed_precision="bf16", compile=True, device="cuda", steps=25, warmup=10))
+    elif preset == "cpu-compile":  # torch.compile (inductor's C++ kernels) on the CPU; the first steps compile
+        rows = [row("train", "tiny", steps=30, warmup=5), row("train", "tiny", steps=30, warmup=5, compile=True),
+                row("train", "small", steps=6, warmup=2), row("train", "small", steps=6, warmup=2, compile=True),
+                row("train", "small", steps=6, warmup=2, mixed_precision="bf16"),
+                row("train", "small", steps=6, warmup=2, mixed_precision="bf16", compile=True)]
     elif preset == "cpu-smoke":  # gpu.sh --cpu-smoke: the GPU matrix's code paths at a tenth of the width
         rows = []
         for arch, kind in (("sd15-mini", "train"), ("sdxl-mini", "unet")):
@@ -94,7 +99,7 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
                 rows.append(row(kind, arch, mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
                                 steps=3, warmup=1))
     else:
-        raise SystemExit(f"unknown preset {preset!r}: cpu, gpu or cpu-smoke")
+        raise SystemExit(f"unknown preset {preset!r}: cpu, cpu-compile, gpu or cpu-smoke")
     if steps:
         for r in rows:
             r["steps"], r["warmup"] = steps, min(r["warmup"], steps // 2)
@@ -397,7 +402,7 @@ COLUMNS = [("kind", "kind"), ("model", "model"), ("resolution", "px"), ("device"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", help="cpu (default), gpu or cpu-smoke")
+    parser.add_argument("--preset", default="cpu", help="cpu (default), cpu-compile, gpu or cpu-smoke")
     parser.add_argument("--rows", help="only rows whose model is in this comma list (e.g. tiny,small,sd15)")
     parser.add_argument("--kinds", help="only these kinds (train,tensors,unet,plan)")
     parser.add_argument("--steps", type=int, help="steps a row (default: the preset's)")
