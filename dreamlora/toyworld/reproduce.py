@@ -87,8 +87,9 @@ def report(figures: dict, n: int) -> str:
     same = ", ".join(f"{name.split('/')[0]} {'yes' if equal else 'no'}"
                      for name, equal in figures["identical_to_shipped"].items())
     return (f"# builtin:toy reproduced{' (--quick: plumbing only)' if figures['quick'] else ''}\n\n"
-            f"`python -m dreamlora.toyworld.reproduce`: pretraining {s['total_seconds'] / 60:.0f} min, "
-            f"{n} random full captions, DPM-Solver++ 20 steps, guidance 7.5.\n\n"
+            f"`python -m dreamlora.toyworld.reproduce`; pretraining took {s['total_seconds'] / 60:.0f} min in its "
+            f"last invocation (a resumed stage counts only the rest); scored on {n} random full captions, "
+            "DPM-Solver++ 20 steps, guidance 7.5.\n\n"
             "| figure | reproduced (new model, new oracle) | shipped |\n|---|---|---|\n" + "\n".join(rows) +
             f"\n\nWeights byte-identical to the shipped files: {same}.\n")
 
