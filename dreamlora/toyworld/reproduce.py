@@ -43,7 +43,7 @@ def reproduce(out: Path, *, quick: bool = False, threads: int = 2, log=print) ->
     pretrain.main(["--out", str(pretrain_dir), "--no-grid", "--threads", str(threads),
                    *(QUICK_PRETRAIN if quick else [])])
     model_dir = pretrain_dir / "model"
-    if not (oracle_dir / "model.safetensors").is_file():  # a finished oracle is kept on a rerun
+    if not (oracle_dir / "metrics.json").is_file():  # written last: a finished oracle is kept on a rerun
         settings = train_oracle.TrainSettings(**(QUICK_ORACLE if quick else {}))
         net, metrics = train_oracle.train_oracle(settings, OracleConfig(), log=log)
         save_oracle(net, OracleConfig(), oracle_dir)
