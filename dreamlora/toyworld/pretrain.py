@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..losses import min_snr_weights, offset_noise
 from ..models.builtin import SD_SCHEDULE
 from ..models.tokenizer import load_tokenizer, write_tokenizer_files
 from .openmp import restart_with_passive_openmp
@@ -307,9 +308,7 @@ def train_unet(s: Settings, data: dict, latents: tuple[torch.Tensor, torch.Tenso
     opt = torch.optim.AdamW(params, lr=s.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
     sched = cosine(opt, s.unet_steps, warmup=s.unet_warmup)
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
-    alphas = noise_scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=s.min_snr) / snr  # min-SNR-gamma for epsilon prediction
+    num_timesteps = len(noise_scheduler.alphas_cumprod)
     captions = Captions(tokenizer, data["scenes"], s.cfg_dropout)
     mean, std = latents
     n = len(mean)
@@ -331,15 +330,14 @@ def train_unet(s: Settings, data: dict, latents: tuple[torch.Tensor, torch.Tenso
         rng = np.random.default_rng([s.seed, 2, step])
         idx = torch.randint(0, n, (s.unet_batch,), generator=gen)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling  # (B, 4, 16, 16)
-        noise = torch.randn(x0.shape, generator=gen)
-        noise = noise + s.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
-        t = torch.randint(0, len(alphas), (x0.shape[0],), generator=gen)
+        noise = offset_noise(torch.randn(x0.shape, generator=gen), s.offset_noise, gen)
+        t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=gen)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         ids = captions.batch(idx.tolist(), rng)
         hidden = text(ids).last_hidden_state  # (B, 77, 128)
         pred = unet(noisy, t, hidden).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * weights[t]).mean()
+        loss = (per_sample * min_snr_weights("epsilon", noise_scheduler.alphas_cumprod, t, s.min_snr)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
