@@ -14,7 +14,7 @@ two PSNRs (uint8 images): against a --reference-steps (200) DPM-Solver++ 2M run,
 sampler at 200 steps. The two 200-step references also differ from each other (PNDM stops at
 t = 1 with a little noise left, DPM-Solver++ goes to sigma 0, and their grids start at different
 timesteps), so "vs own reference" is the discretisation error. On random-weight models that is all
-that can be judged; on the trained `builtin:toy` (when it ships) the toy oracle also reads the
+that can be judged; on the trained `builtin:toy` the toy oracle also reads the
 images: the share it classifies as the prompt's class, and the cosine of its embeddings to the
 DPM-Solver++ reference of the same seed.
 
