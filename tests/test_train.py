@@ -127,3 +127,27 @@ def test_diffusers_format_text_encoder_and_8bit_adam(tmp_path):
     from PIL import Image
     off, on = (np.asarray(Image.open(p)) for p in grid.images)
     assert not np.array_equal(off, on)
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("dreamlora.train")
+    monkeypatch.setattr(train_module, "cpu_runs_bf16_natively", lambda: False)
+    monkeypatch.setattr(train_module, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ConfigError, match=r"train.mixed_precision \(flag --mixed-precision\): bf16 on this CPU"):
+        train(tiny_config(tmp_path, **{"train.mixed_precision": "bf16"}))
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        train(tiny_config(tmp_path, **{"train.mixed_precision": "fp16"}))
+
+
+def test_the_bf16_probe_agrees_with_the_cpu_flags():
+    import platform
+
+    from dreamlora.train import cpu_runs_bf16_natively
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or not cpuinfo.exists():
+        pytest.skip("reads x86 Linux CPU flags")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    assert cpu_runs_bf16_natively() == ("avx512bw" in flags and "avx512vl" in flags)
