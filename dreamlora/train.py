@@ -61,12 +61,12 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
     Raises:
         ConfigError, DataError, ModelLoadError, TrainingError: a message naming the file or flag.
     """
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
 
     config = fit_memory_budget(config, progress)  # from the model's configs: before any weight is read
     output, run_dir = output_paths(config)
     images = preflight_training_data(config.data, config.prior)  # decode every image before any model loads
-    check_hardware(config, PartialState().device)  # before accelerate fixes the precision for the process
+    check_hardware(config, process_device())  # before accelerate fixes the precision for the process
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps)
     start_step = prepare_run_dir(config, run_dir)
@@ -252,6 +252,16 @@ def check_hardware(config: DreamLoraConfig, device: torch.device) -> None:
     if config.train.mixed_precision == "bf16" and device.type == "cpu" and not cpu_runs_bf16_natively():
         raise ConfigError(f"{describe('train.mixed_precision')}: bf16 on this CPU (no AVX512 or AMX) runs tens of "
                           "times slower than fp32; use --mixed-precision no.")
+
+
+def process_device() -> torch.device:
+    """The device Accelerator will use, read before an Accelerator exists: AcceleratorState keeps the first
+    run's mixed precision for the whole process. ACCELERATE_USE_CPU is read as AcceleratorState reads it, or
+    the process group of a CPU launch would be set up without it and every rank would think it is the main one."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
 
 
 def cpu_runs_bf16_natively() -> bool:
