@@ -139,7 +139,7 @@ def evaluate(
         ModelLoadError: the LoRA file, the base model, or a DINO/CLIP/oracle folder cannot be loaded.
     """
     from .models import load_base_model
-    from .sampling import lora_training_info, model_for_lora
+    from .sampling import attach_lora, lora_training_info, model_for_lora
 
     started = time.time()
     seeds, backgrounds = [int(s) for s in seeds], [str(b).strip() for b in backgrounds]
@@ -162,11 +162,7 @@ def evaluate(
         notes.append(f"no oracle reads '{base.identity}' renders: oracle metrics are null "
                      "(pass --dino/--clip folders for model-independent ones)")
     pipe = base.pipeline(sampler)
-    try:
-        pipe.load_lora_weights(str(lora_path), adapter_name=ADAPTER_NAME)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
-                             f"{str(exc).splitlines()[0][:300]}. Pass the --model it was trained on.") from exc
+    notes += attach_lora(pipe, base, lora_path, ADAPTER_NAME)
 
     subject_prompts = [subject_prompt(token, class_word, bg) for bg in backgrounds]
     class_prompts = [fill_prompt(CLASS_PROMPT.replace("{class_article}", _article(class_word)), token, class_word)]

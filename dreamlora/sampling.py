@@ -17,7 +17,7 @@ from .atomic import atomic_path, write_text_atomic
 from .config import DEFAULT_MODEL, SAMPLERS, describe, fill_prompt
 from .errors import ConfigError, ModelLoadError
 from .grid import make_grid
-from .progress import ProgressCallback, ProgressEvent, ignore_progress
+from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 
 ADAPTER_NAME = "dreamlora"
 
@@ -79,6 +79,30 @@ def model_for_lora(info: dict, lora_path: str | Path) -> str:
     raise ConfigError(f"'{Path(lora_path).name}' was trained on the local model '{name}'; pass it with --model.")
 
 
+def attach_lora(pipe, base, lora_path: str | Path, adapter_name: str = ADAPTER_NAME) -> list[str]:
+    """Load a LoRA file into `pipe` as users' tools do; notes when it was trained on another model family.
+
+    SD 1.x and 2.x models of the same widths (the built-in tiny ones, say) take each other's LoRA files
+    without a shape error, so the file's recorded base-model version is the only warning a user gets.
+
+    Raises:
+        ModelLoadError: the file's tensors do not fit the model.
+    """
+    from .lora import read_lora_file
+
+    try:
+        pipe.load_lora_weights(str(lora_path), adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
+                             f"{str(exc).splitlines()[0][:300]}. Pass the --model it was trained on.") from exc
+    trained = read_lora_file(lora_path).metadata.get("ss_base_model_version")
+    here = base.family.kohya_base_model_version
+    if trained and trained != here:
+        return [f"'{Path(lora_path).name}' was trained on an {trained} model and '{base.identity}' is {here}: "
+                "its pictures may be off. Pass the --model it was trained on."]
+    return []
+
+
 def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Path, *, model: str | None = None,
            single_file_config: str | None = None, progress: ProgressCallback = ignore_progress) -> SampleResult:
     """Render prompts x scales x seeds with a LoRA file and write the grid, the images and a sidecar.
@@ -98,11 +122,8 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
     pipe = base.pipeline(settings.sampler)
     scales = settings.scales if lora_path else [0.0]
     if lora_path:
-        try:
-            pipe.load_lora_weights(str(lora_path), adapter_name=ADAPTER_NAME)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
-                                 f"{str(exc).splitlines()[0][:300]}. Pass the --model it was trained on.") from exc
+        for message in attach_lora(pipe, base, lora_path):
+            note(progress, message)
 
     def set_scale(scale: float) -> None:
         if not lora_path:

@@ -114,6 +114,16 @@ def test_sd2_v_prediction_model_trains_and_records_its_family(tmp_path):
     meta = read_lora_file(result.output).metadata
     assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"
     assert meta["modelspec.prediction_type"] == "v"
+    # The tiny SD 1.x model has the same widths, so the file loads there: only a note can say it is the wrong base.
+    events = []
+    settings = SampleSettings(prompts=["a photo of {token} {class}"], seeds=[0], steps=1)
+    sample(result.output, settings, tmp_path / "grid.png", model="builtin:tiny-sd", progress=events.append)
+    notes = [e.message for e in events if e.stage == "note"]
+    assert notes == ["'v.safetensors' was trained on an sd_v2_v model and 'builtin:tiny-sd' is sd_v1: its pictures "
+                     "may be off. Pass the --model it was trained on."]
+    events.clear()
+    sample(result.output, settings, tmp_path / "grid2.png", progress=events.append)  # its own model: no note
+    assert not [e for e in events if e.stage == "note"]
 
 
 def test_diffusers_format_text_encoder_and_8bit_adam(tmp_path):
