@@ -52,7 +52,8 @@ def row(kind: str, model: str, sampler: str, steps: int, **extra) -> dict:
             "batch": 4, "device": "cpu", "resolution": None, **extra}
 
 
-def preset_rows(preset: str, images: int | None, sweep: bool, reference_steps: int) -> list[dict]:
+def preset_rows(preset: str, images: int | None, sweep: bool, reference_steps: int,
+                extra: tuple[tuple[str, int], ...] = ()) -> list[dict]:
     rows: list[dict] = []
     if preset == "cpu":
         # builtin:toy first: a trained model, whose images the toy oracle also judges
@@ -73,8 +74,11 @@ def preset_rows(preset: str, images: int | None, sweep: bool, reference_steps: i
         if sweep:
             for sampler, steps in (("dpm++2m", 10), ("dpm++2m", 15), ("dpm++2m", 30), ("pndm", 20), ("pndm", 30)):
                 rows.append(row("priors", model, sampler, steps, images=count, device=device))
-        if quality:  # True: both references; a sampler name: only that one, on 2 images (a slow model)
-            for sampler in ("dpm++2m", "pndm") if quality is True else (quality,):
+        for sampler, steps in extra:
+            rows.append(row("priors", model, sampler, steps, images=count, device=device))
+        if quality:  # True: every sampler's reference; a sampler name: only that one, on 2 images (a slow model)
+            samplers = dict.fromkeys(("dpm++2m", "pndm") + tuple(name for name, _ in extra))
+            for sampler in samplers if quality is True else (quality,):
                 rows.append(row("priors", model, sampler, reference_steps if quality is True else reference_steps // 2,
                                 images=count if quality is True else min(count, 2), device=device, reference=True))
     if preset == "gpu":
@@ -247,6 +251,8 @@ def main() -> None:
     parser.add_argument("--rows", help="only these models (comma list)")
     parser.add_argument("--images", type=int, help="images a row (default: the preset's)")
     parser.add_argument("--sweep", action="store_true", help="also 10/15/30-step DPM++ 2M and 20/30-step PNDM")
+    parser.add_argument("--extra", default="", help="more sampler:steps rows, e.g. unipc:10,unipc:15 (each sampler "
+                                                       "also gets its own converged reference)")
     parser.add_argument("--reference-steps", type=int, default=200, help="steps of the converged reference")
     parser.add_argument("--no-quality", action="store_true", help="skip the reference runs")
     parser.add_argument("--batch", type=int, help="images a pipeline call for dreamlora's rows (default 4, as "
@@ -263,7 +269,8 @@ def main() -> None:
             torch.set_num_threads(spec["threads"])
         emit(worker(spec))
         return
-    rows = preset_rows(args.preset, args.images, args.sweep, args.reference_steps)
+    extra = tuple((name, int(steps)) for name, steps in (item.split(":") for item in args.extra.split(",") if item))
+    rows = preset_rows(args.preset, args.images, args.sweep, args.reference_steps, extra)
     threads = args.threads or (None if "OMP_NUM_THREADS" not in os.environ else int(os.environ["OMP_NUM_THREADS"]))
     rows = [{**r, "threads": threads or os.cpu_count()} for r in rows]
     if args.rows:

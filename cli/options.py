@@ -15,7 +15,7 @@ ModelConfigOpt = Annotated[Optional[str], typer.Option(
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 ResolutionOpt = Annotated[Optional[int], typer.Option("--resolution", help="Image side in pixels (default: the model's).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
-SamplerOpt = Annotated[str, typer.Option("--sampler", help="dpm++2m, ddim, pndm, euler, euler_a or ddpm.")]
+SamplerOpt = Annotated[str, typer.Option("--sampler", help="dpm++2m, ddim, pndm, euler, euler_a, ddpm or unipc.")]
 
 
 def parse_list(text: str | None, kind: type, flag: str) -> list | None:

@@ -35,8 +35,15 @@ class PriorSpec:
     model: str  # the base model's portable identity, for people
     model_fingerprint: str  # what the key really depends on
 
+    def manifest(self) -> dict:
+        """The fields, and the scheduler settings behind the sampler's name (they changed once: a name is not enough)."""
+        from .models.loading import SAMPLERS
+
+        class_name, settings = SAMPLERS.get(self.sampler, (self.sampler, {}))
+        return {**asdict(self), "sampler_settings": {"class": class_name, **settings}}
+
     def key(self) -> str:
-        fields = asdict(self)
+        fields = self.manifest()
         fields.pop("model")  # the fingerprint identifies the weights; the name is for display
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -67,7 +74,7 @@ def prepare_prior_dir(out_dir: Path, spec: PriorSpec, *, overwrite: bool = False
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
-    manifest = {"key": spec.key(), **asdict(spec)}
+    manifest = {"key": spec.key(), **spec.manifest()}
     if manifest_path.is_file():
         try:
             existing = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -197,7 +197,7 @@ def test_pipeline_makes_a_64px_image(name, tiny_sd, tiny_sd2):
     "sampler, scheduler_class",
     [(None, "PNDMScheduler"), ("dpm++2m", "DPMSolverMultistepScheduler"), ("ddim", "DDIMScheduler"),
      ("pndm", "PNDMScheduler"), ("euler", "EulerDiscreteScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler"),
-     ("ddpm", "DDPMScheduler")],
+     ("ddpm", "DDPMScheduler"), ("unipc", "UniPCMultistepScheduler")],
 )
 def test_pipeline_shares_modules_and_picks_the_sampler(tiny_sd, sampler, scheduler_class):
     pipe = tiny_sd.pipeline(sampler)
@@ -208,6 +208,10 @@ def test_pipeline_shares_modules_and_picks_the_sampler(tiny_sd, sampler, schedul
     assert pipe.scheduler is not tiny_sd.pipeline(sampler).scheduler  # fresh state for every pipeline
     if sampler == "dpm++2m":
         assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.solver_order == 2
+    if sampler not in (None, "pndm", "ddpm"):  # the solvers start at the top of the schedule at any step count
+        for steps in (10, 20, 200):
+            pipe.scheduler.set_timesteps(steps)
+            assert int(pipe.scheduler.timesteps[0]) == 999
 
 
 def test_sd2_samplers_keep_v_prediction(tiny_sd2):

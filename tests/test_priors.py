@@ -83,6 +83,18 @@ def test_a_changed_setting_never_reuses_old_images(tiny_sd, tmp_path, change):
         generate_priors(tiny_sd, changed, folder, 1)
 
 
+def test_a_sampler_whose_settings_changed_under_the_same_name_gets_a_new_key(tiny_sd, tmp_path, monkeypatch):
+    from dreamlora.models import loading
+
+    spec = spec_for(tiny_sd)
+    generate_priors(tiny_sd, spec, tmp_path / "priors", 1)
+    class_name, settings = loading.SAMPLERS["dpm++2m"]
+    monkeypatch.setitem(loading.SAMPLERS, "dpm++2m", (class_name, {**settings, "timestep_spacing": "leading"}))
+    assert spec.key() != json.loads((tmp_path / "priors" / MANIFEST).read_text())["key"]
+    with pytest.raises(DataError, match=r"other settings \(sampler_settings differ\)"):
+        generate_priors(tiny_sd, spec, tmp_path / "priors", 1)
+
+
 def test_overwrite_replaces_a_folder_of_other_settings(tiny_sd, tmp_path):
     folder = tmp_path / "priors"
     old = generate_priors(tiny_sd, spec_for(tiny_sd), folder, 1)[0].read_bytes()
