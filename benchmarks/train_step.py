@@ -93,9 +93,13 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
                 row("train", "small", steps=6, warmup=2, mixed_precision="bf16"),
                 row("train", "small", steps=6, warmup=2, mixed_precision="bf16", compile=True)]
     elif preset == "cpu-smoke":  # gpu.sh --cpu-smoke: the GPU matrix's code paths at a tenth of the width
+        from dreamlora.train import cpu_runs_bf16_natively
+
+        # train() refuses bf16 on CPUs without bf16 kernels; there the lean row keeps fp32 (checkpointing, 8-bit AdamW)
+        lean = "bf16" if cpu_runs_bf16_natively() else "no"
         rows = []
         for arch, kind in (("sd15-mini", "train"), ("sdxl-mini", "unet")):
-            for mp, gc, opt in (("no", False, "adamw"), ("bf16", True, "adamw8bit")):
+            for mp, gc, opt in (("no", False, "adamw"), (lean if kind == "train" else "bf16", True, "adamw8bit")):
                 rows.append(row(kind, arch, mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
                                 steps=3, warmup=1))
     else:
