@@ -138,13 +138,15 @@ def evaluate(
         ConfigError: bad settings or a missing --instance-dir/--dino/--clip folder.
         ModelLoadError: the LoRA file, the base model, or a DINO/CLIP/oracle folder cannot be loaded.
     """
+    from .lora import read_lora_file
     from .models import load_base_model
     from .sampling import attach_lora, lora_training_info, model_for_lora
 
     started = time.time()
     seeds, backgrounds = [int(s) for s in seeds], [str(b).strip() for b in backgrounds]
     _check_settings(seeds, steps, sampler, backgrounds)
-    info = lora_training_info(lora_path)  # reads the file: ModelLoadError when it is not a LoRA
+    metadata = read_lora_file(lora_path).metadata  # ModelLoadError when it is not a LoRA
+    info = lora_training_info(metadata)
     data = info.get("data", {})
     token, class_word = data.get("token") or "sks", data.get("class_word") or ""
     if not class_word:
@@ -162,7 +164,7 @@ def evaluate(
         notes.append(f"no oracle reads '{base.identity}' renders: oracle metrics are null "
                      "(pass --dino/--clip folders for model-independent ones)")
     pipe = base.pipeline(sampler)
-    notes += attach_lora(pipe, base, lora_path, ADAPTER_NAME)
+    notes += attach_lora(pipe, base, lora_path, metadata, ADAPTER_NAME)
 
     subject_prompts = [subject_prompt(token, class_word, bg) for bg in backgrounds]
     class_prompts = [fill_prompt(CLASS_PROMPT.replace("{class_article}", _article(class_word)), token, class_word)]

@@ -58,11 +58,8 @@ class SampleResult:
     sidecar: Path
 
 
-def lora_training_info(lora_path: str | Path) -> dict:
-    """The training config stored in a dreamlora file ({} for files made elsewhere)."""
-    from .lora import read_lora_file
-
-    metadata = read_lora_file(lora_path).metadata
+def lora_training_info(metadata: dict[str, str]) -> dict:
+    """The training config a dreamlora file's metadata stores ({} for files made elsewhere)."""
     try:
         return json.loads(metadata.get("dreamlora.config", "{}"))
     except json.JSONDecodeError:
@@ -79,8 +76,9 @@ def model_for_lora(info: dict, lora_path: str | Path) -> str:
     raise ConfigError(f"'{Path(lora_path).name}' was trained on the local model '{name}'; pass it with --model.")
 
 
-def attach_lora(pipe, base, lora_path: str | Path, adapter_name: str = ADAPTER_NAME) -> list[str]:
-    """Load a LoRA file into `pipe` as users' tools do; notes when it was trained on another model family.
+def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
+                adapter_name: str = ADAPTER_NAME) -> list[str]:
+    """Load a LoRA file into `pipe` as users' tools do; notes when its `metadata` names another model family.
 
     SD 1.x and 2.x models of the same widths (the built-in tiny ones, say) take each other's LoRA files
     without a shape error, so the file's recorded base-model version is the only warning a user gets.
@@ -88,14 +86,12 @@ def attach_lora(pipe, base, lora_path: str | Path, adapter_name: str = ADAPTER_N
     Raises:
         ModelLoadError: the file's tensors do not fit the model.
     """
-    from .lora import read_lora_file
-
     try:
         pipe.load_lora_weights(str(lora_path), adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
                              f"{str(exc).splitlines()[0][:300]}. Pass the --model it was trained on.") from exc
-    trained = read_lora_file(lora_path).metadata.get("ss_base_model_version")
+    trained = metadata.get("ss_base_model_version")
     here = base.family.kohya_base_model_version
     if trained and trained != here:
         return [f"'{Path(lora_path).name}' was trained on an {trained} model and '{base.identity}' is {here}: "
@@ -110,11 +106,13 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
     Raises:
         ConfigError: bad settings; ModelLoadError: the model or the LoRA file cannot be loaded.
     """
+    from .lora import read_lora_file
     from .models import load_base_model
 
     settings.check()
     out = Path(out)
-    info = lora_training_info(lora_path) if lora_path else {}
+    metadata = read_lora_file(lora_path).metadata if lora_path else {}
+    info = lora_training_info(metadata)
     data = info.get("data", {})
     token, class_word = data.get("token", "sks"), data.get("class_word", "")
     model = model or (model_for_lora(info, lora_path) if lora_path else DEFAULT_MODEL)
@@ -122,7 +120,7 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
     pipe = base.pipeline(settings.sampler)
     scales = settings.scales if lora_path else [0.0]
     if lora_path:
-        for message in attach_lora(pipe, base, lora_path):
+        for message in attach_lora(pipe, base, lora_path, metadata):
             note(progress, message)
 
     def set_scale(scale: float) -> None:
