@@ -7,7 +7,7 @@ involved), saved in fp16. On the machine that wrote it a rerun is byte-identical
 count) sums the same gradients in another order, and about 0.3 % of the fp16 values then land one unit in
 the last place away; so the test asks for identical keys, shapes, dtypes and metadata, at least 99 % of the
 values bit-identical, and the rest within two fp16 units
-(or 1e-6) of the pinned value.
+(or 1e-5) of the pinned value.
 """
 
 from pathlib import Path
@@ -58,7 +58,8 @@ def test_a_seeded_sd1_run_writes_the_pinned_file(tmp_path, monkeypatch):
         assert got[key].dtype == expected.dtype and got[key].shape == expected.shape, key
         same += int((got[key] == expected).sum())
         total += expected.numel()
-        # Two fp16 units of the value (2**-9 relative), and 1e-6 absolute for values near zero, where AdamW's
+        # Two fp16 units of the value (2**-9 relative), and 1e-5 absolute (1 % of a step) for values near zero, where AdamW's
         # m / sqrt(v) of a gradient that nearly cancels varies most (the weights are around 1e-3).
-        torch.testing.assert_close(got[key].float(), expected.float(), rtol=2**-9, atol=1e-6, msg=key)
+        torch.testing.assert_close(got[key].float(), expected.float(), rtol=2**-9, atol=1e-5,
+                                   msg=lambda detail, key=key: f"{key}: {detail}")
     assert same >= 0.99 * total, f"only {same} of {total} values bit-identical"
