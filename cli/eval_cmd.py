@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from dreamlora.config import EvalSettings
 from dreamlora.progress import ProgressEvent
 
-from .options import ModelConfigOpt, ModelOpt, SamplerOpt, existing_path, parse_list
+from .options import ModelConfigOpt, ModelOpt, existing_path, with_settings
 from .progress import TerminalProgress
 
 Opt = typer.Option
@@ -29,30 +30,21 @@ ROWS = (
 )
 
 
+@with_settings(EvalSettings)
 def command(
+    settings: dict,
     file: Annotated[Path, typer.Argument(help="A LoRA .safetensors file.")],
     as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
-    seeds: Annotated[str, Opt("--seeds", help="Comma-separated seeds: one render per prompt and seed.")] = "0,1,2,3,4,5,6,7",
-    backgrounds: Annotated[str, Opt("--backgrounds", help="Comma-separated backgrounds of the subject prompts.")]
-    = "blue,gray,pink,orange",
-    steps: Annotated[int, Opt("--steps", help="Sampling steps.")] = 20,
-    guidance: Annotated[float, Opt("--guidance")] = 7.5,
-    sampler: SamplerOpt = "dpm++2m",
-    instance_dir: Annotated[Optional[Path], Opt("--instance-dir", help="The instance photos (default: the folder "
-                                                "recorded in the file, or sample_instances/<its name>).")] = None,
-    oracle: Annotated[Optional[bool], Opt("--oracle/--no-oracle", help="Read renders with the toy oracle "
-                                          "(default: only for builtin:toy).")] = None,
-    dino: Annotated[Optional[Path], Opt("--dino", help="Local DINO/ViT transformers folder: adds the DINO score.")] = None,
-    clip: Annotated[Optional[Path], Opt("--clip", help="Local CLIP transformers folder: adds CLIP-I and CLIP-T.")] = None,
-    grid: Annotated[Optional[Path], Opt("--grid", help="Also save the renders as a PNG grid (LoRA and base rows).")]
-    = None,
 ) -> None:
     """Render subject and class prompts with and without the LoRA and score them (subject fidelity, prior drift)."""
-    from dreamlora.evaluate import evaluate
+    from dreamlora.config import settings_from
 
     existing_path(file, "FILE")
+    resolved = settings_from(EvalSettings, settings)
+    from dreamlora.evaluate import evaluate
+
     bars = TerminalProgress()
 
     def progress(event: ProgressEvent) -> None:
@@ -60,10 +52,7 @@ def command(
             bars(replace(event, stage="sample") if event.stage == "eval" else event)  # drawn as a "sampling" bar
 
     try:
-        report = evaluate(file, model=model, single_file_config=model_config, seeds=parse_list(seeds, int, "--seeds"),
-                          backgrounds=parse_list(backgrounds, str, "--backgrounds"), steps=steps, guidance=guidance,
-                          sampler=sampler, instance_dir=instance_dir, oracle=oracle, dino=dino, clip=clip,
-                          grid=grid, progress=progress)
+        report = evaluate(file, resolved, model=model, single_file_config=model_config, progress=progress)
     finally:
         bars.close()
     if as_json:

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from .options import ModelConfigOpt, ModelOpt, OverwriteOpt, ResolutionOpt, SamplerOpt
+from dreamlora.config import PriorConfig
+from dreamlora.samplers import Sampler
+
+from .options import ModelConfigOpt, ModelOpt, OverwriteOpt, ResolutionOpt
 from .progress import TerminalProgress
 
 Opt = typer.Option
+DEFAULTS = PriorConfig()  # the same defaults as the class images `train` makes
 
 
 def command(
     class_prompt: Annotated[str, Opt("--class-prompt", help="e.g. 'a photo of a dog'.")],
     out: Annotated[Path, Opt("--out", help="Folder for the images and their manifest.")],
-    num_images: Annotated[int, Opt("--num-images", help="How many images the folder must hold.")] = 100,
+    num_images: Annotated[int, Opt("--num-images", help="How many images the folder must hold.")] = DEFAULTS.num_class_images,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
-    seed: Annotated[int, Opt("--seed", help="Image i uses a seed derived from (seed, i).")] = 0,
-    steps: Annotated[int, Opt("--steps", help="Sampling steps.")] = 20,
-    guidance: Annotated[float, Opt("--guidance", help="Classifier-free guidance scale.")] = 7.5,
-    negative_prompt: Annotated[str, Opt("--negative-prompt")] = "",
-    batch_size: Annotated[int, Opt("--batch-size", help="Images per batch (does not change any image).")] = 4,
+    seed: Annotated[int, Opt("--seed", help="Image i uses a seed derived from (seed, i).")] = DEFAULTS.seed,
+    steps: Annotated[int, Opt("--steps", help="Sampling steps.")] = DEFAULTS.steps,
+    guidance: Annotated[float, Opt("--guidance", help="Classifier-free guidance scale.")] = DEFAULTS.guidance,
+    negative_prompt: Annotated[str, Opt("--negative-prompt")] = DEFAULTS.negative_prompt,
+    batch_size: Annotated[int, Opt("--batch-size", help="Images per batch (does not change any image).")] = DEFAULTS.batch_size,
     resolution: ResolutionOpt = None,
-    sampler: SamplerOpt = "dpm++2m",
+    sampler: Annotated[Sampler, Opt("--sampler", help="Sampler.")] = DEFAULTS.sampler,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate class prior images with the frozen base model; only missing images are made."""

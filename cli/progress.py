@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from tqdm.auto import tqdm
-
 from dreamlora.progress import ProgressEvent
 
 LABELS = {"priors": "class images", "cache": "caching", "train": "training", "validate": "validation",
@@ -14,9 +12,11 @@ LABELS = {"priors": "class images", "cache": "caching", "train": "training", "va
 
 class TerminalProgress:
     def __init__(self) -> None:
-        self.bars: dict[str, tqdm] = {}
+        self.bars: dict = {}  # stage -> tqdm bar
 
     def __call__(self, event: ProgressEvent) -> None:
+        from tqdm.auto import tqdm  # imported when the first event comes, not with the command line
+
         if event.message and (event.stage in ("note", "save") or event.step == 0):
             tqdm.write(event.message, file=sys.stderr)
         if event.stage not in LABELS or not event.total:

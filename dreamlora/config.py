@@ -1,8 +1,13 @@
 """One typed, validated configuration tree: defaults, then a TOML file, then command-line flags.
 
-Every field has a docstring-like comment and, where the CLI exposes it, the flag that sets it
-(see FLAGS). Problems are gathered and raised once as a ConfigError listing each, so a user fixes
+Every key is declared once, as a dataclass field made by `setting()`: its type (a `Literal` lists the
+choices), default, help text, flag, value range and the built-in models' recommendations. The `train`
+command's options and `--help`, the validation of ranges and the README's flag table are all derived from
+these declarations. Problems are gathered and raised once as a ConfigError listing each, so a user fixes
 everything in one go. The resolved tree is stored as JSON in the LoRA file's metadata.
+
+Importing this module imports neither torch nor diffusers: the CLI builds its options from it in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -18,54 +24,102 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .models.builtin import recommended_settings
-from .models.loading import SAMPLERS as _SAMPLER_TABLE
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, Sampler
 
 DEFAULT_MODEL = "builtin:toy"
-SAMPLERS = tuple(_SAMPLER_TABLE)  # the names --sampler / --prior-sampler accept
+ARGUMENT = "INSTANCE_DIR"  # the one key set by a positional argument of `dreamlora train`
+_NO_DEFAULT = object()
+
+
+def setting(default: Any = _NO_DEFAULT, *, help: str, flag: str | None = None, factory: Any = None,
+            low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+            recommended: dict[str, Any] | None = None, path: bool = False, run_control: bool = False,
+            repeatable: bool = False) -> Any:
+    """Declare one configuration key (a dataclass field) with everything the CLI, validation and docs need.
+
+    Args:
+        default: the value when neither the TOML file, a flag nor a model's recommendation sets it.
+        help: one sentence for `--help`, the README's flag table and error messages.
+        flag: the command-line flag (`--steps`; `--x/--no-x` for on/off; ARGUMENT for the positional one);
+            None: TOML only.
+        factory: a default factory, for list defaults.
+        low, high: the allowed range; `low_open`/`high_open` exclude the bound itself.
+        recommended: {"builtin:toy": value}: what a built-in model asks for where the default does not fit it.
+        path: the value is a path; in a TOML file it is relative to the file.
+        run_control: says how a command runs, not what is learnt: left out of the stored config.
+        repeatable: a list flag given once per item (`--validation-prompt A --validation-prompt B`); other
+            list flags take comma-separated items.
+    """
+    metadata = {"help": help, "flag": flag, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+                "recommended": dict(recommended or {}), "path": path, "run_control": run_control,
+                "repeatable": repeatable}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+TOY = "builtin:toy"  # the shipped toy-world model; its tiny UNet needs more rank, rate and steps than SD 1.5
 
 
 @dataclass
 class ModelConfig:
-    name: str = DEFAULT_MODEL  # builtin:<name>, hub id, diffusers folder, or .safetensors/.ckpt file
-    single_file_config: str | None = None  # for a single-file checkpoint: diffusers folder or hub id with its configs
+    name: str = setting(DEFAULT_MODEL, flag="--model", help="Base model: builtin:toy, builtin:tiny-sd, "
+                        "builtin:tiny-sd2, a hub id, a diffusers folder, or a .safetensors/.ckpt checkpoint.")
+    single_file_config: str | None = setting(None, flag="--model-config", path=True, help="For a single-file "
+                                             "checkpoint: a diffusers folder or hub id holding its configs.")
 
 
 @dataclass
 class DataConfig:
-    instance_dir: str = ""  # folder of photos of the subject (TOML: relative to the TOML file)
-    token: str = "sks"  # rare token that will name the subject
-    class_word: str = ""  # the subject's class, e.g. "dog"
-    instance_prompt: str = "a photo of {token} {class}"  # per-image .txt captions override it
-    class_prompt: str = "a photo of {class}"
-    resolution: int | None = None  # None: the base model's native resolution
-    crop: Literal["center", "random"] = "center"  # random crops are redrawn every step
-    random_flip: bool = False  # horizontal flip, redrawn every step
+    instance_dir: str = setting("", flag=ARGUMENT, path=True, help="Folder of photos of the subject.")
+    token: str = setting("sks", flag="--token", help="Rare token that names the subject.")
+    class_word: str = setting("", flag="--class-word", help="The subject's class, e.g. dog (required).")
+    instance_prompt: str = setting("a photo of {token} {class}", flag="--instance-prompt",
+                                   help="Prompt of the photos; a .txt caption beside a photo replaces it.")
+    class_prompt: str = setting("a photo of {class}", flag="--class-prompt", help="Prompt of the class images.")
+    resolution: int | None = setting(None, flag="--resolution", low=8,
+                                     help="Training resolution in pixels (default: the model's own: 512 for SD 1.5, "
+                                          "768 for SD 2.x-v, 64 for the built-ins).")
+    crop: Literal["center", "random"] = setting("center", flag="--crop",
+                                                help="Square crop of each photo: center, or random (redrawn every step).")
+    random_flip: bool = setting(False, flag="--random-flip/--no-random-flip",
+                                help="Random horizontal flips, redrawn every step.")
 
 
 @dataclass
 class PriorConfig:
-    enabled: bool = True  # prior preservation (class images + class loss)
-    class_dir: str | None = None  # use these class images instead of generating them
-    num_class_images: int = 100  # generated into the cache when class_dir is not given
-    loss_weight: float = 1.0  # λ in  loss = mse(instance) + λ · mse(class)
-    sampler: str = "dpm++2m"  # DPM-Solver++ 2M: near 50-step PNDM quality in 20 steps
-    steps: int = 20
-    guidance: float = 7.5
-    negative_prompt: str = ""
-    batch_size: int = 4
-    seed: int = 0
+    enabled: bool = setting(True, flag="--prior/--no-prior", help="Prior preservation: class images and a class loss.")
+    class_dir: str | None = setting(None, flag="--class-dir", path=True,
+                                    help="Use these class images instead of generating them.")
+    num_class_images: int = setting(100, flag="--num-class-images", low=0, low_open=True,
+                                    help="Class images generated into the cache (ignored with --class-dir).")
+    loss_weight: float = setting(1.0, flag="--prior-loss-weight", low=0, recommended={TOY: 0.5},
+                                 help="λ in instance loss + λ · class loss.")
+    sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--prior-sampler", help="Sampler of the class images.")
+    steps: int = setting(20, flag="--prior-steps", low=0, low_open=True, help="Sampling steps a class image.")
+    guidance: float = setting(7.5, flag="--prior-guidance", low=0, help="Guidance scale of the class images.")
+    negative_prompt: str = setting("", flag="--prior-negative-prompt", help="Negative prompt of the class images.")
+    batch_size: int = setting(4, flag="--prior-batch-size", low=0, low_open=True,
+                              help="Class images a sampling call (does not change any image).")
+    seed: int = setting(0, flag="--prior-seed", low=0, help="Class image i is drawn from a seed derived from (seed, i).")
 
 
 @dataclass
 class LoraConfig:
-    rank: int = 4
-    alpha: float | None = None  # None: equal to rank (scale 1); stored in the file
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    train_text_encoder: bool = False
-    text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    text_encoder_lr: float | None = None  # None: the UNet learning rate
+    rank: int = setting(4, flag="--rank", low=0, low_open=True, recommended={TOY: 32}, help="LoRA rank.")
+    alpha: float | None = setting(None, flag="--alpha", low=0, low_open=True,
+                                  help="LoRA alpha, stored in the file; strength = alpha / rank (default: = rank).")
+    dropout: float = setting(0.0, flag="--lora-dropout", low=0, high=1, high_open=True,
+                             help="Dropout on the LoRA input while training.")
+    target_modules: list[str] = setting(flag="--lora-targets", factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                        help="Denoiser modules that get adapters (comma-separated name suffixes).")
+    train_text_encoder: bool = setting(False, flag="--train-text-encoder/--no-train-text-encoder",
+                                       recommended={TOY: True}, help="Also train LoRA on the text encoder(s).")
+    text_target_modules: list[str] = setting(flag="--text-lora-targets",
+                                             factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                             help="Text-encoder modules that get adapters (comma-separated).")
+    text_encoder_lr: float | None = setting(None, flag="--text-encoder-lr", low=0, low_open=True,
+                                            help="Learning rate of the text-encoder adapters (default: --lr).")
 
     @property
     def resolved_alpha(self) -> float:
@@ -74,45 +128,68 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 500  # optimizer steps
-    batch_size: int = 1  # instance images per step (as many class images join them)
-    learning_rate: float = 1e-4
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = "constant"
-    lr_warmup_steps: int = 0
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); None: plain MSE
-    noise_offset: float = 0.0  # per-channel offset added to the noise (kohya's noise_offset; 0.05-0.1 typical)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    weight_decay: float = 1e-2
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 100  # steps between checkpoints in the run folder (0: only the final one)
-    keep_checkpoints: int = 2  # older checkpoints are deleted
-    run_dir: str | None = None  # None: "<out stem>-run" beside the output file
-    resume: bool = False  # continue from the latest checkpoint in the run folder
-    log_every: int = 10  # steps between loss reports (the only host-device syncs)
-    compile: bool = False  # torch.compile the UNet: faster steps on a GPU after a compile of a minute or more
-    memory_budget: float | None = None  # GiB the run may use; settings are picked to fit (see dreamlora.memory)
+    steps: int = setting(500, flag="--steps", low=0, low_open=True, recommended={TOY: 1000}, help="Optimizer steps.")
+    batch_size: int = setting(1, flag="--batch-size", low=0, low_open=True,
+                              help="Instance images a step (as many class images join them).")
+    learning_rate: float = setting(1e-4, flag="--lr", low=0, low_open=True, recommended={TOY: 1e-3},
+                                   help="AdamW learning rate of the denoiser's adapters.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = setting(
+        "constant", flag="--lr-scheduler", help="Learning-rate schedule over --steps.")
+    lr_warmup_steps: int = setting(0, flag="--lr-warmup-steps", low=0, help="Steps of linear warm-up.")
+    gradient_accumulation_steps: int = setting(1, flag="--grad-accum", low=0, low_open=True,
+                                               help="Micro-batches summed into one optimizer step.")
+    max_grad_norm: float = setting(1.0, flag="--max-grad-norm", low=0, help="Gradient clipping norm (0: off).")
+    snr_gamma: float | None = setting(None, flag="--snr-gamma", low=0, low_open=True,
+                                      help="Min-SNR-γ loss weighting, e.g. 5 (default: plain MSE).")
+    noise_offset: float = setting(0.0, flag="--noise-offset", low=0, high=1,
+                                  help="Offset noise, e.g. 0.05: lets the model make darker or brighter pictures.")
+    optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", flag="--optimizer",
+                                                       help="adamw, or adamw8bit (bitsandbytes).")
+    weight_decay: float = setting(1e-2, flag="--weight-decay", low=0, help="AdamW weight decay.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting(
+        "no", flag="--mixed-precision", help="Frozen weights in bf16 or fp16 (GPU); adapters always train in fp32.")
+    gradient_checkpointing: bool = setting(False, flag="--gradient-checkpointing/--no-gradient-checkpointing",
+                                           help="Less activation memory, slower steps.")
+    seed: int = setting(0, flag="--seed", low=0, help="Seeds the adapters' initial weights and every step's draws.")
+    checkpoint_every: int = setting(100, flag="--checkpoint-every", low=0,
+                                    help="Steps between checkpoints in the run folder (0: only the final one).")
+    keep_checkpoints: int = setting(2, flag="--keep-checkpoints", low=0, low_open=True,
+                                    help="Checkpoints kept in the run folder; older ones are deleted.")
+    run_dir: str | None = setting(None, flag="--run-dir", path=True,
+                                  help="Checkpoints and validation grids (default: <out stem>-run beside --out).")
+    resume: bool = setting(False, flag="--resume/--no-resume", run_control=True,
+                           help="Continue from the latest checkpoint in the run folder.")
+    log_every: int = setting(10, flag="--log-every", low=0, low_open=True,
+                             help="Steps between loss reports (the only host-device syncs).")
+    compile: bool = setting(False, flag="--compile/--no-compile",
+                            help="torch.compile the denoiser: faster GPU steps after a compile of a minute or more.")
+    memory_budget: float | None = setting(None, flag="--memory-budget", low=0, low_open=True,
+                                          help="GiB the run may use (e.g. 8, 12, 24): memory savers are turned on "
+                                               "until the estimate fits.")
 
 
 @dataclass
 class ValidationConfig:
-    every: int = 0  # steps between validation grids in the run folder (0: only at the end)
-    prompts: list[str] = field(default_factory=lambda: ["a photo of {token} {class}", "a photo of {class}"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    steps: int = 20
-    guidance: float = 7.5
-    sampler: str = "dpm++2m"
+    every: int = setting(0, flag="--validate-every", low=0,
+                         help="Steps between base-vs-LoRA grids in the run folder (0: only at the end).")
+    prompts: list[str] = setting(flag="--validation-prompt", repeatable=True,
+                                 factory=lambda: ["a photo of {token} {class}", "a photo of {class}"],
+                                 help="Prompts of the validation grids (repeat the flag for several).")
+    seeds: list[int] = setting(flag="--validation-seeds", factory=lambda: [0, 1], low=0, high=2**63 - 1,
+                               help="Seeds of the validation grids (comma-separated).")
+    steps: int = setting(20, flag="--validation-steps", low=0, low_open=True, help="Sampling steps of the grids.")
+    guidance: float = setting(7.5, flag="--validation-guidance", low=0, help="Guidance scale of the grids.")
+    sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--validation-sampler", help="Sampler of the grids.")
 
 
 @dataclass
 class OutputConfig:
-    path: str = ""  # the .safetensors file to write
-    format: Literal["kohya", "diffusers"] = "kohya"  # kohya: AUTOMATIC1111/ComfyUI keys
-    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    overwrite: bool = False
+    path: str = setting("", flag="--out", path=True, help="The .safetensors file to write.")
+    format: Literal["kohya", "diffusers"] = setting(
+        "kohya", flag="--format", help="kohya (AUTOMATIC1111/ComfyUI keys) or diffusers (peft keys).")
+    save_dtype: Literal["fp16", "bf16", "fp32"] = setting("fp16", flag="--save-dtype", help="Weight dtype in the file.")
+    overwrite: bool = setting(False, flag="--overwrite/--no-overwrite", run_control=True,
+                              help="Replace an existing output and start its run folder over.")
 
 
 @dataclass
@@ -126,74 +203,97 @@ class DreamLoraConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-# The flag that sets each key, quoted in error messages.
-FLAGS: dict[str, str] = {
-    "model.name": "--model",
-    "model.single_file_config": "--model-config",
-    "data.instance_dir": "INSTANCE_DIR",
-    "data.token": "--token",
-    "data.class_word": "--class-word",
-    "data.instance_prompt": "--instance-prompt",
-    "data.class_prompt": "--class-prompt",
-    "data.resolution": "--resolution",
-    "data.crop": "--crop",
-    "data.random_flip": "--random-flip",
-    "prior.enabled": "--no-prior",
-    "prior.class_dir": "--class-dir",
-    "prior.num_class_images": "--num-class-images",
-    "prior.loss_weight": "--prior-loss-weight",
-    "prior.sampler": "--prior-sampler",
-    "prior.steps": "--prior-steps",
-    "prior.guidance": "--prior-guidance",
-    "lora.rank": "--rank",
-    "lora.alpha": "--alpha",
-    "lora.dropout": "--lora-dropout",
-    "lora.train_text_encoder": "--train-text-encoder",
-    "lora.text_encoder_lr": "--text-encoder-lr",
-    "train.steps": "--steps",
-    "train.batch_size": "--batch-size",
-    "train.learning_rate": "--lr",
-    "train.lr_scheduler": "--lr-scheduler",
-    "train.lr_warmup_steps": "--lr-warmup-steps",
-    "train.gradient_accumulation_steps": "--grad-accum",
-    "train.max_grad_norm": "--max-grad-norm",
-    "train.snr_gamma": "--snr-gamma",
-    "train.noise_offset": "--noise-offset",
-    "train.optimizer": "--optimizer",
-    "train.mixed_precision": "--mixed-precision",
-    "train.gradient_checkpointing": "--gradient-checkpointing",
-    "train.seed": "--seed",
-    "train.checkpoint_every": "--checkpoint-every",
-    "train.run_dir": "--run-dir",
-    "train.resume": "--resume",
-    "train.compile": "--compile",
-    "train.memory_budget": "--memory-budget",
-    "validation.every": "--validate-every",
-    "output.path": "--out",
-    "output.format": "--format",
-    "output.save_dtype": "--save-dtype",
-    "output.overwrite": "--overwrite",
-}
+# ----------------------------------------------------------------------------------------------
+# The declarations, read back
 
-# Flags that say how a command is run, not what is learnt: left out of the stored config, so a resumed
-# run stores what an uninterrupted one does.
-RUN_CONTROL_KEYS = ("train.resume", "output.overwrite")
 
-# Keys holding paths: in a TOML file they are relative to the file.
-PATH_KEYS = ("data.instance_dir", "prior.class_dir", "train.run_dir", "output.path", "model.single_file_config")
+@dataclass(frozen=True)
+class Key:
+    """One declared key: `section.name`, its type and its `setting()` metadata."""
+
+    dotted: str
+    hint: Any  # the resolved type annotation
+    default: Any
+    meta: dict
+
+    @property
+    def flag(self) -> str | None:
+        return self.meta["flag"]
+
+    @property
+    def help(self) -> str:
+        return self.meta["help"]
+
+    @property
+    def choices(self) -> tuple | None:
+        """The allowed values of a Literal-typed key (also under Optional[...])."""
+        hint = _without_none(self.hint)
+        return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def keys(config_type: type = DreamLoraConfig) -> list[Key]:
+    """Every declared key of a config tree (or of one flat settings dataclass), in declaration order."""
+    out = []
+    for section in dataclasses.fields(config_type):
+        section_type = typing.get_type_hints(config_type)[section.name]
+        if dataclasses.is_dataclass(section_type):
+            hints = typing.get_type_hints(section_type)
+            for f in dataclasses.fields(section_type):
+                out.append(Key(f"{section.name}.{f.name}", hints[f.name], _default_of(f), dict(f.metadata)))
+        else:  # a flat dataclass (SampleSettings, EvalSettings)
+            out.append(Key(section.name, section_type, _default_of(section), dict(section.metadata)))
+    return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+_KEYS = {k.dotted: k for k in keys()}
+RUN_CONTROL_KEYS = tuple(k for k, v in _KEYS.items() if v.meta["run_control"])
+PATH_KEYS = tuple(k for k, v in _KEYS.items() if v.meta["path"])
+FLAGS: dict[str, str] = {k: v.flag for k, v in _KEYS.items() if v.flag}  # the flag that sets each key
+
+
+def flag_name(key: str) -> str | None:
+    """The flag a user types for `key`: '--steps'; for an on/off pair the one that changes the default."""
+    spec = _KEYS.get(key)
+    if spec is None or not spec.flag:
+        return None
+    if spec.flag == ARGUMENT:
+        return ARGUMENT
+    on, _, off = spec.flag.partition("/")
+    return off if off and spec.default is True else on
 
 
 def describe(key: str) -> str:
     """'train.steps (flag --steps)' for messages."""
-    flag = FLAGS.get(key)
+    flag = flag_name(key)
+    if flag == ARGUMENT:
+        return f"{key} (argument {ARGUMENT})"
     return f"{key} (flag {flag})" if flag else key
+
+
+def recommended_settings(model: str) -> dict[str, Any]:
+    """The settings a base model asks for where the defaults (sized for SD 1.5) do not fit it ({} for most models).
+
+    Args:
+        model: a --model value; only built-in names (builtin:toy) carry recommendations.
+    """
+    return {k: v.meta["recommended"][model] for k, v in _KEYS.items() if model in v.meta["recommended"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
 
 
 def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DreamLoraConfig:
     """Build the configuration: defaults, then the TOML file, then `overrides` (dotted keys, e.g. from flags).
 
-    Keys that neither sets take the base model's recommended value where it has one
-    (dreamlora.models.builtin.recommended_settings: builtin:toy), else the dataclass default.
+    Keys that neither sets take the base model's recommended value where it has one (builtin:toy),
+    else the declared default.
 
     Args:
         toml_path: optional TOML file; relative paths inside it are resolved against its folder.
@@ -221,11 +321,11 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
     # A value that could not be read keeps its default; the others are still checked, so all show at once.
     problems.extend(p for p in validate(config) if not any(p.startswith(f"{key} ") for key in unread))
     if problems:
-        raise ConfigError(_format_problems(problems))
+        raise ConfigError(format_problems(problems))
     return config
 
 
-def _format_problems(problems: list[str]) -> str:
+def format_problems(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} configuration problems: " + "; ".join(problems)
@@ -257,30 +357,19 @@ def _looks_like_hub_id(key: str, value: str) -> bool:
     return key == "model.single_file_config" and value.count("/") == 1 and not Path(value).exists()
 
 
-def _assign(config: DreamLoraConfig, key: str, value: Any, problems: list[str]) -> bool:
+def _assign(config: Any, key: str, value: Any, problems: list[str]) -> bool:
     """Set one dotted key; False (and a problem) when the key is unknown or the value has the wrong type."""
+    spec = _KEYS.get(key)
+    if spec is None:
+        problems.append(f"unknown config key '{key}'{_suggest(key, list(_KEYS))}")
+        return False
     section_name, _, field_name = key.partition(".")
-    sections = {f.name: f for f in dataclasses.fields(config)}
-    if section_name not in sections or not field_name:
-        problems.append(f"unknown config key '{key}'{_suggest(key, _all_keys())}")
-        return False
-    section = getattr(config, section_name)
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if field_name not in fields:
-        problems.append(f"unknown config key '{key}'{_suggest(key, _all_keys())}")
-        return False
-    hint = typing.get_type_hints(type(section))[field_name]
     try:
-        setattr(section, field_name, _coerce(value, hint))
+        setattr(getattr(config, section_name), field_name, coerce(value, spec.hint))
     except (TypeError, ValueError) as exc:
         problems.append(f"{describe(key)}: {exc}")
         return False
     return True
-
-
-def _all_keys() -> list[str]:
-    config = DreamLoraConfig()
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, s.name))]
 
 
 def _suggest(key: str, candidates: list[str]) -> str:
@@ -291,14 +380,18 @@ def _suggest(key: str, candidates: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; see the README for the keys"
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    """Convert a TOML or flag value to the field's type, or raise ValueError naming what was expected."""
+def _without_none(hint: Any) -> Any:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """Convert a TOML or flag value to the key's type, or raise ValueError naming what was expected."""
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0])
+        return None if value is None else coerce(value, _without_none(hint))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -310,7 +403,7 @@ def _coerce(value: Any, hint: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"must be a list (got {value!r})")
-        return [_coerce(v, item) for v in value]
+        return [coerce(v, item) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -322,15 +415,18 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise ValueError(f"must be a whole number (got {value!r})")
         try:
             return int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"must be a whole number (got {value!r})") from None
     if hint is float:
         if isinstance(value, bool):
             raise ValueError(f"must be a number (got {value!r})")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"must be a number (got {value!r})") from None
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number (got {value!r})")
+        return number
     if hint is str:
         if not isinstance(value, (str, Path)):
             raise ValueError(f"must be a string (got {value!r})")
@@ -338,56 +434,64 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def range_problems(settings: Any, config_type: type | None = None) -> list[str]:
+    """The declared ranges (`low`, `high`) that values of a config tree or flat settings object break."""
+    problems = []
+    for spec in keys(config_type or type(settings)):
+        section, _, name = spec.dotted.partition(".")
+        value = getattr(getattr(settings, section), name) if name else getattr(settings, section)
+        for item in value if isinstance(value, list) else [value]:
+            message = _range_message(spec, item)
+            if message:
+                shown = value if isinstance(value, list) else item
+                where = describe(spec.dotted) if name else (spec.flag or spec.dotted).partition("/")[0]
+                problems.append(f"{where} {message} (got {shown})")
+                break
+    return problems
+
+
+def _range_message(spec: Key, value: Any) -> str | None:
+    m = spec.meta
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high = m["low"], m["high"] if m["high"] is not None and m["high"] < 2**62 else None
+    too_low = low is not None and (value <= low if m["low_open"] else value < low)
+    too_high = m["high"] is not None and (value >= m["high"] if m["high_open"] else value > m["high"])
+    if not (too_low or too_high):
+        return None
+    if low is not None and high is not None:  # an interval: [0, 1), (0, 1]
+        return f"must be in {'(' if m['low_open'] else '['}{low:g}, {high:g}{')' if m['high_open'] else ']'}"
+    if too_low:
+        return f"must be {'>' if m['low_open'] else '>='} {low:g}"
+    return f"must be {'<' if m['high_open'] else '<='} {m['high']:g}"
+
+
 def validate(config: DreamLoraConfig) -> list[str]:
     """Every problem with the values and their combinations, each naming its key and flag."""
-    c, problems = config, []
+    c = config
+    problems = range_problems(c)
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
             problems.append(f"{describe(key)} {message}")
 
-    check(c.train.steps > 0, "train.steps", f"must be > 0 (got {c.train.steps})")
-    check(c.train.batch_size > 0, "train.batch_size", f"must be > 0 (got {c.train.batch_size})")
-    check(c.train.learning_rate > 0, "train.learning_rate", f"must be > 0 (got {c.train.learning_rate})")
-    check(c.train.lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0 (got {c.train.lr_warmup_steps})")
-    check(c.train.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
-          f"must be > 0 (got {c.train.gradient_accumulation_steps})")
-    check(c.train.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, 0 turns clipping off (got {c.train.max_grad_norm})")
-    check(c.train.snr_gamma is None or c.train.snr_gamma > 0, "train.snr_gamma",
-          f"must be > 0, or unset for plain MSE (got {c.train.snr_gamma})")
-    check(0 <= c.train.noise_offset <= 1, "train.noise_offset", f"must be in [0, 1] (got {c.train.noise_offset})")
-    check(c.train.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0 (got {c.train.checkpoint_every})")
-    check(c.train.keep_checkpoints > 0, "train.keep_checkpoints", f"must be > 0 (got {c.train.keep_checkpoints})")
-    check(c.train.log_every > 0, "train.log_every", f"must be > 0 (got {c.train.log_every})")
-    check(c.train.memory_budget is None or c.train.memory_budget > 0, "train.memory_budget",
-          f"must be > 0 GiB (got {c.train.memory_budget})")
-    check(c.lora.rank > 0, "lora.rank", f"must be > 0 (got {c.lora.rank})")
-    check(c.lora.alpha is None or c.lora.alpha > 0, "lora.alpha", f"must be > 0 (got {c.lora.alpha})")
-    check(0 <= c.lora.dropout < 1, "lora.dropout", f"must be in [0, 1) (got {c.lora.dropout})")
     check(bool(c.lora.target_modules), "lora.target_modules", "must name at least one module")
-    check(c.lora.text_encoder_lr is None or c.lora.text_encoder_lr > 0, "lora.text_encoder_lr",
-          f"must be > 0 (got {c.lora.text_encoder_lr})")
-    check(c.data.resolution is None or (c.data.resolution >= 8 and c.data.resolution % 8 == 0), "data.resolution",
+    check(c.data.resolution is None or c.data.resolution % 8 == 0, "data.resolution",
           f"must be a multiple of 8 (got {c.data.resolution})")
-    check(c.prior.num_class_images > 0, "prior.num_class_images", f"must be > 0 (got {c.prior.num_class_images})")
-    check(c.prior.loss_weight >= 0, "prior.loss_weight", f"must be >= 0 (got {c.prior.loss_weight})")
-    check(c.prior.steps > 0, "prior.steps", f"must be > 0 (got {c.prior.steps})")
-    check(c.prior.batch_size > 0, "prior.batch_size", f"must be > 0 (got {c.prior.batch_size})")
-    check(c.prior.sampler in SAMPLERS, "prior.sampler", f"must be one of {', '.join(SAMPLERS)} (got {c.prior.sampler!r})")
-    check(c.validation.sampler in SAMPLERS, "validation.sampler",
-          f"must be one of {', '.join(SAMPLERS)} (got {c.validation.sampler!r})")
-    check(c.validation.every >= 0, "validation.every", f"must be >= 0 (got {c.validation.every})")
     check(bool(c.validation.seeds), "validation.seeds", "must list at least one seed")
-    check(all(0 <= s < 2**63 for s in c.validation.seeds), "validation.seeds",
-          f"must be whole numbers from 0 to 2**63-1 (got {c.validation.seeds})")
-    check(c.validation.steps > 0, "validation.steps", f"must be > 0 (got {c.validation.steps})")
-    check(c.validation.guidance >= 0, "validation.guidance", f"must be >= 0 (got {c.validation.guidance})")
-    check(c.prior.guidance >= 0, "prior.guidance", f"must be >= 0 (got {c.prior.guidance})")
     check(not (c.prior.enabled and c.prior.class_dir and c.data.instance_dir
                and Path(c.prior.class_dir).resolve() == Path(c.data.instance_dir).resolve()), "prior.class_dir",
           f"must not be the instance folder (both '{c.prior.class_dir}'): class images show other "
           f"{c.data.class_word or 'class'} pictures")
     problems.extend(_prompt_problems(c.data))
+    for i, prompt in enumerate(c.validation.prompts):
+        if not _fills(prompt):
+            problems.append(f"{describe('validation.prompts')} may only use the placeholders {{token}} and {{class}} "
+                            f"(prompt {i + 1}: '{prompt}')")
     check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")
     check(not c.output.path or c.output.path.endswith(".safetensors"), "output.path",
@@ -413,11 +517,17 @@ def _prompt_problems(data: DataConfig) -> list[str]:
                         f"'{data.class_prompt}'): class images show any {data.class_word or 'member of the class'}, "
                         "not the subject")
     for key, template in (("data.instance_prompt", data.instance_prompt), ("data.class_prompt", data.class_prompt)):
-        try:
-            fill_prompt(template, "t", "c")
-        except (KeyError, IndexError, ValueError):
+        if not _fills(template):
             problems.append(f"{describe(key)} may only use the placeholders {{token}} and {{class}} (got '{template}')")
     return problems
+
+
+def _fills(template: str) -> bool:
+    try:
+        fill_prompt(template, "t", "c")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 def _words(text: str) -> list[str]:
@@ -428,6 +538,10 @@ def _words(text: str) -> list[str]:
 def fill_prompt(template: str, token: str, class_word: str) -> str:
     """'a photo of {token} {class}' -> 'a photo of sks dog'."""
     return template.format_map({"token": token, "class": class_word})
+
+
+# ----------------------------------------------------------------------------------------------
+# Storing and documenting
 
 
 def to_dict(config: DreamLoraConfig) -> dict[str, Any]:
@@ -449,3 +563,152 @@ def to_portable_json(config: DreamLoraConfig) -> str:
     if Path(model).is_absolute() or Path(model).exists():
         data["model"]["name"] = Path(model).name
     return json.dumps(data, sort_keys=True)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def default_text(spec: Key) -> str:
+    """'500 (toy: 1000)': the declared default and the built-in models' recommendations, for help and docs."""
+    default = _shown(spec.default)
+    for model, value in spec.meta["recommended"].items():
+        default += f" ({model.removeprefix('builtin:')}: {_shown(value)})"
+    return default.strip()
+
+
+def flag_table() -> str:
+    """The README's flag table (markdown), derived from the declarations: flag, TOML key, default, meaning."""
+    lines = ["| flag | TOML key | default | what it does |", "|---|---|---|---|"]
+    for spec in _KEYS.values():
+        if not spec.flag:
+            continue
+        default = default_text(spec)
+        text = spec.help + (f" One of: {', '.join(map(str, spec.choices))}." if spec.choices else "")
+        flag = spec.flag if spec.flag == ARGUMENT else " ".join(f"`{f}`" for f in spec.flag.split("/"))
+        lines.append(f"| {flag} | `{spec.dotted}` | {default} | {text.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def check_paths(config: DreamLoraConfig) -> None:
+    """Refuse missing input folders and a missing local model at once, before anything heavy loads.
+
+    Raises:
+        ConfigError: naming each missing path and its key and flag.
+    """
+    problems = []
+    folders = [("data.instance_dir", config.data.instance_dir)]
+    if config.prior.enabled and config.prior.class_dir:
+        folders.append(("prior.class_dir", config.prior.class_dir))
+    for key, folder in folders:
+        if not Path(folder).expanduser().is_dir():
+            what = "is not a folder" if Path(folder).expanduser().exists() else "does not exist"
+            problems.append(f"{describe(key)} '{folder}' {what}. Check the path")
+    name = config.model.name
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        problems.append(f"{describe('model.name')} '{name}' does not exist. Check the path")
+    if problems:
+        raise ConfigError(format_problems(problems) + ".")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings of the other commands (flat: one key a field), declared the same way
+
+
+@dataclass
+class SampleSettings:
+    """What `dreamlora sample` renders: prompts (x LoRA scales) in rows, seeds in columns."""
+
+    prompts: list[str] = setting(flag="--prompt", repeatable=True, factory=list,
+                                 help="A prompt (repeatable); {token} and {class} come from the LoRA file.")
+    seeds: list[int] = setting(flag="--seeds", factory=lambda: [0, 1, 2, 3], low=0, high=2**64 - 1,
+                               help="Comma-separated seeds: the columns.")
+    scales: list[float] = setting(flag="--scales", factory=lambda: [0.0, 1.0], low=0,
+                                  help="Comma-separated LoRA scales; 0 is the base model.")
+    steps: int = setting(20, flag="--steps", low=0, low_open=True, help="Sampling steps.")
+    guidance: float = setting(7.5, flag="--guidance", low=0, help="Classifier-free guidance scale.")
+    sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--sampler", help="Sampler.")
+    negative_prompt: str = setting("", flag="--negative-prompt", help="Negative prompt.")
+    resolution: int | None = setting(None, flag="--resolution", low=8, help="Image side in pixels (default: the model's).")
+
+    def check(self) -> None:
+        """Raises ConfigError listing every bad value, each naming its flag."""
+        problems = range_problems(self)
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            problems.append("--prompt must be given at least once and not be empty")
+        problems += [f"--prompt may only use the placeholders {{token}} and {{class}} (got '{p}')"
+                     for p in self.prompts if p.strip() and not _fills(p)]
+        if not self.seeds:
+            problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
+        if not self.scales:
+            problems.append("--scales must list at least one scale, e.g. 0,1")
+        if self.resolution is not None and self.resolution % 8:
+            problems.append(f"--resolution must be a multiple of 8 (got {self.resolution})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class EvalSettings:
+    """What `dreamlora eval` renders and how it scores the renders."""
+
+    seeds: list[int] = setting(flag="--seeds", factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7], low=0, high=2**64 - 1,
+                               help="Comma-separated seeds: one render per prompt and seed.")
+    backgrounds: list[str] = setting(flag="--backgrounds", factory=lambda: ["blue", "gray", "pink", "orange"],
+                                     help="Comma-separated backgrounds of the subject prompts.")
+    steps: int = setting(20, flag="--steps", low=0, low_open=True, help="Sampling steps.")
+    guidance: float = setting(7.5, flag="--guidance", low=0, help="Classifier-free guidance scale.")
+    sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--sampler", help="Sampler.")
+    instance_dir: str | None = setting(None, flag="--instance-dir", path=True,
+                                       help="The instance photos (default: the folder recorded in the file, "
+                                            "or sample_instances/<its name>).")
+    oracle: bool | None = setting(None, flag="--oracle/--no-oracle",
+                                  help="Read renders with the toy oracle (default: only for builtin:toy).")
+    dino: str | None = setting(None, flag="--dino", path=True,
+                               help="Local DINO/ViT transformers folder: adds the DINO score.")
+    clip: str | None = setting(None, flag="--clip", path=True,
+                               help="Local CLIP transformers folder: adds CLIP-I and CLIP-T.")
+    grid: str | None = setting(None, flag="--grid", path=True,
+                               help="Also save the renders as a PNG grid (LoRA and base rows).")
+
+    def check(self) -> None:
+        """Raises ConfigError listing every bad value, each naming its flag."""
+        problems = range_problems(self)
+        if not self.seeds:
+            problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
+        if not self.backgrounds or not all(b.strip() for b in self.backgrounds):
+            problems.append(f"--backgrounds must list at least one background, e.g. blue,pink (got {self.backgrounds})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def settings_from(settings_type: type, given: dict[str, Any], base: Any = None) -> Any:
+    """A flat settings object from flag values ({field: value or None}); every bad value reported at once.
+
+    Raises:
+        ConfigError: values of the wrong type, each naming its flag.
+    """
+    result = base if base is not None else settings_type()
+    problems = []
+    for spec in keys(settings_type):
+        value = given.get(spec.dotted)
+        if value is None:
+            value = getattr(result, spec.dotted)  # a Python caller's value: checked the same way
+            if value is None:
+                continue
+        try:
+            setattr(result, spec.dotted, coerce(value, spec.hint))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{(spec.flag or spec.dotted).partition('/')[0]}: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    result.check()
+    return result

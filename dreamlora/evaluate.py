@@ -25,23 +25,20 @@ only and never run remote code.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from .config import fill_prompt
+from .config import EvalSettings, fill_prompt, settings_from
 from .errors import ConfigError, ModelLoadError
 from .progress import ProgressCallback, ProgressEvent, ignore_progress
 
 if TYPE_CHECKING:
     from .toyworld.oracle import Oracle
 
-DEFAULT_SEEDS = (0, 1, 2, 3, 4, 5, 6, 7)
-# Backgrounds of the subject prompts: two the instance photos show (blue, gray) and two they do not.
-DEFAULT_BACKGROUNDS = ("blue", "gray", "pink", "orange")
 SUBJECT_PROMPT = "a photo of {token} {class} on {bg_article} {bg} background"
 CLASS_PROMPT = "a photo of {class_article} {class}"
 ORACLE_MODELS = ("builtin:toy",)  # base models the shipped oracle was trained to read
@@ -97,39 +94,24 @@ class EvalReport:
 
 def evaluate(
     lora_path: str | Path,
+    settings: EvalSettings | None = None,
     *,
     model: str | None = None,
-    seeds: list[int] | tuple[int, ...] = DEFAULT_SEEDS,
-    steps: int = 20,
-    guidance: float = 7.5,
-    sampler: str = "dpm++2m",
-    backgrounds: list[str] | tuple[str, ...] = DEFAULT_BACKGROUNDS,
-    instance_dir: str | Path | None = None,
-    oracle: bool | None = None,
-    dino: str | Path | None = None,
-    clip: str | Path | None = None,
     single_file_config: str | None = None,
-    grid: str | Path | None = None,
     progress: ProgressCallback = ignore_progress,
+    **overrides,
 ) -> EvalReport:
     """Render subject and class prompts with and without the LoRA and score both sets.
 
     Args:
         lora_path: A LoRA .safetensors file (dreamlora's, or any kohya/diffusers file).
+        settings: Seeds, backgrounds, sampling and scorers (dreamlora.config.EvalSettings; its defaults when None).
         model: The base model (--model); None: the one the file was trained on.
-        seeds: One render per prompt and seed, for the LoRA and the base model alike.
-        steps: Sampling steps.
-        guidance: Classifier-free guidance scale.
-        sampler: A key of dreamlora.config.SAMPLERS.
-        backgrounds: Backgrounds of the subject prompts (words the base model knows).
-        instance_dir: The instance photos; None: the folder named in the file's config if it
-            exists (as given, then under ./sample_instances/), else similarity metrics are None.
-        oracle: Read renders with the toy oracle; None: only on models it knows (builtin:toy).
-        dino: A local transformers folder of a DINO/ViT model (AutoModel + AutoImageProcessor).
-        clip: A local transformers folder of a CLIP model (CLIPModel + CLIPProcessor).
         single_file_config: For a single-file base model: the folder or hub id with its configs.
-        grid: Also save the renders here as a PNG grid: per prompt a LoRA row and a base row.
         progress: Receives ("eval", renders done, renders in all) events.
+        **overrides: Fields of EvalSettings to change, e.g. `seeds=[0, 1], steps=10`. The instance photos
+            (`instance_dir`) default to the folder named in the file's config if it exists (as given, then
+            under ./sample_instances/); the toy oracle (`oracle`) reads renders of the models it knows.
 
     Returns:
         The report; the base model's class_shift is 0 by definition.
@@ -143,8 +125,14 @@ def evaluate(
     from .sampling import attach_lora, lora_training_info, model_for_lora
 
     started = time.time()
-    seeds, backgrounds = [int(s) for s in seeds], [str(b).strip() for b in backgrounds]
-    _check_settings(seeds, steps, sampler, backgrounds)
+    try:
+        settings = replace(settings or EvalSettings(), **overrides)
+    except TypeError as exc:  # an override that is not a field of EvalSettings: a caller's bug
+        raise ConfigError(f"evaluate(): {exc}") from None
+    settings = settings_from(EvalSettings, {}, base=settings)  # validates and checks every value
+    seeds, backgrounds = [int(s) for s in settings.seeds], [str(b).strip() for b in settings.backgrounds]
+    steps, guidance, sampler, grid = settings.steps, settings.guidance, settings.sampler, settings.grid
+    oracle, dino, clip, instance_dir = settings.oracle, settings.dino, settings.clip, settings.instance_dir
     metadata = read_lora_file(lora_path).metadata  # ModelLoadError when it is not a LoRA
     info = lora_training_info(metadata)
     data = info.get("data", {})
@@ -222,24 +210,6 @@ def strip_token(prompt: str, token: str) -> str:
 
 def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
-
-
-def _check_settings(seeds: list[int], steps: int, sampler: str, backgrounds: list[str]) -> None:
-    from .config import SAMPLERS
-
-    problems = []
-    if not seeds:
-        problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
-    if any(s < 0 for s in seeds):
-        problems.append(f"--seeds must be >= 0 (got {seeds})")
-    if steps <= 0:
-        problems.append(f"--steps must be > 0 (got {steps})")
-    if sampler not in SAMPLERS:
-        problems.append(f"--sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
-    if not backgrounds or not all(backgrounds):
-        problems.append(f"--backgrounds must list at least one background, e.g. blue,pink (got {backgrounds})")
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def _instance_images(given: str | Path | None, recorded: str | None) -> tuple[list[Image.Image], Path | None, list[str]]:

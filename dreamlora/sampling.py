@@ -7,48 +7,21 @@ proves the file loads. Scale 0 turns the adapter off: it is the base model, exac
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .atomic import atomic_path, write_text_atomic
-from .config import DEFAULT_MODEL, SAMPLERS, describe, fill_prompt
+from .config import DEFAULT_MODEL, SampleSettings, fill_prompt
 from .errors import ConfigError, ModelLoadError
+
+__all__ = ["SampleResult", "SampleSettings", "attach_lora", "render_images", "sample"]
 from .grid import make_grid
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 
 ADAPTER_NAME = "dreamlora"
-
-
-@dataclass
-class SampleSettings:
-    prompts: list[str]  # may use {token} and {class}, filled from the LoRA file
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    scales: list[float] = field(default_factory=lambda: [1.0])  # 0 = the base model
-    steps: int = 20
-    guidance: float = 7.5
-    sampler: str = "dpm++2m"
-    negative_prompt: str = ""
-    resolution: int | None = None  # None: the model's native resolution
-
-    def check(self) -> None:
-        problems = []
-        if not self.prompts or not all(p.strip() for p in self.prompts):
-            problems.append("--prompt must be given at least once and not be empty")
-        if not self.seeds:
-            problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
-        if any(s < 0 for s in self.scales):
-            problems.append(f"--scales must be >= 0 (got {self.scales})")
-        if self.steps <= 0:
-            problems.append(f"--steps must be > 0 (got {self.steps})")
-        if self.sampler not in SAMPLERS:
-            problems.append(f"--sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler!r})")
-        if self.resolution is not None and self.resolution % 8:
-            problems.append(f"--resolution must be a multiple of 8 (got {self.resolution})")
-        if problems:
-            raise ConfigError("; ".join(problems))
 
 
 @dataclass
@@ -204,8 +177,12 @@ def set_adapters_enabled(modules, enabled: bool) -> None:
 
 
 def render_validation_grid(base, prompts: list[str], seeds: list[int], path: Path, *, steps: int, guidance: float,
-                           sampler: str, resolution: int, title: str) -> Path:
-    """Base vs LoRA rows for each prompt, from the adapters being trained (no file round trip)."""
+                           sampler: str, resolution: int, title: str, write: bool = True) -> Path:
+    """Base vs LoRA rows for each prompt, from the adapters being trained (no file round trip).
+
+    Args:
+        write: save the grid to `path` (False: render only, as processes other than the main one do).
+    """
     models = [base.unet, *base.text_encoders]
     was_training = [m.training for m in models]
     for m in models:
@@ -222,7 +199,8 @@ def render_validation_grid(base, prompts: list[str], seeds: list[int], path: Pat
         set_adapters_enabled(models, True)
         for m, training in zip(models, was_training):
             m.train(training)
-    save_png(make_grid(rows, labels, [f"seed {s}" for s in seeds], title=title), path)
+    if write:
+        save_png(make_grid(rows, labels, [f"seed {s}" for s in seeds], title=title), path)
     return path
 
 

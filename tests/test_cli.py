@@ -94,3 +94,69 @@ def test_train_from_the_sample_toml_then_inspect_and_priors(tmp_path):
 def test_python_dash_m_cli_works():
     result = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_importing_the_package_and_the_command_line_loads_no_heavy_library():
+    """`dreamlora --help`, a bad flag or a missing path answer in well under a second because nothing imports
+    torch, diffusers or transformers until a command needs them."""
+    code = ("import sys, dreamlora, dreamlora.config, cli.main; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'PIL', 'safetensors') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_readme_flag_table_is_the_declarations():
+    from dreamlora.config import flag_table
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- flags: start (scripts/update_readme_flags.py) -->\n", "\n<!-- flags: end -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0] == flag_table(), "run python scripts/update_readme_flags.py"
+
+
+def test_every_declared_key_has_help_and_every_flag_reaches_its_key(tmp_path):
+    """One declaration a key: --help shows each flag with its choices, and each flag sets the key it names."""
+    from dreamlora.config import DreamLoraConfig, keys
+
+    declared = keys(DreamLoraConfig)
+    assert all(k.help.strip() for k in declared)
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    for k in declared:
+        if k.flag and k.flag != "INSTANCE_DIR":
+            assert k.flag.split("/")[0] in help_text, k.dotted
+            if k.choices:
+                assert "|".join(map(str, k.choices)) in help_text, k.dotted
+    seen = {}
+
+    def capture(config, progress=None):  # stands in for the library's train(): records what the flags set
+        seen["config"] = config
+        raise SystemExit(0)
+
+    import dreamlora
+    original = dreamlora.__dict__.get("train")
+    dreamlora.train = capture
+    try:
+        runner.invoke(app, ["train", str(ROOT / "sample_instances" / "polkaball"), "--class-word", "ball",
+                            "--out", str(tmp_path / "x.safetensors"), "--crop", "random", "--no-prior",
+                            "--validation-prompt", "a {class}", "--validation-prompt", "b {class}",
+                            "--validation-seeds", "3,4", "--lora-targets", "to_q,to_v", "--weight-decay", "0.5",
+                            "--prior-seed", "9"])
+    finally:
+        if original is None:
+            del dreamlora.train
+        else:
+            dreamlora.train = original
+    c = seen["config"]
+    assert (c.data.crop, c.prior.enabled, c.validation.prompts, c.validation.seeds) == \
+        ("random", False, ["a {class}", "b {class}"], [3, 4])
+    assert (c.lora.target_modules, c.train.weight_decay, c.prior.seed) == (["to_q", "to_v"], 0.5, 9)
+
+
+def test_a_bad_choice_or_a_non_finite_number_is_one_line(tmp_path):
+    bad_choice = runner.invoke(app, ["train", "x", "--crop", "diagonal"])
+    assert bad_choice.exit_code == 2 and "'diagonal' is not one of 'center', 'random'" in bad_choice.output
+    result = runner.invoke(app, ["train", str(ROOT / "sample_instances" / "polkaball"), "--class-word", "ball",
+                                 "--out", str(tmp_path / "x.safetensors"), "--alpha", "inf"])
+    assert "lora.alpha (flag --alpha): must be a finite number (got inf)" in one_error_line(result)

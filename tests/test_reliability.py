@@ -296,7 +296,8 @@ def test_type_errors_and_value_errors_are_reported_at_once(tmp_path):
                      "train.learning_rate (flag --lr) must be > 0",
                      "output.format (flag --format): must be one of kohya, diffusers (got 'ckpt')",
                      "output.save_dtype (flag --save-dtype): must be one of fp16, bf16, fp32 (got 'fp8')",
-                     "validation.steps must be > 0", "lora.rank (flag --rank): must be a whole number"):
+                     "validation.steps (flag --validation-steps) must be > 0",
+                     "lora.rank (flag --rank): must be a whole number"):
         assert expected in message
     assert "lora.rank (flag --rank) must be > 0" not in message  # the unreadable value is reported once
     assert message.startswith("6 configuration problems")
@@ -528,9 +529,12 @@ def test_an_interrupted_save_leaves_no_partial_file_and_no_temp_files(tmp_path, 
 
 
 def test_priors_never_take_over_a_folder_of_other_images(tmp_path):
-    from dreamlora.priors import PriorSpec, prepare_prior_dir
+    from dreamlora.config import PriorConfig
+    from dreamlora.identity import ModelIdentity
+    from dreamlora.priors import prepare_prior_dir, prior_spec
 
-    spec = PriorSpec("a photo of a ball", "", 0, 2, 7.5, "dpm++2m", 64, "builtin:tiny-sd", "f")
+    spec = prior_spec(PriorConfig(), "a photo of a ball", ModelIdentity("builtin:tiny-sd", "f"), 64, device="cpu",
+                      dtype="fp32")
     smooth_image(0).save(tmp_path / "mine.png")
     with pytest.raises(DataError, match="already holds images that dreamlora did not make"):
         prepare_prior_dir(tmp_path, spec)
@@ -570,7 +574,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     config = small_config(tmp_path)
     with pytest.raises(TrainingError, match="the LoRA weights became non-finite"):
         train_module.save_step(tmp_path / "run", 3, SimpleNamespace(unet=None, text_encoders=[]), None, None,
-                               config, accelerator)
+                               config, {}, accelerator)
     assert not (tmp_path / "run").exists()
 
 

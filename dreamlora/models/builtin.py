@@ -71,35 +71,20 @@ class BuiltinModel:
     description: str
     v2: bool  # SD 2 layout: gelu text encoder, linear attention projections, v-prediction
     shipped: bool = False  # trained weights in SHIPPED_DIR/<name>/, loaded as they are (never built)
-    # Training settings this model needs where dreamlora's defaults (tuned for SD 1.5-sized models) do not
-    # fit; they fill config keys the user left unset (dotted keys, e.g. "train.learning_rate").
-    recommended: tuple[tuple[str, object], ...] = ()
 
 
+# The training settings a built-in model needs where the defaults (sized for SD 1.5) do not fit it are
+# declared with each config key (`recommended=` in dreamlora.config). builtin:toy's UNet is this small (32-channel
+# attention at the finest level): it learns the subject's dots only with more adapter rank, a higher rate and the
+# text encoder trained too, and a class loss at half weight (λ 1 held subject detection to 0.47-0.62 over training
+# seeds 0-2, λ 0.5 gave 0.56-1.00 with class renders as clean): measured with `dreamlora eval`.
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-sd": BuiltinModel("tiny-sd", "random-weight SD 1.x layout, epsilon prediction, 64 px", v2=False),
     "tiny-sd2": BuiltinModel("tiny-sd2", "random-weight SD 2.x layout, v-prediction, 64 px", v2=True),
-    # A UNet this small (32-channel attention at the finest level) learns the subject's dots only with
-    # more adapter rank, a higher rate and the text encoder trained too, and a class loss at half weight
-    # (λ 1 held subject detection to 0.47-0.62 over training seeds 0-2, λ 0.5 gave 0.56-1.00 with class
-    # renders as clean): measured with `dreamlora eval` (benchmarks/dreambooth_toy.py, README table).
     "toy": BuiltinModel("toy", "SD 1.x layout pretrained on the toy world (balls, cubes, cups, stars), "
-                        "epsilon prediction, 64 px", v2=False, shipped=True,
-                        recommended=(("train.steps", 1000), ("train.learning_rate", 1e-3), ("lora.rank", 32),
-                                     ("lora.train_text_encoder", True), ("prior.loss_weight", 0.5))),
+                        "epsilon prediction, 64 px", v2=False, shipped=True),
 }
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
-
-
-def recommended_settings(model: str) -> dict[str, object]:
-    """The training settings a base model asks for where the defaults do not fit it ({} for most models).
-
-    Args:
-        model: a --model value; only built-in names ("builtin:toy") carry recommendations.
-    """
-    name = model.removeprefix("builtin:") if model.startswith("builtin:") else None
-    spec = BUILTIN_MODELS.get(name) if name else None
-    return dict(spec.recommended) if spec else {}
 
 
 def builtin_spec(name: str) -> BuiltinModel:
