@@ -48,8 +48,14 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, adapter_state: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                    config_json: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`."""
+                    config_json: str, keep: int, *, run: dict | None = None, scaler=None) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`.
+
+    Args:
+        run: what the run is made of (model and image fingerprints, process count, schedule): a resume
+            is refused when these differ (dreamlora.train.resume_problems).
+        scaler: the fp16 loss scaler (torch GradScaler) whose state continues with the run, or None.
+    """
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:06d}"
@@ -59,7 +65,8 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict[str, torch.Ten
         tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors")
         state = {"step": step, "optimizer": optimizer_meta, "lr_scheduler": lr_scheduler.state_dict(),
-                 "config": json.loads(config_json)}
+                 "config": json.loads(config_json), "run": run,
+                 "scaler": scaler.state_dict() if scaler is not None else None}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
@@ -72,8 +79,20 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict[str, torch.Ten
     return final
 
 
-def load_checkpoint(checkpoint: Checkpoint, optimizer, lr_scheduler) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore optimiser and scheduler in place; return the adapter state and the stored config."""
+def read_state(checkpoint: Checkpoint) -> dict:
+    """The checkpoint's state.json: step, config, run record ("run", None in checkpoints made before it existed).
+
+    Raises:
+        TrainingError: the file is unreadable.
+    """
+    try:
+        return json.loads((checkpoint.path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"checkpoint '{checkpoint.path}' is damaged ({exc}); delete it to resume from an older one") from exc
+
+
+def load_checkpoint(checkpoint: Checkpoint, optimizer, lr_scheduler, scaler=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore optimiser, scheduler (and the fp16 loss scaler) in place; return the adapter state and state.json."""
     try:
         state = json.loads((checkpoint.path / "state.json").read_text(encoding="utf-8"))
         adapter = load_file(checkpoint.path / "adapter.safetensors")
@@ -82,7 +101,9 @@ def load_checkpoint(checkpoint: Checkpoint, optimizer, lr_scheduler) -> tuple[di
         raise TrainingError(f"checkpoint '{checkpoint.path}' is damaged ({exc}); delete it to resume from an older one") from exc
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    return adapter, state["config"]
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return adapter, state
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -11,19 +11,24 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import write_text_atomic
+from .config import DreamLoraConfig, PriorConfig, fill_prompt
 from .data import derive_seed
 from .errors import DataError
 from .paths import cache_dir
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
+
+if TYPE_CHECKING:
+    from .identity import ModelIdentity
 
 MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
 class PriorSpec:
-    """Everything that determines the class images (the count only says how many)."""
+    """Everything that determines the class images (the count only says how many). Built by `prior_spec`."""
 
     prompt: str
     negative_prompt: str
@@ -34,6 +39,9 @@ class PriorSpec:
     resolution: int
     model: str  # the base model's portable identity, for people
     model_fingerprint: str  # what the key really depends on
+    dtype: str  # "fp32" | "fp16" | "bf16": the denoiser and text encoders while sampling
+    vae_dtype: str  # the VAE while decoding
+    device: str  # "cpu" | "cuda" | "mps": kernels differ, and so do the last bits of every pixel
 
     def manifest(self) -> dict:
         """The fields, and the scheduler settings behind the sampler's name (they changed once: a name is not enough)."""
@@ -46,6 +54,34 @@ class PriorSpec:
         fields = self.manifest()
         fields.pop("model")  # the fingerprint identifies the weights; the name is for display
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+DTYPE_NAMES = {"no": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+def prior_spec(prior: PriorConfig, prompt: str, model: ModelIdentity, resolution: int, *, device: str, dtype: str,
+               vae_dtype: str = "fp32") -> PriorSpec:
+    """The one constructor of PriorSpec: the class images of `prior`'s settings on this model, precision and device.
+
+    Args:
+        prior: sampler, steps, guidance, negative prompt and seed (dreamlora.config.PriorConfig).
+        prompt: the filled class prompt, e.g. "a photo of dog".
+        model: the base model's identity (dreamlora.identity).
+        resolution: image side in pixels.
+        device: the device type the images are rendered on.
+        dtype: the denoiser's and text encoders' dtype ("fp32", "fp16", "bf16"; "no" means fp32).
+        vae_dtype: the VAE's dtype while decoding.
+    """
+    return PriorSpec(prompt=prompt, negative_prompt=prior.negative_prompt, seed=prior.seed, steps=prior.steps,
+                     guidance=prior.guidance, sampler=prior.sampler, resolution=resolution, model=model.name,
+                     model_fingerprint=model.fingerprint, dtype=DTYPE_NAMES[dtype], vae_dtype=DTYPE_NAMES[vae_dtype],
+                     device=device)
+
+
+def training_prior_spec(config: DreamLoraConfig, model: ModelIdentity, resolution: int, device: str) -> PriorSpec:
+    """The class images a training run of `config` renders: frozen weights in its precision, the VAE in fp32."""
+    prompt = fill_prompt(config.data.class_prompt, config.data.token, config.data.class_word)
+    return prior_spec(config.prior, prompt, model, resolution, device=device, dtype=config.train.mixed_precision)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -166,6 +202,7 @@ def make_class_images(class_prompt: str, out_dir: str | Path, num_images: int, *
 
     from .config import DEFAULT_MODEL, SAMPLERS
     from .errors import ConfigError
+    from .identity import ModelIdentity
     from .models import load_base_model
 
     problems = []
@@ -188,8 +225,11 @@ def make_class_images(class_prompt: str, out_dir: str | Path, num_images: int, *
     base = load_base_model(model or DEFAULT_MODEL, dtype=dtype, single_file_config=single_file_config)
     for module in (base.unet, base.vae, *base.text_encoders):
         module.to(state.device)
-    spec = PriorSpec(prompt=class_prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                     sampler=sampler, resolution=resolution or base.default_resolution, model=base.identity,
-                     model_fingerprint=base.fingerprint)
+    settings = PriorConfig(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                           batch_size=batch_size, seed=seed)
+    dtype_name = {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    spec = prior_spec(settings, class_prompt, ModelIdentity(base.identity, base.fingerprint),
+                      resolution or base.default_resolution, device=state.device.type, dtype=dtype_name,
+                      vae_dtype=dtype_name)
     return generate_priors(base, spec, out_dir, num_images, batch_size=batch_size, overwrite=overwrite,
                            accelerator=state if state.num_processes > 1 else None, progress=progress)

@@ -31,7 +31,8 @@ from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dic
 from .models import BaseModel, load_base_model
 from .models.family import PromptEmbeddings
 from .preflight import preflight_training_data, token_warnings
-from .priors import PriorSpec, cached_prior_dir, generate_priors
+from .identity import ModelIdentity, images_fingerprint
+from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import render_validation_grid
 
@@ -58,9 +59,17 @@ class TrainResult:
 def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress) -> TrainResult:
     """Teach the base model the subject in `config.data.instance_dir` and write one LoRA file.
 
+    The caller's global random state is as it was afterwards: a run draws from generators seeded from
+    `train.seed` (LoRA dropout from the global one, which is put back).
+
     Raises:
         ConfigError, DataError, ModelLoadError, TrainingError: a message naming the file or flag.
     """
+    with global_rng_restored():
+        return _run(config, progress)
+
+
+def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
     from accelerate import Accelerator
 
     config = fit_memory_budget(config, progress)  # from the model's configs: before any weight is read
@@ -69,7 +78,7 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
     check_hardware(config, process_device())  # before accelerate fixes the precision for the process
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps)
-    start_step = prepare_run_dir(config, run_dir)
+    start_step = prepare_run_dir(config, run_dir, accelerator)
     started = run_started(run_dir, start_step, accelerator.is_main_process)
 
     # The main process loads first: it builds a missing built-in model, which other ranks could not
@@ -85,12 +94,13 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
     use_channels_last(base, accelerator.device, config)
     classes = class_images(config, base, resolution, accelerator, progress,
                            images.classes.usable if images.classes else None) if config.prior.enabled else None
+    record = run_record(base, config, instances, classes, accelerator.num_processes)
     add_adapters(base, config, accelerator.device)
     batches = BatchSource(base, config, instances, classes, resolution, accelerator, progress)
     offload_encoders(base, config, accelerator.device)  # the caches hold what the VAE and text encoders made
     optimizer, lr_scheduler = make_optimizer(base, config)
     if start_step:
-        restore(run_dir, start_step, base, optimizer, lr_scheduler, config, progress)
+        restore(run_dir, start_step, base, optimizer, lr_scheduler, config, record, accelerator, progress)
     unet = accelerator.prepare(base.unet)
     text_encoders = [accelerator.prepare(te) for te in base.text_encoders] if config.lora.train_text_encoder \
         else base.text_encoders
@@ -129,16 +139,15 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
             updating = False
             metrics = {}
             if done % t.log_every == 0 or done == t.steps:
-                logged = LossParts(*(running / (done - last_log)).tolist())
+                logged = LossParts(*mean_over_processes(running / (done - last_log), done, run_dir, config, accelerator))
                 running.zero_()
                 last_log = done
-                ensure_finite(logged, done, run_dir, config)
                 metrics = {"loss": logged.total, "instance_loss": logged.instance, "prior_loss": logged.prior,
                            "lr": lr_scheduler.get_last_lr()[0]}
             progress(ProgressEvent("train", done, t.steps, metrics))
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
-                ensure_finite(LossParts(*running.tolist()), done, run_dir, config)  # never checkpoint a NaN step
-                save_step(run_dir, done, base, optimizer, lr_scheduler, config, accelerator)
+                mean_over_processes(running, done, run_dir, config, accelerator)  # never checkpoint a NaN step
+                save_step(run_dir, done, base, optimizer, lr_scheduler, config, record, accelerator)
             if cfg.validation.every and done % cfg.validation.every == 0 and done < t.steps:
                 validate(base, config, resolution, run_dir, done, accelerator, progress)
     except KeyboardInterrupt:
@@ -149,12 +158,12 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
             raise TrainingError(f"interrupted while applying step {completed + 1}; the last checkpoint in "
                                 f"'{run_dir}' is kept. Run the same command with --resume to continue.") from None
         if completed > start_step:
-            save_step(run_dir, completed, base, optimizer, lr_scheduler, config, accelerator)
+            save_step(run_dir, completed, base, optimizer, lr_scheduler, config, record, accelerator)
         raise TrainingError(f"interrupted after step {completed}; a checkpoint is in '{run_dir}'. "
                             "Run the same command with --resume to continue.") from None
 
     if start_step < t.steps:  # resumed at the last step (its file was not written): the checkpoint is there
-        save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, accelerator)
+        save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, record, accelerator)
     grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress)
     if accelerator.is_main_process:
         with disk_errors(output, then=f" The trained weights are kept in '{run_dir}': run the same command "
@@ -167,6 +176,19 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
 
 # ----------------------------------------------------------------------------------------------
 # Setup
+
+
+@contextlib.contextmanager
+def global_rng_restored():
+    """Put torch's global CPU (and initialised CUDA) random states back as they were."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def output_paths(config: DreamLoraConfig) -> tuple[Path, Path]:
@@ -228,8 +250,11 @@ def disk_errors(target: Path, then: str = ""):
         raise
 
 
-def prepare_run_dir(config: DreamLoraConfig, run_dir: Path) -> int:
-    """The step to start from: 0 for a new run, the latest checkpoint's step with --resume."""
+def prepare_run_dir(config: DreamLoraConfig, run_dir: Path, accelerator) -> int:
+    """The step to start from: 0 for a new run, the latest checkpoint's step with --resume.
+
+    With --overwrite the main process deletes the old checkpoints while the others wait for it.
+    """
     latest = checkpoints.latest_checkpoint(run_dir)
     if config.train.resume:
         if latest is None:
@@ -242,7 +267,9 @@ def prepare_run_dir(config: DreamLoraConfig, run_dir: Path) -> int:
         if not config.output.overwrite:
             raise TrainingError(f"run folder '{run_dir}' holds checkpoints of an earlier run. "
                                 "Pass --resume to continue it or --overwrite to start over.")
-        shutil.rmtree(checkpoints.checkpoint_dir(run_dir))
+        if accelerator.is_main_process:
+            shutil.rmtree(checkpoints.checkpoint_dir(run_dir))
+        accelerator.wait_for_everyone()
     return 0
 
 
@@ -279,10 +306,8 @@ def class_images(config: DreamLoraConfig, base: BaseModel, resolution: int, acce
     if config.prior.class_dir:
         return class_set(config.prior.class_dir, config.data, checked)
     p = config.prior
-    spec = PriorSpec(prompt=fill_prompt(config.data.class_prompt, config.data.token, config.data.class_word),
-                     negative_prompt=p.negative_prompt, seed=p.seed, steps=p.steps, guidance=p.guidance,
-                     sampler=p.sampler, resolution=resolution, model=base.identity,
-                     model_fingerprint=base.fingerprint)
+    spec = training_prior_spec(config, ModelIdentity(base.identity, base.fingerprint), resolution,
+                               accelerator.device.type)
     folder = cached_prior_dir(spec)
     generate_priors(base, spec, folder, p.num_class_images, batch_size=p.batch_size, accelerator=accelerator,
                     progress=progress)
@@ -489,22 +514,62 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
 
 
 def save_step(run_dir: Path, step: int, base: BaseModel, optimizer, lr_scheduler, config: DreamLoraConfig,
-              accelerator) -> None:
+              record: dict, accelerator) -> None:
     state = adapter_state_dict(base.unet, base.text_encoders)
     if not bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
         raise non_finite("the LoRA weights", step, run_dir, config)  # the last good checkpoint stays the latest
     if accelerator.is_main_process:
         with disk_errors(checkpoints.checkpoint_dir(run_dir)):
             checkpoints.save_checkpoint(run_dir, step, state, optimizer, lr_scheduler, to_portable_json(config),
-                                        config.train.keep_checkpoints)
+                                        config.train.keep_checkpoints, run=record, scaler=accelerator.scaler)
     accelerator.wait_for_everyone()
 
 
+def run_record(base: BaseModel, config: DreamLoraConfig, instances: ImageSet, classes: ImageSet | None,
+               processes: int) -> dict:
+    """What a checkpoint must match to be continued: the weights and images it was trained on, the number of
+    processes (it decides which images each step draws) and the learning-rate schedule's length."""
+    t = config.train
+    return {"model": base.fingerprint, "instances": images_fingerprint(instances.paths, instances.prompts),
+            "classes": images_fingerprint(classes.paths, classes.prompts) if classes else None,
+            "processes": processes, "schedule": {"name": t.lr_scheduler, "steps": t.steps}}
+
+
+# Schedules whose learning rate at a step does not depend on the run's length: --steps may grow on resume.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def resume_problems(stored: dict | None, current: dict) -> list[str]:
+    """Why a checkpoint's run cannot be continued by this one ([] when it can; also for checkpoints made
+    before runs were recorded, which carry no record)."""
+    if not stored:
+        return []
+    problems = []
+    if stored.get("model") != current["model"]:
+        problems.append(f"the base model's weights differ ({describe('model.name')})")
+    if stored.get("instances") != current["instances"]:
+        problems.append(f"the instance photos or their captions differ ({describe('data.instance_dir')})")
+    if stored.get("classes") != current["classes"]:
+        problems.append(f"the class images differ ({describe('prior.class_dir')} or the class-image settings)")
+    if stored.get("processes") != current["processes"]:
+        problems.append(f"it ran on {stored.get('processes')} process(es), this run on {current['processes']} "
+                        "(the process count decides which images each step draws)")
+    before, now = stored.get("schedule") or {}, current["schedule"]
+    if before.get("steps") != now["steps"] and now["name"] not in LENGTH_FREE_SCHEDULES:
+        problems.append(f"{describe('train.steps')} changed from {before.get('steps')} to {now['steps']}, which "
+                        f"reshapes the {now['name']} learning-rate schedule")
+    return problems
+
+
 def restore(run_dir: Path, step: int, base: BaseModel, optimizer, lr_scheduler, config: DreamLoraConfig,
-            progress: ProgressCallback) -> None:
+            record: dict, accelerator, progress: ProgressCallback) -> None:
     checkpoint = checkpoints.latest_checkpoint(run_dir)
-    adapter, stored = checkpoints.load_checkpoint(checkpoint, optimizer, lr_scheduler)
-    changed = changed_settings(stored, json.loads(to_portable_json(config)))
+    problems = resume_problems(checkpoints.read_state(checkpoint).get("run"), record)
+    if problems:
+        raise TrainingError(f"--resume: the run in '{run_dir}' cannot be continued: {'; '.join(problems)}. "
+                            "Resume with what it was trained on, or start over with --overwrite.")
+    adapter, state = checkpoints.load_checkpoint(checkpoint, optimizer, lr_scheduler, accelerator.scaler)
+    changed = changed_settings(state["config"], json.loads(to_portable_json(config)))
     if changed:
         raise TrainingError(f"--resume: the run in '{run_dir}' was made with other settings ({', '.join(changed)}). "
                             "Resume with the same settings, or start over with --overwrite.")
@@ -522,9 +587,20 @@ def changed_settings(stored: dict, current: dict) -> list[str]:
     return changed
 
 
-def ensure_finite(losses: LossParts, step: int, run_dir: Path, config: DreamLoraConfig) -> None:
-    if not all(torch.isfinite(torch.tensor(v)) for v in losses):
-        raise non_finite("the loss", step, run_dir, config)
+def mean_over_processes(losses: torch.Tensor, step: int, run_dir: Path, config: DreamLoraConfig,
+                        accelerator) -> list[float]:
+    """The (total, instance, prior) losses averaged over the processes; every process stops on a NaN in any.
+
+    A collective: every process calls it at the same steps, so one process's NaN stops them all with the
+    same message instead of leaving the others waiting in their next all-reduce.
+    """
+    everywhere = accelerator.gather(losses.detach().float()[None])  # (processes, 3)
+    finite = torch.isfinite(everywhere).all(dim=1)
+    if not bool(finite.all()):
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        where = f" on process {', '.join(map(str, bad))}" if accelerator.num_processes > 1 else ""
+        raise non_finite(f"the loss{where}", step, run_dir, config)
+    return everywhere.mean(0).tolist()
 
 
 def non_finite(what: str, step: int, run_dir: Path, config: DreamLoraConfig) -> TrainingError:
@@ -543,18 +619,20 @@ def non_finite(what: str, step: int, run_dir: Path, config: DreamLoraConfig) -> 
 
 def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir: Path, step: int, accelerator,
              progress: ProgressCallback) -> Path | None:
-    """A small base-vs-LoRA grid in the run folder (main process only)."""
-    if not accelerator.is_main_process:
-        return None
+    """A small base-vs-LoRA grid in the run folder, written by the main process.
+
+    Every process renders it (the same pictures): the others would otherwise wait for the main one inside
+    the next collective, which times out on a slow grid.
+    """
     v = config.validation
     prompts = [fill_prompt(p, config.data.token, config.data.class_word) for p in v.prompts]
     path = run_dir / "validation" / f"step-{step:06d}.png"
     progress(ProgressEvent("validate", 0, 1, message=f"validation grid at step {step}"))
     with encoders_on(base, accelerator.device):
         render_validation_grid(base, prompts, v.seeds, path, steps=v.steps, guidance=v.guidance, sampler=v.sampler,
-                               resolution=resolution, title=f"step {step}")
+                               resolution=resolution, title=f"step {step}", write=accelerator.is_main_process)
     progress(ProgressEvent("validate", 1, 1, message=f"validation grid: {path}"))
-    return path
+    return path if accelerator.is_main_process else None
 
 
 def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resolution: int, started: str) -> None:

@@ -65,11 +65,13 @@ def test_two_processes_train_with_ddp_and_write_one_file(two_process_run):
 
 
 def test_class_images_of_two_processes_equal_the_single_process_ones(two_process_run, tiny_sd, tmp_path):
-    from dreamlora.priors import PriorSpec, cached_prior_dir, generate_priors
+    from dreamlora.config import PriorConfig
+    from dreamlora.identity import ModelIdentity
+    from dreamlora.priors import cached_prior_dir, generate_priors, prior_spec
 
     tmp, _, _ = two_process_run
-    spec = PriorSpec(prompt="a photo of ball", negative_prompt="", seed=0, steps=2, guidance=7.5, sampler="dpm++2m",
-                     resolution=64, model=tiny_sd.identity, model_fingerprint=tiny_sd.fingerprint)
+    spec = prior_spec(PriorConfig(steps=2), "a photo of ball", ModelIdentity(tiny_sd.identity, tiny_sd.fingerprint), 64,
+                      device="cpu", dtype="fp32")
     os.environ["DREAMLORA_CACHE"], previous = str(tmp / "cache"), os.environ["DREAMLORA_CACHE"]
     try:
         shared = cached_prior_dir(spec)

@@ -193,9 +193,10 @@ def test_estimate_in_gib_is_sane_for_sd15_fp16():
 
 
 def test_the_plan_finds_the_class_image_cache_as_training_names_it(tiny_sd):
-    from dreamlora.memory import model_identity
+    from dreamlora.identity import model_identity
 
-    assert model_identity("builtin:tiny-sd") == (tiny_sd.identity, tiny_sd.fingerprint)
+    identity = model_identity("builtin:tiny-sd")
+    assert (identity.name, identity.fingerprint) == (tiny_sd.identity, tiny_sd.fingerprint)
 
 
 def test_models_attend_with_fused_sdpa_as_the_estimate_assumes(tiny_sd):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -6,14 +7,17 @@ from PIL import Image
 import pytest
 
 from dreamlora.errors import DataError
-from dreamlora.priors import MANIFEST, PriorSpec, generate_priors, image_seed
+from dreamlora.config import PriorConfig, load_config
+from dreamlora.identity import ModelIdentity
+from dreamlora.priors import MANIFEST, generate_priors, image_seed, prior_spec, training_prior_spec
 
 
 def spec_for(base, **changes):
-    values = dict(prompt="a photo of ball", negative_prompt="", seed=0, steps=2, guidance=7.5, sampler="dpm++2m",
-                  resolution=64, model=base.identity, model_fingerprint=base.fingerprint)
-    values.update(changes)
-    return PriorSpec(**values)
+    """The spec a CPU training run in fp32 builds, with `changes` to its fields."""
+    prior = PriorConfig(steps=2)
+    spec = prior_spec(prior, "a photo of ball", ModelIdentity(base.identity, base.fingerprint), 64, device="cpu",
+                      dtype="fp32")
+    return dataclasses.replace(spec, **changes)
 
 
 class Recorder:
@@ -73,7 +77,8 @@ def test_only_missing_images_are_generated(tiny_sd, tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"prompt": "a photo of cube"}, {"seed": 1}, {"sampler": "ddim"},
-                                    {"model_fingerprint": "other"}, {"steps": 3}, {"negative_prompt": "blurry"}])
+                                    {"model_fingerprint": "other"}, {"steps": 3}, {"negative_prompt": "blurry"},
+                                    {"dtype": "fp16"}, {"vae_dtype": "fp16"}, {"device": "cuda"}])
 def test_a_changed_setting_never_reuses_old_images(tiny_sd, tmp_path, change):
     spec, folder = spec_for(tiny_sd), tmp_path / "priors"
     generate_priors(tiny_sd, spec, folder, 1)
@@ -100,3 +105,19 @@ def test_overwrite_replaces_a_folder_of_other_settings(tiny_sd, tmp_path):
     old = generate_priors(tiny_sd, spec_for(tiny_sd), folder, 1)[0].read_bytes()
     new = generate_priors(tiny_sd, spec_for(tiny_sd, seed=5), folder, 1, overwrite=True)[0].read_bytes()
     assert old != new
+
+
+def test_training_and_the_priors_command_key_their_precision_and_device(tiny_sd):
+    """`train` renders with the run's frozen dtype and an fp32 VAE; `dreamlora priors` on a GPU renders all in fp16:
+    other pixels, so other cache keys (and the same key for the same run on the same device)."""
+    model = ModelIdentity(tiny_sd.identity, tiny_sd.fingerprint)
+    config = load_config(None, {"model.name": "builtin:tiny-sd", "data.instance_dir": "x", "data.class_word": "ball",
+                                "output.path": "x.safetensors"})
+    bf16 = load_config(None, {"model.name": "builtin:tiny-sd", "data.instance_dir": "x", "data.class_word": "ball",
+                              "output.path": "x.safetensors", "train.mixed_precision": "bf16"})
+    cpu, gpu = training_prior_spec(config, model, 64, "cpu"), training_prior_spec(config, model, 64, "cuda")
+    assert (cpu.dtype, cpu.vae_dtype, cpu.device) == ("fp32", "fp32", "cpu") and cpu.prompt == "a photo of ball"
+    assert len({cpu.key(), gpu.key(), training_prior_spec(bf16, model, 64, "cpu").key()}) == 3
+    command = prior_spec(config.prior, "a photo of ball", model, 64, device="cuda", dtype="fp16", vae_dtype="fp16")
+    assert command.key() != gpu.key()
+    assert training_prior_spec(config, model, 64, "cpu").key() == cpu.key()

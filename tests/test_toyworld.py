@@ -161,14 +161,14 @@ def toy():
 
 
 def test_toy_loads_offline_as_an_sd1_model(toy):
-    from dreamlora.models.loading import fingerprint_folder
+    from dreamlora.identity import folder_fingerprint
 
     assert toy.identity == "builtin:toy"
     assert toy.family.name == "sd1" and not toy.family.v_prediction
     assert toy.default_resolution == 64
     assert toy.noise_scheduler.config.beta_schedule == "scaled_linear"
     assert toy.noise_scheduler.config.num_train_timesteps == 1000
-    assert toy.fingerprint == fingerprint_folder(SHIPPED)
+    assert toy.fingerprint == folder_fingerprint(SHIPPED)
     assert all(p.dtype == torch.float32 for p in toy.unet.parameters())
 
 

@@ -161,3 +161,65 @@ def test_the_bf16_probe_agrees_with_the_cpu_flags():
         pytest.skip("reads x86 Linux CPU flags")
     flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
     assert cpu_runs_bf16_natively() == ("avx512bw" in flags and "avx512vl" in flags)
+
+
+def test_training_leaves_the_callers_random_state_as_it_was(tmp_path):
+    """LoRA dropout draws from the global generator, seeded per step: the caller's stream must continue unchanged."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    train(tiny_config(tmp_path, **{"train.steps": 2, "lora.dropout": 0.1, "prior.enabled": False}))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def copy_of_tiny_sd(folder: Path) -> Path:
+    import shutil
+
+    from dreamlora.models import builtin_model_dir
+
+    shutil.copytree(builtin_model_dir("tiny-sd"), folder)
+    return folder
+
+
+def test_resume_on_changed_weights_or_photos_is_refused_naming_what_changed(tmp_path):
+    from safetensors.torch import load_file as load, save_file
+
+    model = copy_of_tiny_sd(tmp_path / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(INSTANCES.glob("*.png")):
+        (photos / p.name).write_bytes(p.read_bytes())
+    config = {"model.name": str(model), "data.instance_dir": str(photos), "train.steps": 2,
+              "prior.enabled": False}
+    train(tiny_config(tmp_path, **config))
+    (tmp_path / "ball.safetensors").unlink()
+    resume = {**config, "train.steps": 4, "train.resume": True}
+
+    weights = next(model.glob("unet/*.safetensors"))
+    state = load(weights)
+    key = sorted(state)[len(state) // 2]  # a tensor in the middle of the file
+    state[key] = state[key] + 1e-3
+    save_file(state, str(weights))
+    with pytest.raises(TrainingError, match=r"cannot be continued: the base model's weights differ \(model.name "
+                                            r"\(flag --model\)\).*--overwrite"):
+        train(tiny_config(tmp_path, **resume))
+
+    copy_of_tiny_sd(tmp_path / "model2")
+    image = photos / "03.png"
+    image.write_bytes(image.read_bytes()[:-12] + bytes(12))  # same name, other bytes (the PNG end chunk)
+    with pytest.raises(TrainingError, match=r"the instance photos or their captions differ") as error:
+        train(tiny_config(tmp_path, **{**resume, "model.name": str(tmp_path / "model2")}))
+    assert "weights differ" not in str(error.value)  # an unchanged copy of the model is the same model
+
+
+def test_a_longer_cosine_schedule_is_refused_and_a_longer_constant_one_continues(tmp_path):
+    base = {"train.steps": 2, "prior.enabled": False, "train.checkpoint_every": 2}
+    train(tiny_config(tmp_path / "cos", **base, **{"train.lr_scheduler": "cosine"}))
+    (tmp_path / "cos" / "ball.safetensors").unlink()
+    with pytest.raises(TrainingError, match=r"train.steps \(flag --steps\) changed from 2 to 4, which reshapes the "
+                                            r"cosine learning-rate schedule"):
+        train(tiny_config(tmp_path / "cos", **{**base, "train.lr_scheduler": "cosine", "train.steps": 4,
+                                               "train.resume": True}))
+    train(tiny_config(tmp_path / "const", **base))
+    (tmp_path / "const" / "ball.safetensors").unlink()
+    assert train(tiny_config(tmp_path / "const", **{**base, "train.steps": 4, "train.resume": True})).steps == 4

@@ -13,10 +13,8 @@ Every failure becomes a ModelLoadError that quotes the value and says what to do
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,37 +22,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from .builtin import BUILDER_VERSION, builtin_model_dir, builtin_spec
+from ..identity import HUB_ID, SINGLE_FILE_SUFFIXES, ModelIdentity, model_identity
+from .builtin import builtin_model_dir, builtin_spec
+from ..samplers import SAMPLERS
 from .family import StableDiffusionFamily, detect_family
 
 if TYPE_CHECKING:  # diffusers takes seconds to import; only the type checker needs these here
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-WEIGHT_SUFFIXES = SINGLE_FILE_SUFFIXES + (".bin", ".gguf")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 ACCEPTED_FORMS = (
     "builtin:<name> (builtin:tiny-sd, builtin:tiny-sd2), a diffusers model folder, "
     "a single-file checkpoint (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id (org/name)"
 )
-_EDGE_BYTES = 1 << 20  # fingerprints read the first and last MiB of each weight file, not all of it
-
-# Sampler names (flag --sampler) -> diffusers scheduler class and the settings that define the sampler.
-# The solvers start from the top of the noise schedule at every step count ("trailing" spacing). SD's own
-# configs say "leading", which starts 20-step DPM-Solver++ at t = 941 and 200 steps at t = 801: each step
-# count then solves the ODE from another starting point, and the initial noise misses part of the signal
-# the model expects there (benchmarks/README.md, "Where the solvers start").
-_FROM_THE_TOP = {"timestep_spacing": "trailing"}
-SAMPLERS: dict[str, tuple[str, dict]] = {
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, **_FROM_THE_TOP}),
-    "ddim": ("DDIMScheduler", dict(_FROM_THE_TOP)),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as diffusers' pipelines and reference script run it
-    "euler": ("EulerDiscreteScheduler", dict(_FROM_THE_TOP)),
-    "euler_a": ("EulerAncestralDiscreteScheduler", dict(_FROM_THE_TOP)),
-    "ddpm": ("DDPMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", dict(_FROM_THE_TOP)),  # UniPC, bh2 corrector: ComfyUI's uni_pc
-}
-
 
 @dataclass
 class BaseModel:
@@ -169,9 +148,7 @@ def _load_builtin(name: str, dtype: torch.dtype) -> BaseModel:
     spec = builtin_spec(name)  # unknown name -> ModelLoadError listing the known ones
     folder = builtin_model_dir(name)
     pipe = _call_loader(f"built-in model 'builtin:{name}'", _from_pretrained, str(folder), dtype, local_files_only=True)
-    # Shipped weights are trained, not rebuilt from a seed: their files are what identifies them.
-    fingerprint = fingerprint_folder(folder) if spec.shipped else _short_hash(f"builtin:{name}:{BUILDER_VERSION}".encode())
-    return _base_model(pipe, identity=f"builtin:{name}", fingerprint=fingerprint)
+    return _base_model(pipe, model_identity(f"builtin:{spec.name}"))
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> BaseModel:
@@ -183,7 +160,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> BaseModel:
         )
     _reject_sdxl(_read_json(index, folder), folder)
     pipe = _call_loader(f"model folder '{folder}'", _from_pretrained, str(folder), dtype, local_files_only=True)
-    return _base_model(pipe, identity=folder.resolve().name, fingerprint=fingerprint_folder(folder))
+    return _base_model(pipe, model_identity(str(folder)))
 
 
 def _load_single_file(path: Path, config: str | None, dtype: torch.dtype) -> BaseModel:
@@ -223,8 +200,7 @@ def _load_single_file(path: Path, config: str | None, dtype: torch.dtype) -> Bas
             f"cannot load {what} with configs from '{config}': {_first_line(exc)}. Check that --model-config "
             "has the same architecture; a .ckpt must hold plain tensors (re-save it as .safetensors if not)."
         ) from exc
-    fingerprint = _fingerprint([("", path)] + _config_files(config), extra=config or "")
-    return _base_model(pipe, identity=path.name, fingerprint=fingerprint)
+    return _base_model(pipe, model_identity(str(path), config))
 
 
 def _weights_only_refusal(path: Path) -> str | None:
@@ -260,7 +236,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> BaseModel:
         ) from exc
     _reject_sdxl(index, repo_id)
     pipe = _call_loader(f"hub model '{repo_id}'", _from_pretrained, repo_id, dtype, local_files_only=local_only)
-    return _base_model(pipe, identity=repo_id, fingerprint=_hub_fingerprint(repo_id))
+    return _base_model(pipe, model_identity(repo_id))
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -288,12 +264,12 @@ def _call_loader(what: str, loader, *args, **kwargs):
         raise ModelLoadError(f"cannot load {what}: {_first_line(exc)}") from exc
 
 
-def _base_model(pipe, *, identity: str, fingerprint: str) -> BaseModel:
+def _base_model(pipe, model: ModelIdentity) -> BaseModel:
     """Wrap a loaded pipeline's modules; SDXL is refused here too in case the checks before missed it."""
     from diffusers import DDPMScheduler
 
     if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelLoadError(f"--model '{identity}' is an SDXL model; SDXL is not supported yet (SD 1.x and 2.x are).")
+        raise ModelLoadError(f"--model '{model.name}' is an SDXL model; SDXL is not supported yet (SD 1.x and 2.x are).")
     # SD never clips x0 while sampling, but DDPM/DDIM default to it when the saved config (a PNDM
     # one, say) does not mention it; saying so here keeps every scheduler made from this config right.
     scheduler_config = {"clip_sample": False, **pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
@@ -309,8 +285,8 @@ def _base_model(pipe, *, identity: str, fingerprint: str) -> BaseModel:
         noise_scheduler=noise_scheduler,
         scheduler_config=scheduler_config,
         family=family,
-        identity=identity,
-        fingerprint=fingerprint,
+        identity=model.name,
+        fingerprint=model.fingerprint,
     )
 
 
@@ -381,58 +357,3 @@ def _first_line(exc: BaseException, limit: int = 240) -> str:
     text = str(exc).strip().splitlines()
     line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-# --- fingerprints --------------------------------------------------------------------------------
-
-
-def _short_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _fingerprint(files: list[tuple[str, Path]], extra: str = "") -> str:
-    """Hash of each file's name, size and first and last MiB (JSON files whole): fast on GB weights.
-
-    Args:
-        files: (name to record, path) pairs; names make the hash independent of where the files are.
-        extra: Any other text that identifies the model (e.g. a config hub id).
-    """
-    h = hashlib.sha256(extra.encode())
-    for name, path in sorted(files, key=lambda item: item[0]):
-        size = path.stat().st_size
-        h.update(f"\0{name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if path.suffix == ".json" or size <= 2 * _EDGE_BYTES:
-                h.update(f.read())
-            else:
-                h.update(f.read(_EDGE_BYTES))
-                f.seek(-_EDGE_BYTES, os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def fingerprint_folder(folder: str | Path) -> str:
-    """Fingerprint of a diffusers folder: its weight files and its JSON configs."""
-    folder = Path(folder)
-    files = [
-        (p.relative_to(folder).as_posix(), p)
-        for p in folder.rglob("*")
-        if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix == ".json")
-    ]
-    return _fingerprint(files)
-
-
-def _config_files(config: str | None) -> list[tuple[str, Path]]:
-    """The JSON configs of a local --model-config folder (they shape how the checkpoint loads)."""
-    if config is None or not Path(config).is_dir():
-        return []
-    return [(f"config/{p.relative_to(config).as_posix()}", p) for p in Path(config).rglob("*.json")]
-
-
-def _hub_fingerprint(repo_id: str) -> str:
-    """Repo id + the snapshot commit the cache resolved, which pins the weights."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, "model_index.json")
-    commit = Path(cached).parent.name if isinstance(cached, str) else "unknown"
-    return _short_hash(f"hub:{repo_id}@{commit}".encode())

@@ -1,0 +1,90 @@
+"""The base model's JSON configs, read without its weights: enough to build its modules on the meta device."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The JSON configs of a base model: enough to build it on the meta device."""
+
+    unet: dict
+    vae: dict
+    text_encoders: tuple[dict, ...]  # transformers CLIPTextConfig kwargs, in pipeline order
+    source: str  # where they were read, for messages
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.unet.get("sample_size", 64)) * self.vae_scale_factor
+
+
+def read_model_configs(name: str, single_file_config: str | None = None) -> ModelConfigs:
+    """The configs of the model `name` (a --model value) from its files alone; no weights are read.
+
+    Raises:
+        ModelLoadError: the configs cannot be found (a hub model not in the cache, a single-file
+            checkpoint without --model-config).
+    """
+    name = str(name)
+    if name.startswith("builtin:"):
+        return _builtin_configs(name.removeprefix("builtin:"))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _folder_configs(path)
+    if path.is_file():
+        if not single_file_config:
+            raise ModelLoadError(f"--model '{name}' is a single-file checkpoint: its memory can only be estimated "
+                                 "from a diffusers folder or hub id with its configs. Pass --model-config.")
+        return read_model_configs(single_file_config)
+    return _hub_configs(name)
+
+
+def _builtin_configs(name: str) -> ModelConfigs:
+    from ..models.builtin import TINY_TEXT, TINY_UNET, TINY_VAE, builtin_spec
+    from ..models.tokenizer import DEFAULT_WORDS, build_merges, build_vocab
+
+    spec = builtin_spec(name)
+    if getattr(spec, "shipped", False):  # trained weights inside the package: its folder has the configs
+        from ..models.builtin import SHIPPED_DIR
+
+        return _folder_configs(SHIPPED_DIR / name)
+    vocab = len(build_vocab(build_merges(DEFAULT_WORDS)))
+    text = {**TINY_TEXT, "vocab_size": vocab, "hidden_act": "gelu" if spec.v2 else "quick_gelu"}
+    return ModelConfigs({**TINY_UNET, "use_linear_projection": spec.v2}, dict(TINY_VAE), (text,), f"builtin:{name}")
+
+
+def _folder_configs(folder: Path) -> ModelConfigs:
+    def read(part: str) -> dict | None:
+        path = folder / part / "config.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    unet, vae = read("unet"), read("vae")
+    if unet is None or vae is None:
+        raise ModelLoadError(f"--model folder '{folder}' has no unet/config.json or vae/config.json; "
+                             "pass a diffusers model folder.")
+    texts = tuple(c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None)
+    return ModelConfigs(unet, vae, texts, str(folder))
+
+
+def _hub_configs(repo_id: str) -> ModelConfigs:
+    from huggingface_hub import try_to_load_from_cache
+
+    def read(part: str) -> dict | None:
+        cached = try_to_load_from_cache(repo_id, f"{part}/config.json")
+        return json.loads(Path(cached).read_text(encoding="utf-8")) if isinstance(cached, str) else None
+
+    unet, vae = read("unet"), read("vae")
+    if unet is None or vae is None:
+        raise ModelLoadError(f"model '{repo_id}' is not a local folder or file and its configs are not in the local "
+                             f"Hugging Face cache. Download it first (hf download {repo_id}).")
+    texts = tuple(c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None)
+    return ModelConfigs(unet, vae, texts, repo_id)
