@@ -64,6 +64,10 @@ def min_snr_weights(prediction_type: str, alphas_cumprod: torch.Tensor, timestep
     SNR(t) = ᾱ / (1 − ᾱ). Nearly clean timesteps have a huge SNR; their ε loss is mostly about
     invisible noise, so the weight shrinks there and the steps go to the noisy timesteps where shapes
     and colours are decided. γ = 5 is the paper's value (and what --snr_gamma users set).
+
+    Written without dividing by the SNR where it is below γ: a zero-terminal-SNR schedule
+    (`rescale_betas_zero_snr`) has SNR = 0 at its last timestep, where min(SNR, γ) / SNR is 0 / 0 but its
+    limit, and the weight of every other noisy timestep, is 1.
     """
     abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
     snr = abar / (1 - abar)
@@ -72,7 +76,7 @@ def min_snr_weights(prediction_type: str, alphas_cumprod: torch.Tensor, timestep
         return clipped / (snr + 1)
     if prediction_type == "sample":
         return clipped
-    return clipped / snr
+    return torch.where(snr > gamma, gamma / snr, torch.ones_like(snr))
 
 
 def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:

@@ -390,6 +390,10 @@ def test_lora_metadata_keys_and_values():
     assert v["ss_base_model_version"] == "sd_v2_v" and v["ss_v2"] == "True"
     assert v["modelspec.prediction_type"] == "v"
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    at_512 = make_metadata(family=StableDiffusionFamily(name="sd2", v2=True, v_prediction=True), resolution=512)
+    assert at_512["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"  # named by the model, not the size
+    eps = make_metadata(family=StableDiffusionFamily(name="sd2", v2=True, v_prediction=False), resolution=512)
+    assert eps["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
 
 
 def test_lora_metadata_bounds_lengths():

@@ -55,6 +55,24 @@ def test_min_snr_weights_match_hand_computation():
                                torch.tensor([5 / 100, 0.5, (1 / 99) / (1 / 99 + 1)]))
 
 
+def test_min_snr_weights_are_finite_on_a_zero_terminal_snr_schedule():
+    """rescale_betas_zero_snr makes ᾱ = 0 at t = T-1: SNR 0, where the ε weight min(SNR, γ)/SNR was 0/0 = NaN."""
+    from diffusers import DDPMScheduler
+
+    from dreamlora.losses import min_snr_weights
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              rescale_betas_zero_snr=True)
+    abar = scheduler.alphas_cumprod
+    assert abar[-1] == 0
+    t = torch.tensor([0, 500, 999])
+    eps = min_snr_weights("epsilon", abar, t, 5.0)
+    assert torch.isfinite(eps).all() and eps[2] == 1.0 and eps[1] == 1.0  # noisy steps keep their full weight
+    torch.testing.assert_close(eps[0], 5.0 / (abar[0] / (1 - abar[0])))
+    v = min_snr_weights("v_prediction", abar, t, 5.0)
+    assert torch.isfinite(v).all() and v[2] == 0.0
+
+
 def test_row_weights_scale_each_rows_mse():
     pred, target = torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.zeros(2, 2)
     parts = prior_preservation_loss(pred, target, num_instance=1, prior_weight=1.0, row_weights=torch.tensor([0.5, 2.0]))

@@ -54,12 +54,14 @@ class StableDiffusionFamily:
         return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_prediction else "")
 
     def modelspec_architecture(self, resolution: int) -> str:
-        """modelspec.architecture for a LoRA on this family (Stability's model-spec names)."""
+        """modelspec.architecture for a LoRA on this family (Stability's model-spec names).
+
+        Named by the model, not the training resolution: an SD 2 v-prediction LoRA trained at 512 px is still
+        a LoRA of the 768-v model (the 512 name is the epsilon model's, another architecture to a loader).
+        """
         if not self.v2:
             return "stable-diffusion-v1/lora"
-        if self.v_prediction and resolution >= 768:
-            return "stable-diffusion-v2-768-v/lora"
-        return "stable-diffusion-v2-512/lora"
+        return "stable-diffusion-v2-768-v/lora" if self.v_prediction else "stable-diffusion-v2-512/lora"
 
     def encode_prompts(self, tokenizers, text_encoders, prompts: list[str]) -> PromptEmbeddings:
         """Tokenize to the encoder's full length (as the pipelines do) and take the last hidden state."""
