@@ -27,7 +27,7 @@ METRICS = ("subject_detected", "subject_similarity", "background_match", "class_
 
 def run(seed: int, prior: bool, out: Path) -> dict:
     from dreamlora import load_config, train
-    from dreamlora.evaluate import evaluate
+    from dreamlora.evaluation import evaluate
 
     tag = f"seed{seed}-{'prior' if prior else 'noprior'}"
     config = load_config(None, {"data.instance_dir": str(INSTANCES), "data.class_word": "ball",

@@ -1,6 +1,6 @@
 """Where a CPU training step's time goes: torch.profiler over the UNet step, grouped by kind of kernel.
 
-The step is the loop body of dreamlora.train on the UNet alone (LoRA rank 4 on to_q/k/v/out through
+The step is the loop body of dreamlora.training on the UNet alone (LoRA rank 4 on to_q/k/v/out through
 dreamlora.lora, frozen weights fp32, AdamW on the adapters, batch 1 + 1 class row, cached latents
 and embeddings as random tensors of their shapes). The diffusers reference script runs the same UNet
 with the same attention processor (PyTorch's scaled_dot_product_attention), so a kernel's share here

@@ -8,7 +8,7 @@ Each row runs in its own process (its peak memory is its own):
   after the warm-up steps; the caches, the final validation grid and saving are outside that window
   but inside the peak-memory window.
 - kind "unet": the SD 1.5 / SDXL architectures' UNet alone (dreamlora does not load SDXL yet): the
-  loop body of dreamlora.train (LoRA through dreamlora.lora, the same losses and noise schedule,
+  loop body of dreamlora.training (LoRA through dreamlora.lora, the same losses and noise schedule,
   autocast and fp32 adapters as under accelerate) on random latents and embeddings.
 - kind "tensors": the "train" run with every tensor it creates counted (dreamlora.memory.LiveBytes):
   the peak of live tensor bytes, which is what the plan estimates (RSS adds the allocator's and the
@@ -93,7 +93,7 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
                 row("train", "small", steps=6, warmup=2, mixed_precision="bf16"),
                 row("train", "small", steps=6, warmup=2, mixed_precision="bf16", compile=True)]
     elif preset == "cpu-smoke":  # gpu.sh --cpu-smoke: the GPU matrix's code paths at a tenth of the width
-        from dreamlora.train import cpu_runs_bf16_natively
+        from dreamlora.training import cpu_runs_bf16_natively
 
         # train() refuses bf16 on CPUs without bf16 kernels; there the lean row keeps fp32 (checkpointing, 8-bit AdamW)
         lean = "bf16" if cpu_runs_bf16_natively() else "no"
@@ -283,14 +283,14 @@ def reference_worker(spec: dict) -> dict:
 
 
 def unet_worker(spec: dict) -> dict:
-    """The training loop body of dreamlora.train on the UNet alone (for architectures dreamlora cannot load)."""
+    """The training loop body of dreamlora.training on the UNet alone (for architectures dreamlora cannot load)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from models import SD_SCHEDULER, model_configs
 
     from dreamlora.lora import add_lora_adapters, trainable_parameters
     from dreamlora.losses import diffusion_target, prior_preservation_loss
     from dreamlora.memory import estimate_memory, unet_inputs
-    from dreamlora.train import channels_last_helps
+    from dreamlora.training import channels_last_helps
 
     device, mp = spec["device"], spec["mixed_precision"]
     models = model_configs(spec["model"])

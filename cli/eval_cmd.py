@@ -43,7 +43,7 @@ def command(
 
     existing_path(file, "FILE")
     resolved = settings_from(EvalSettings, settings)
-    from dreamlora.evaluate import evaluate
+    from dreamlora.evaluation import evaluate
 
     bars = TerminalProgress()
 

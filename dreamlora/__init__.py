@@ -24,8 +24,8 @@ _EXPORTS = {
     "PriorSpec": "priors", "generate_priors": "priors", "make_class_images": "priors",
     "ProgressEvent": "progress",
     "SampleSettings": "sampling", "sample": "sampling",
-    "TrainResult": "train", "train": "train",
-    "EvalSettings": "evaluate", "evaluate": "evaluate",
+    "TrainResult": "training", "train": "training",
+    "EvalSettings": "evaluation", "evaluate": "evaluation",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -45,9 +45,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; nothing of this runs
     from .config import DreamLoraConfig, load_config
     from .errors import ConfigError, DataError, DreamLoraError, ModelLoadError, TrainingError
-    from .evaluate import EvalSettings, evaluate
+    from .evaluation import EvalSettings, evaluate
     from .info import describe_lora
     from .priors import PriorSpec, generate_priors, make_class_images
     from .progress import ProgressEvent
     from .sampling import SampleSettings, sample
-    from .train import TrainResult, train
+    from .training import TrainResult, train

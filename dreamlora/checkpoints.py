@@ -53,7 +53,7 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict[str, torch.Ten
 
     Args:
         run: what the run is made of (model and image fingerprints, process count, schedule): a resume
-            is refused when these differ (dreamlora.train.resume_problems).
+            is refused when these differ (dreamlora.training.resume_problems).
         scaler: the fp16 loss scaler (torch GradScaler) whose state continues with the run, or None.
     """
     folder = checkpoint_dir(run_dir)

@@ -107,6 +107,15 @@ def test_importing_the_package_and_the_command_line_loads_no_heavy_library():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_package_names_are_the_functions_even_after_their_modules_are_imported():
+    code = ("import dreamlora.training, dreamlora.evaluation, dreamlora.sampling, dreamlora\n"
+            "from dreamlora import train, evaluate, sample, load_config\n"
+            "assert all(callable(f) and f.__name__ == n for f, n in ((train, 'train'), (evaluate, 'evaluate'), "
+            "(sample, 'sample'), (load_config, 'load_config')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_the_readme_flag_table_is_the_declarations():
     from dreamlora.config import flag_table
 

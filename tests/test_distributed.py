@@ -27,13 +27,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch` 2 CPU processes of `python -m cli <args>`, one thread each (2 cores)."""
+pytestmark = pytest.mark.slow  # each test launches two processes (about 20 s each on 2 cores)
+
+# A launched script that patches the library in each process, then runs the command line as `-m cli` would.
+PATCHED_CLI = """
+import os, sys, shutil
+import dreamlora.training as train_module
+from dreamlora.losses import LossParts
+
+rank = os.environ.get("RANK", "0")
+if os.environ.get("RMTREE_LOG"):
+    real_rmtree = shutil.rmtree
+    def recording_rmtree(path, *args, **kwargs):
+        if "checkpoints" in str(path):
+            with open(os.environ["RMTREE_LOG"], "a") as log:
+                log.write(rank + "\\n")
+        return real_rmtree(path, *args, **kwargs)
+    shutil.rmtree = recording_rmtree
+if os.environ.get("NAN_ON_RANK") == rank:
+    real_loss, calls = train_module.prior_preservation_loss, []
+    def loss_with_a_nan(*args, **kwargs):
+        parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 2:  # from the second step on, this process alone sees a NaN
+            return LossParts(parts.total * float("nan"), parts.instance * float("nan"), parts.prior)
+        return parts
+    train_module.prior_preservation_loss = loss_with_a_nan
+from cli.main import main
+sys.argv = ["dreamlora", *sys.argv[1:]]
+main()
+"""
+
+
+def launch(args: list[str], cache: Path, timeout: float = 600, script: Path | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes of `python -m cli <args>` (or of `script`), one thread each (2 cores)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    target = [str(script)] if script else ["-m", "cli"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "cli", *args]
+               "--main_process_port", str(free_port()), *target, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -86,3 +120,30 @@ def test_class_images_of_two_processes_equal_the_single_process_ones(two_process
         torch.set_num_threads(threads)
     for path in alone:
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(shared / path.name))), path.name
+
+
+def test_overwrite_deletes_the_old_checkpoints_once_from_the_main_process(two_process_run, tmp_path):
+    tmp, out, _ = two_process_run
+    script, log = tmp_path / "patched_cli.py", tmp_path / "rmtree.log"
+    script.write_text(PATCHED_CLI)
+    result = launch(["train", str(INSTANCES), "--model", "builtin:tiny-sd", "--class-word", "ball", "--out", str(out),
+                     "--steps", "1", "--no-prior", "--checkpoint-every", "0", "--overwrite", "--validation-steps", "1",
+                     "--validation-seeds", "0"], tmp / "cache", script=script, env={"RMTREE_LOG": str(log)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert log.read_text().split() == ["0"]  # rank 0 alone; the other waited for it
+    assert sorted(p.name for p in (out.parent / "ball-run" / "checkpoints").iterdir()) == ["step-000001"]
+
+
+def test_a_nan_on_one_process_stops_both_with_the_same_message(tmp_path):
+    script = tmp_path / "patched_cli.py"
+    script.write_text(PATCHED_CLI)
+    out = tmp_path / "nan" / "ball.safetensors"
+    result = launch(["train", str(INSTANCES), "--model", "builtin:tiny-sd", "--class-word", "ball", "--out", str(out),
+                     "--steps", "6", "--no-prior", "--log-every", "1", "--checkpoint-every", "0"], tmp_path / "cache",
+                    script=script, env={"NAN_ON_RANK": "1"}, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]  # both processes, one message
+    assert "the loss on process 1 became non-finite (NaN or inf) by step 2" in errors[0]
+    # accelerate's launcher prints its own traceback when a process exits 1; the processes themselves print none
+    assert "dreamlora/" not in result.stderr and "TrainingError" not in result.stderr and result.returncode != 0
+    assert not out.exists()

@@ -1,4 +1,4 @@
-"""dreamlora.evaluate and `dreamlora eval`: report structure, ranges, DINO/CLIP metrics, the CLI, errors.
+"""dreamlora.evaluation and `dreamlora eval`: report structure, ranges, DINO/CLIP metrics, the CLI, errors.
 
 The last test is the one that shows DreamBooth works: a short seeded run on builtin:toy must make
 the oracle find the subject far more often than in the base model's renders, while plain class
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dreamlora import load_config, train
 from dreamlora.errors import ConfigError, ModelLoadError
-from dreamlora.evaluate import EvalReport, evaluate, strip_token, subject_prompt
+from dreamlora.evaluation import EvalReport, evaluate, strip_token, subject_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
@@ -178,6 +178,7 @@ def test_cli_table_and_bad_file(lora_file, tmp_path):
 # --- DreamBooth on the toy model -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dreambooth_on_toy_improves_subject_fidelity(tmp_path):
     """A short seeded DreamBooth run (the toy model's recommended settings, fewer steps) must teach the
     subject without leaking it into plain class renders."""

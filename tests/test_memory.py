@@ -151,7 +151,7 @@ def test_dry_run_with_an_impossible_budget_is_one_line(tmp_path, no_weights):
 
 
 def test_encoders_leave_the_accelerator_after_caching_and_come_back_for_validation():
-    from dreamlora.train import encoders_on, offload_encoders
+    from dreamlora.training import encoders_on, offload_encoders
 
     class Module:
         def __init__(self):

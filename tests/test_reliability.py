@@ -34,7 +34,7 @@ from dreamlora.errors import ConfigError, DataError, TrainingError
 from dreamlora.lora import read_lora_file
 from dreamlora.preflight import load_rgb, preflight, token_warnings
 
-train_module = importlib.import_module("dreamlora.train")  # `dreamlora.train` is also the function
+train_module = importlib.import_module("dreamlora.training")
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
 runner = CliRunner()
@@ -419,6 +419,7 @@ def subprocess_env() -> dict:
             "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume_is_byte_identical(tmp_path):
     config = quick_validation_toml(tmp_path)
     env = subprocess_env()
@@ -445,6 +446,7 @@ def test_sigkill_during_training_then_resume_is_byte_identical(tmp_path):
     assert out.read_bytes() == (tmp_path / "a" / "ball.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_sigkill_during_priors_then_rerun_matches_an_uninterrupted_run(tmp_path):
     env = subprocess_env()
     count = 10

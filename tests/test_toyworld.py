@@ -183,6 +183,7 @@ def test_toy_pipeline_renders_a_64px_image(toy):
 # --- reproducing the shipped model ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reproduce_quick_runs_every_stage_and_compares_with_the_shipped_pair(tmp_path):
     """`python -m dreamlora.toyworld.reproduce --quick`: pretraining, oracle training and the scoring
     run end to end at a few steps; the architecture is the shipped one, the 2-step weights are not."""

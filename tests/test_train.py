@@ -142,7 +142,7 @@ def test_diffusers_format_text_encoder_and_8bit_adam(tmp_path):
 def test_bf16_on_a_cpu_without_bf16_kernels_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     import importlib
 
-    train_module = importlib.import_module("dreamlora.train")
+    train_module = importlib.import_module("dreamlora.training")
     monkeypatch.setattr(train_module, "cpu_runs_bf16_natively", lambda: False)
     monkeypatch.setattr(train_module, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ConfigError, match=r"train.mixed_precision \(flag --mixed-precision\): bf16 on this CPU"):
@@ -154,7 +154,7 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_refused_before_any_model_loads(tm
 def test_the_bf16_probe_agrees_with_the_cpu_flags():
     import platform
 
-    from dreamlora.train import cpu_runs_bf16_natively
+    from dreamlora.training import cpu_runs_bf16_natively
 
     cpuinfo = Path("/proc/cpuinfo")
     if platform.machine() not in ("x86_64", "AMD64") or not cpuinfo.exists():

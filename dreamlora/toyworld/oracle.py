@@ -1,7 +1,7 @@
 """The toy oracle: a small CNN that reads 64 px pictures of the toy world.
 
 It plays, for `builtin:toy`, the roles that people and DINO play in the DreamBooth paper's
-evaluation (dreamlora/evaluate.py):
+evaluation (dreamlora/evaluation.py):
 
 - three heads name the object's class, its colour and the background (is the prompt obeyed?);
 - one binary head detects the sample subject's distinctive feature, white polka dots on a ball,
