@@ -116,7 +116,7 @@ def step_flops(models, settings) -> int:
     unet.train()
     latent = settings.resolution // models.vae_scale_factor
     with FlopCounterMode(display=False) as counter:
-        args, kwargs = unet_inputs(models.unet, settings.rows, latent, torch.float32)
+        args, kwargs = unet_inputs(models, settings.rows, latent, torch.float32)
         if texts:
             ids = torch.zeros(settings.rows, 77, dtype=torch.long, device="meta")
             kwargs["encoder_hidden_states"] = texts[0](ids)[0]

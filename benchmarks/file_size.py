@@ -30,7 +30,7 @@ def lora_file_size(arch: str, rank: int, *, text: bool, format: str, dtype: torc
     from dreamlora.config import DreamLoraConfig, to_portable_json
     from dreamlora.lora import add_lora_adapters, lora_metadata, save_lora_file
     from dreamlora.memory import meta_text_encoder, meta_unet
-    from dreamlora.models.family import StableDiffusionFamily
+    from dreamlora.models import detect_family
 
     models = model_configs(arch)
     unet = meta_unet(models.unet)
@@ -44,8 +44,7 @@ def lora_file_size(arch: str, rank: int, *, text: bool, format: str, dtype: torc
                 module.to_empty(device="cpu")
                 torch.nn.init.zeros_(module.weight)
                 params += module.weight.numel()
-    prefixes = ("lora_te1", "lora_te2") if len(texts) == 2 else ("lora_te",)
-    family = StableDiffusionFamily(name=arch, v2=False, v_prediction=False, kohya_text_prefixes=prefixes)
+    family = detect_family(models)
     config = DreamLoraConfig()
     config.lora.rank, config.lora.train_text_encoder = rank, text
     metadata = lora_metadata(family=family, rank=rank, alpha=float(rank), resolution=models.default_resolution,

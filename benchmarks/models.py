@@ -91,7 +91,11 @@ ARCH = {
                            "addition_time_embed_dim": 32, "projection_class_embeddings_input_dim": 64 + 6 * 32,
                            "norm_num_groups": 16},
                   "vae": {**_SD_VAE, "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8},
-                  "text": {}, "resolution": 256},
+                  "text": {**_CLIP_L, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4,
+                           "num_hidden_layers": 2, "vocab_size": 1000, "projection_dim": 32},
+                  "text_2": {**_CLIP_BIGG, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4,
+                             "num_hidden_layers": 2, "vocab_size": 1000, "projection_dim": 64},
+                  "resolution": 256},
 }
 MODELS = {**BENCH, **ARCH}
 
@@ -102,7 +106,9 @@ def model_configs(name: str):
 
     spec = MODELS[name]
     texts = tuple(_text_config(spec[k]) for k in ("text", "text_2") if spec.get(k))
-    return ModelConfigs(dict(spec["unet"]), dict(spec["vae"]), texts, name)
+    pipeline = "StableDiffusionXLPipeline" if spec["unet"].get("addition_embed_type") else "StableDiffusionPipeline"
+    return ModelConfigs(dict(spec["unet"]), dict(spec["vae"]), texts, name,
+                        {"_class_name": "PNDMScheduler", **SD_SCHEDULER}, {"_class_name": pipeline})
 
 
 def _text_config(config: dict) -> dict:

@@ -185,7 +185,7 @@ def unet_sampling_worker(spec: dict) -> dict:
     with torch.no_grad():
         for first in range(0, spec["images"], spec["batch"]):
             rows = min(spec["batch"], spec["images"] - first)
-            (sample, _), cond = unet_inputs(models.unet, 2 * rows, latent, dtype)  # CFG: uncond + cond rows
+            (sample, _), cond = unet_inputs(models, 2 * rows, latent, dtype)  # CFG: uncond + cond rows
             cond = {k: (torch.randn(v.shape, device=device, dtype=dtype) if isinstance(v, torch.Tensor) else
                         {kk: torch.randn(vv.shape, device=device, dtype=dtype) for kk, vv in v.items()})
                     for k, v in cond.items()}

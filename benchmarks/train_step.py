@@ -329,7 +329,7 @@ def unet_worker(spec: dict) -> dict:
     stamps = {}
     for step in range(1, spec["steps"] + 1):
         # What BatchSource.draw hands the loop: cached latents, noise, timesteps, cached embeddings.
-        (latents, _), kwargs = unet_inputs(models.unet, rows, latent, dtype)
+        (latents, _), kwargs = unet_inputs(models, rows, latent, dtype)
         latents = torch.randn(latents.shape, device=device, dtype=dtype)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1000, (rows,), device=device)

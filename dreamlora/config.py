@@ -67,6 +67,8 @@ class ModelConfig:
                         "builtin:tiny-sd2, a hub id, a diffusers folder, or a .safetensors/.ckpt checkpoint.")
     single_file_config: str | None = setting(None, flag="--model-config", path=True, help="For a single-file "
                                              "checkpoint: a diffusers folder or hub id holding its configs.")
+    vae: str | None = setting(None, flag="--vae", path=True, help="Another VAE: a diffusers folder, a hub id or a "
+                              ".safetensors file (e.g. an fp16-fixed SDXL VAE).")
 
 
 @dataclass
@@ -353,8 +355,8 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
 
 
 def _looks_like_hub_id(key: str, value: str) -> bool:
-    # model.single_file_config may be a hub id ("org/name"); keep it as written unless it exists locally.
-    return key == "model.single_file_config" and value.count("/") == 1 and not Path(value).exists()
+    # --model-config and --vae may be hub ids ("org/name"); keep them as written unless they exist locally.
+    return key in ("model.single_file_config", "model.vae") and value.count("/") == 1 and not Path(value).exists()
 
 
 def _assign(config: Any, key: str, value: Any, problems: list[str]) -> bool:

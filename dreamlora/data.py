@@ -82,6 +82,26 @@ def class_set(folder: str | Path, data: DataConfig, paths: list[Path] | None = N
     return ImageSet(paths, [prompt] * len(paths), skipped)
 
 
+def resized_size(size: tuple[int, int], resolution: int, crop: str, multiple: int) -> tuple[int, int]:
+    """(width, height) of an image of `size` after resizing its short side to `resolution` (random mode:
+    rounded down to multiples of the VAE's factor, so crops can be cut from the latents)."""
+    w, h = size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if crop == "random":
+        new_w, new_h = new_w // multiple * multiple, new_h // multiple * multiple
+    return new_w, new_h
+
+
+def crop_origin(size: tuple[int, int], resolution: int, crop: str, multiple: int) -> tuple[int, int]:
+    """(top, left) in pixels of the window `resize_for_training` cuts (center mode), (0, 0) in random mode,
+    where the window is drawn each step from the whole image's latents."""
+    if crop != "center":
+        return 0, 0
+    new_w, new_h = resized_size(size, resolution, crop, multiple)
+    return (new_h - resolution) // 2, (new_w - resolution) // 2
+
+
 def resize_for_training(image: Image.Image, resolution: int, crop: str, multiple: int) -> torch.Tensor:
     """Resize so the short side is `resolution`; center mode also crops to a square.
 
@@ -89,14 +109,10 @@ def resize_for_training(image: Image.Image, resolution: int, crop: str, multiple
         (3, H, W) in [-1, 1]. In random mode H and W are multiples of `multiple` (the VAE's
         downscale factor) so crops can be cut from the latents.
     """
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if crop == "random":
-        new_w, new_h = new_w // multiple * multiple, new_h // multiple * multiple
+    new_w, new_h = resized_size(image.size, resolution, crop, multiple)
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     if crop == "center":
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+        top, left = crop_origin(image.size, resolution, crop, multiple)
         image = image.crop((left, top, left + resolution, top + resolution))
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     pixels = data.view(image.height, image.width, 3).permute(2, 0, 1).float()
@@ -112,6 +128,9 @@ class LatentCache:
     flipped_means: list[torch.Tensor] | None  # same for the mirrored images (random flip)
     flipped_stds: list[torch.Tensor] | None
     size: int  # latent side of a training crop: resolution // vae_scale_factor
+    original_sizes: list[tuple[int, int]] | None = None  # (height, width) of each source image
+    origins: list[tuple[int, int]] | None = None  # (top, left) px of each cached window in the resized image
+    factor: int = 8  # pixels per latent cell: a latent crop offset times this is its pixel offset
 
     def __len__(self) -> int:
         return len(self.means)
@@ -160,7 +179,16 @@ def draw_latents(cache: LatentCache, indices: list[int], generator: torch.Genera
     Returns:
         (len(indices), C, size, size) float32 latents.
     """
-    rows = []
+    return draw_latents_and_crops(cache, indices, generator, random_crop=random_crop, random_flip=random_flip)[0]
+
+
+def draw_latents_and_crops(cache: LatentCache, indices: list[int], generator: torch.Generator, *, random_crop: bool,
+                           random_flip: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """`draw_latents`, and each row's crop (top, left) in pixels of the resized image (SDXL's crop condition).
+
+    A flipped row keeps the coordinates its window was cut at, as SDXL's training scripts record them.
+    """
+    rows, crops = [], []
     for i in indices:
         flip = random_flip and cache.flipped_means is not None and bool(torch.rand((), generator=generator) < 0.5)
         mean = cache.flipped_means[i] if flip else cache.means[i]
@@ -175,7 +203,9 @@ def draw_latents(cache: LatentCache, indices: list[int], generator: torch.Genera
         window = (slice(None), slice(top, top + cache.size), slice(left, left + cache.size))
         eps = torch.randn(mean[window].shape, generator=generator)
         rows.append(mean[window] + std[window] * eps)
-    return torch.stack(rows)
+        origin = cache.origins[i] if cache.origins else (0, 0)
+        crops.append((origin[0] + top * cache.factor, origin[1] + left * cache.factor))
+    return torch.stack(rows), crops
 
 
 @functools.lru_cache(maxsize=64)

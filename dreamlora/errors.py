@@ -21,3 +21,7 @@ class ModelLoadError(DreamLoraError):
 
 class TrainingError(DreamLoraError):
     """A run that cannot continue (non-finite loss, missing checkpoint, unsupported hardware setting)."""
+
+
+class NumericalError(DreamLoraError):
+    """A model produced NaN or inf (a latent, an image, a loss): never a black picture or a silent NaN file."""

@@ -117,11 +117,11 @@ def config_files(config: str | None) -> list[tuple[str, Path]]:
     return [(f"config/{p.relative_to(config).as_posix()}", p) for p in Path(config).rglob("*.json")]
 
 
-def hub_fingerprint(repo_id: str) -> str:
-    """Repo id + the snapshot commit the local cache resolved, which pins the weights."""
+def hub_fingerprint(repo_id: str, marker: str = "model_index.json") -> str:
+    """Repo id + the snapshot commit the local cache resolved (found through `marker`), which pins the weights."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    cached = try_to_load_from_cache(repo_id, marker)
     commit = Path(cached).parent.name if isinstance(cached, str) else "unknown"
     return short_hash(f"hub:{repo_id}@{commit}".encode())
 
@@ -130,12 +130,30 @@ def hub_fingerprint(repo_id: str) -> str:
 # Models
 
 
-def model_identity(name: str, single_file_config: str | None = None) -> ModelIdentity:
-    """The identity of the model a --model value names, from its files alone (no weights are loaded).
+def model_identity(name: str, single_file_config: str | None = None, vae: str | None = None) -> ModelIdentity:
+    """The identity of the model a --model value names (with another --vae), from its files alone.
 
     Raises:
         ModelLoadError: a built-in name that does not exist.
     """
+    identity = _model_identity(name, single_file_config)
+    return with_vae(identity, vae) if vae else identity
+
+
+def with_vae(model: ModelIdentity, vae: str) -> ModelIdentity:
+    """A model whose VAE was replaced (flag --vae): other latents, so another identity."""
+    path = Path(vae).expanduser()
+    if path.is_dir():
+        vae_id = ModelIdentity(path.resolve().name, folder_fingerprint(path))
+    elif path.is_file():
+        vae_id = ModelIdentity(path.name, files_fingerprint([("", path)]))
+    else:  # a hub id
+        vae_id = ModelIdentity(vae, hub_fingerprint(vae, "config.json"))
+    return ModelIdentity(f"{model.name} + VAE {vae_id.name}",
+                         short_hash(f"{model.fingerprint}|vae:{vae_id.fingerprint}".encode()))
+
+
+def _model_identity(name: str, single_file_config: str | None) -> ModelIdentity:
     from .models.builtin import BUILDER_VERSION, SHIPPED_DIR, builtin_spec
 
     name = str(name)

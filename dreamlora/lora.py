@@ -36,7 +36,7 @@ from peft.tuners.lora import LoraLayer
 
 from .atomic import atomic_path
 from .errors import ConfigError, ModelLoadError
-from .models.family import StableDiffusionFamily
+from .models.family import ModelFamily
 
 ADAPTER_NAME = "default"
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -261,7 +261,7 @@ def _adapted_models(
 def to_kohya_state_dict(
     unet: torch.nn.Module,
     text_encoders: list[torch.nn.Module],
-    family: StableDiffusionFamily,
+    family: ModelFamily,
     *,
     alpha: float | None = None,
     dtype: torch.dtype = torch.float16,
@@ -290,13 +290,16 @@ def to_kohya_state_dict(
     named = [("lora_unet", unet, False)] + [
         (family.kohya_text_prefixes[i], te, True) for i, te in enumerate(text_encoders)
     ]
+    unet_config = dict(unet.config) if hasattr(unet, "config") else {}
     out: dict[str, torch.Tensor] = {}
     for prefix, model, is_text in named:
         layers = _lora_layers(model)
         _check_alpha(alpha, layers)
         for name, layer in layers:
-            path = _text_role_name(name) if is_text else name
-            key = f"{prefix}_{path.replace('.', '_')}"
+            if is_text:
+                key = f"{prefix}_{_text_role_name(name).replace('.', '_')}"
+            else:  # the family names the denoiser's modules (SDXL files use SGM paths)
+                key = family.kohya_unet_key(name, unet_config)
             out[f"{key}.lora_down.weight"] = _export(layer.lora_A[ADAPTER_NAME].weight, dtype)
             out[f"{key}.lora_up.weight"] = _export(layer.lora_B[ADAPTER_NAME].weight, dtype)
             out[f"{key}.alpha"] = torch.tensor(_layer_alpha(layer), dtype=torch.float32)
@@ -357,7 +360,7 @@ def save_lora_file(
     path: str | os.PathLike,
     unet: torch.nn.Module,
     text_encoders: list[torch.nn.Module],
-    family: StableDiffusionFamily,
+    family: ModelFamily,
     *,
     format: Literal["kohya", "diffusers"],
     alpha: float,
@@ -370,7 +373,7 @@ def save_lora_file(
         path: Target file; written beside it under a temporary name, then renamed.
         unet: The UNet with its adapter.
         text_encoders: The text encoders; those without an adapter are skipped.
-        family: Model family (kohya prefixes).
+        family: Model family (kohya names of the denoiser's modules and the text-encoder prefixes).
         format: ``"kohya"`` for AUTOMATIC1111 / ComfyUI / sd-scripts, ``"diffusers"`` for
             ``pipe.load_lora_weights``. diffusers loads both.
         alpha: The adapter's alpha; checked against the adapter (a mismatch is a bug).
@@ -550,7 +553,7 @@ def _dreamlora_version() -> str:
 
 def lora_metadata(
     *,
-    family: StableDiffusionFamily,
+    family: ModelFamily,
     rank: int,
     alpha: float,
     resolution: int,
@@ -569,7 +572,7 @@ def lora_metadata(
     bounded (names 256 characters, the config 64 KiB).
 
     Args:
-        family: Base-model family; gives ss_base_model_version, ss_v2, architecture, prediction type.
+        family: Base-model family; gives ss_base_model_version, ss_v2, architecture, implementation, prediction type.
         rank: LoRA rank (ss_network_dim).
         alpha: LoRA alpha (ss_network_alpha).
         resolution: Training resolution in pixels (square).
@@ -591,18 +594,14 @@ def lora_metadata(
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
         "ss_network_train_unet_only": str(not train_text_encoder),
-        "ss_base_model_version": family.kohya_base_model_version,
-        "ss_v2": str(bool(family.v2)),
+        **{k: v for k, v in family.file_metadata(resolution).items() if k.startswith("ss_")},
         "ss_output_name": _bounded(output_name),
         "ss_resolution": f"({int(resolution)}, {int(resolution)})",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture(resolution),
-        # sd-scripts writes "diffusers" for SD 1.x/2.x LoRA (its UNet uses diffusers module names).
-        "modelspec.implementation": "diffusers",
+        **{k: v for k, v in family.file_metadata(resolution).items() if k.startswith("modelspec.")},
         "modelspec.title": _bounded(title),
         "modelspec.resolution": f"{int(resolution)}x{int(resolution)}",
         "modelspec.trigger_phrase": _bounded(trigger_phrase),
-        "modelspec.prediction_type": "v" if family.v_prediction else "epsilon",
         "modelspec.date": _bounded(date, 64),
         "dreamlora.config": _bounded_config(config_json),
         "dreamlora.version": _dreamlora_version(),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .atomic import atomic_path, write_text_atomic
 from .config import DEFAULT_MODEL, SampleSettings, fill_prompt
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, NumericalError
 
 __all__ = ["SampleResult", "SampleSettings", "attach_lora", "render_images", "sample"]
 from .grid import make_grid
@@ -152,9 +152,30 @@ def render_images(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: 
 
 
 def decode_latents(vae, image_processor, latents: torch.Tensor) -> list[Image.Image]:
-    """Decode in the VAE's own dtype (it may differ from the UNet's), one image at a time to bound memory."""
-    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
-    pixels = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in scaled])
+    """Decode in the VAE's own dtype (it may differ from the UNet's), one image at a time to bound memory.
+
+    A VAE that overflows in half precision (SDXL's own: config force_upcast) decodes in fp32. A non-finite latent
+    or pixel is an error, never a black picture.
+
+    Raises:
+        NumericalError: the denoiser or the VAE produced NaN or inf.
+    """
+    if not bool(torch.isfinite(latents).all()):
+        raise NumericalError("sampling produced non-finite latents (NaN or inf): the model overflowed in half "
+                             "precision, or a LoRA holds non-finite weights. Sample in fp32 or check the LoRA file.")
+    dtype = torch.float32 if vae.config.get("force_upcast", False) else vae.dtype
+    original = vae.dtype
+    if dtype != original:
+        vae.to(dtype=dtype)
+    try:
+        scaled = latents.to(dtype) / vae.config.scaling_factor
+        pixels = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in scaled])
+    finally:
+        if dtype != original:
+            vae.to(dtype=original)
+    if not bool(torch.isfinite(pixels).all()):
+        raise NumericalError("the VAE decoded non-finite pixels (NaN or inf): it overflowed in half precision. "
+                             "Use an fp32 VAE or pass --vae with an fp16-fixed one.")
     return image_processor.postprocess(pixels.float(), output_type="pil")
 
 

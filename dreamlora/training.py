@@ -21,15 +21,15 @@ import torch
 from . import checkpoints
 from .atomic import write_bytes_atomic, write_text_atomic
 from .config import DreamLoraConfig, describe, fill_prompt, to_portable_json
-from .data import (ImageSet, LatentCache, class_set, derive_seed, draw_latents, encode_latents, instance_set,
-                   load_rgb, pick_indices, resize_for_training)
-from .errors import ConfigError, DreamLoraError, TrainingError
-from .losses import LossParts, diffusion_target, min_snr_weights, offset_noise, prior_preservation_loss
+from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, draw_latents_and_crops, encode_latents,
+                   instance_set, load_rgb, pick_indices, resize_for_training)
+from .errors import ConfigError, DreamLoraError, NumericalError, TrainingError
+from .losses import LossParts, offset_noise, prior_preservation_loss
 from .memory import CACHE_BATCH, GIB, apply_memory_budget
 from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dict, lora_metadata, save_lora_file,
                    trainable_parameters)
 from .models import BaseModel, load_base_model
-from .models.family import PromptEmbeddings
+from .models.family import ImageGeometry, PromptEmbeddings
 from .preflight import preflight_training_data, token_warnings
 from .identity import ModelIdentity, images_fingerprint
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
@@ -70,21 +70,28 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
 
 
 def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     config = fit_memory_budget(config, progress)  # from the model's configs: before any weight is read
     output, run_dir = output_paths(config)
     images = preflight_training_data(config.data, config.prior)  # decode every image before any model loads
     check_hardware(config, process_device())  # before accelerate fixes the precision for the process
+    # Text encoders conditioned on a hidden layer below the last (SDXL's penultimate one) leave their last layer's
+    # adapters without gradients, which DDP must be told to expect.
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
-                              gradient_accumulation_steps=config.train.gradient_accumulation_steps)
+                              gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=config.lora.train_text_encoder)])
     start_step = prepare_run_dir(config, run_dir, accelerator)
     started = run_started(run_dir, start_step, accelerator.is_main_process)
 
     # The main process loads first: it builds a missing built-in model, which other ranks could not
     # (transformers' save_pretrained writes nothing on non-main ranks of a process group).
     with accelerator.main_process_first():
-        base = load_base_model(config.model.name, single_file_config=config.model.single_file_config)
+        base = load_base_model(config.model.name, single_file_config=config.model.single_file_config,
+                               vae=config.model.vae)
+    for message in base.notes:
+        note(progress, message)
     resolution = config.data.resolution or base.default_resolution
     images.finish(resolution, progress)  # size checks need the resolution; warnings become notes
     for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]):
@@ -109,7 +116,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
     trained = [p for p in trainable_parameters(base.unet)] + \
         [p for te in base.text_encoders for p in trainable_parameters(te)]
 
-    t, cfg = config.train, config
+    t, cfg, objective = config.train, config, base.objective
     logged: LossParts | None = None
     running = torch.zeros(3, device=accelerator.device)  # summed (total, instance, prior) since the last log
     step = last_log = completed = start_step
@@ -120,12 +127,12 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
                 batch = batches.draw(step, micro, text_encoders)
                 with accelerator.accumulate(unet):
                     torch.manual_seed(derive_seed(t.seed, "dropout", step, micro, accelerator.process_index))
-                    noisy = base.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-                    pred = forward(noisy, batch.timesteps, **base.family.unet_kwargs(batch.embeddings)).sample
-                    target = diffusion_target(base.noise_scheduler.config.prediction_type, batch.latents,
-                                              batch.noise, base.noise_scheduler.alphas_cumprod, batch.timesteps)
+                    noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
+                    conditioning = base.family.denoiser_kwargs(batch.embeddings, batch.conditions)
+                    pred = forward(noisy, batch.timesteps, **conditioning).sample
+                    target = objective.target(batch.latents, batch.noise, batch.timesteps)
                     parts = prior_preservation_loss(pred, target, batch.num_instance, cfg.prior.loss_weight,
-                                                    loss_weights(base, batch.timesteps, t.snr_gamma))
+                                                    objective.loss_weights(batch.timesteps, t.snr_gamma))
                     accelerator.backward(parts.total)
                     if accelerator.sync_gradients:
                         updating = True
@@ -321,6 +328,12 @@ def frozen_dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def vae_dtype(base: BaseModel, mixed_precision: str) -> torch.dtype:
+    """The VAE's dtype after caching: the frozen one, unless the VAE overflows in half precision (SDXL's own
+    VAE says so with force_upcast; an fp16-fixed VAE does not)."""
+    return torch.float32 if base.vae.config.get("force_upcast", False) else frozen_dtype(mixed_precision)
+
+
 def place_frozen(base: BaseModel, device: torch.device, dtype: torch.dtype) -> None:
     """Freeze the base model and move it to the device: UNet and text encoders in the frozen dtype.
 
@@ -435,6 +448,7 @@ class Batch:
     timesteps: torch.Tensor  # (rows,)
     embeddings: PromptEmbeddings
     num_instance: int
+    conditions: dict[str, torch.Tensor]  # per-row conditions from the images (SDXL: time_ids), {} for SD
 
 
 class BatchSource:
@@ -442,7 +456,7 @@ class BatchSource:
 
     def __init__(self, base: BaseModel, config: DreamLoraConfig, instances: ImageSet, classes: ImageSet | None,
                  resolution: int, accelerator, progress: ProgressCallback):
-        self.base, self.config, self.accelerator = base, config, accelerator
+        self.base, self.config, self.accelerator, self.resolution = base, config, accelerator, resolution
         data = config.data
         factor = base.vae_scale_factor
         size = resolution // factor
@@ -456,15 +470,25 @@ class BatchSource:
             with torch.no_grad():
                 embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
             self.cached = {p: embedded.index([i]) for i, p in enumerate(unique)}
-        base.vae.to(dtype=frozen_dtype(config.train.mixed_precision))
+        base.vae.to(dtype=vae_dtype(base, config.train.mixed_precision))
         progress(ProgressEvent("cache", 1, 1))
 
     def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:
         factor = self.base.vae_scale_factor
-        pixels = [resize_for_training(load_rgb(p), resolution, crop, factor) for p in images.paths]
+        loaded = [load_rgb(p) for p in images.paths]
+        pixels = [resize_for_training(image, resolution, crop, factor) for image in loaded]
         # One image a VAE call: the fp32 VAE at 512 px needs ~0.6 GiB of activations an image (dreamlora.memory).
-        return encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip,
-                              batch_size=CACHE_BATCH)
+        cache = encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip,
+                               batch_size=CACHE_BATCH)
+        for path, mean in zip(images.paths, cache.means):
+            if not bool(torch.isfinite(mean).all()):
+                raise NumericalError(f"the VAE turned '{path.name}' into non-finite latents (NaN or inf): a VAE that "
+                                     "overflows in half precision? Use an fp32 VAE or pass --vae with an "
+                                     "fp16-fixed one.")
+        cache.original_sizes = [(image.height, image.width) for image in loaded]
+        cache.origins = [crop_origin(image.size, resolution, crop, factor) for image in loaded]
+        cache.factor = factor
+        return cache
 
     def draw(self, step: int, micro: int, text_encoders) -> Batch:
         t, data = self.config.train, self.config.data
@@ -472,33 +496,29 @@ class BatchSource:
         first = ((step * t.gradient_accumulation_steps + micro) * world + rank) * t.batch_size
         generator = torch.Generator().manual_seed(derive_seed(t.seed, "step", step, micro, rank))
         inst_idx = pick_indices(len(self.instance), derive_seed(t.seed, "instance"), first, t.batch_size)
-        latents = [draw_latents(self.instance, inst_idx, generator, random_crop=data.crop == "random",
-                                random_flip=data.random_flip)]
+        latents, crops = draw_latents_and_crops(self.instance, inst_idx, generator, random_crop=data.crop == "random",
+                                                random_flip=data.random_flip)
+        rows, sizes = [latents], [self.instance.original_sizes[i] for i in inst_idx]
         prompts = [self.prompts[i] for i in inst_idx]
         if self.classes is not None:
             class_idx = pick_indices(len(self.classes), derive_seed(t.seed, "class"), first, t.batch_size)
-            latents.append(draw_latents(self.classes, class_idx, generator, random_crop=False,
-                                        random_flip=data.random_flip))
+            class_latents, class_crops = draw_latents_and_crops(self.classes, class_idx, generator, random_crop=False,
+                                                                random_flip=data.random_flip)
+            rows.append(class_latents)
+            crops, sizes = crops + class_crops, sizes + [self.classes.original_sizes[i] for i in class_idx]
             prompts += [self.prompts[len(self.instance) + i] for i in class_idx]
-        x0 = torch.cat(latents)
+        x0 = torch.cat(rows)
         noise = offset_noise(torch.randn(x0.shape, generator=generator), t.noise_offset, generator)
-        timesteps = torch.randint(0, self.base.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
-                                  generator=generator)
+        timesteps = self.base.objective.sample_timesteps(x0.shape[0], generator)
         device, dtype = self.accelerator.device, frozen_dtype(self.config.train.mixed_precision)
         if self.train_text:
             embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
         else:
             embeddings = PromptEmbeddings.cat([self.cached[p] for p in prompts])
+        geometry = ImageGeometry(sizes, crops, (self.resolution, self.resolution))
+        conditions = {k: to_device(v, device, dtype) for k, v in self.base.family.image_conditions(geometry).items()}
         return Batch(to_device(x0, device, dtype), to_device(noise, device, dtype), to_device(timesteps, device),
-                     embeddings.to(device, dtype), len(inst_idx))
-
-
-def loss_weights(base: BaseModel, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
-    """Per-row loss weights: min-SNR-γ with --snr-gamma, else None (plain MSE)."""
-    if snr_gamma is None:
-        return None
-    scheduler = base.noise_scheduler
-    return min_snr_weights(scheduler.config.prediction_type, scheduler.alphas_cumprod, timesteps, snr_gamma)
+                     embeddings.to(device, dtype), len(inst_idx), conditions)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

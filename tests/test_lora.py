@@ -27,7 +27,7 @@ from dreamlora.lora import (
     to_kohya_state_dict,
     trainable_parameters,
 )
-from dreamlora.models.family import StableDiffusionFamily
+from dreamlora.models import StableDiffusionFamily
 
 SD1 = StableDiffusionFamily(name="sd1", v2=False, v_prediction=False)
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -22,7 +22,9 @@ import torch
 import torch.utils.checkpoint
 
 from ..config import DreamLoraConfig
-from .configs import ModelConfigs
+from ..models.configs import ModelConfigs
+from ..models.family import text_widths
+from ..models.registry import detect_family
 from .meta import _AcceleratorOps, _cast, _simulate, meta_text_encoder, meta_unet, meta_vae, parameter_bytes
 
 GIB = 1024**3
@@ -133,9 +135,11 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
     # on the CPU everything stays in the same memory.
     stays = s.device_type == "cpu"
     resident_text = text_bytes if (s.train_text_encoder or stays) else 0
-    resident_vae = parameter_bytes(vae, s.frozen_dtype) if stays else 0
-    embedding_bytes = 0 if s.train_text_encoder else s.cached_prompts * TEXT_TOKENS * sum(
-        _text_width(c) for c in models.text_encoders) * s.frozen_dtype.itemsize
+    # A VAE that overflows in half precision (SDXL's: force_upcast) stays fp32 (training.vae_dtype).
+    vae_dtype = torch.float32 if models.vae.get("force_upcast") else s.frozen_dtype
+    resident_vae = parameter_bytes(vae, vae_dtype) if stays else 0
+    embedding_bytes = 0 if s.train_text_encoder else \
+        s.cached_prompts * TEXT_TOKENS * text_widths(models) * s.frozen_dtype.itemsize
     optimizer_bytes = _optimizer_bytes(trained, s.optimizer)
     step = _training_step_peak(unet, texts, models, s, latent)
     training = {"frozen UNet": unet_bytes, "text encoders": resident_text, "VAE": resident_vae,
@@ -143,15 +147,11 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
                 "activations + gradients": step}
     phases["training"] = sum(training.values())
     validation_text = text_bytes if not stays else 0  # brought back for the grid
-    validation_vae = parameter_bytes(vae, s.frozen_dtype) if not stays else 0
+    validation_vae = parameter_bytes(vae, vae_dtype) if not stays else 0
     phases["validation"] = (phases["training"] - step + validation_text + validation_vae +
                             _sampling_peak(unet, texts, vae, models, s, rows=2 * s.validation_images, latent=latent,
-                                           vae_dtype=s.frozen_dtype))
+                                           vae_dtype=vae_dtype))
     return MemoryEstimate(phases, training, s.device_type)
-
-
-def _text_width(config: dict) -> int:
-    return int(config.get("hidden_size", 768))
 
 
 def _optimizer_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
@@ -167,23 +167,14 @@ def _optimizer_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
     return total
 
 
-def unet_inputs(config: dict, rows: int, latent: int, dtype: torch.dtype) -> tuple[list, dict]:
-    """Meta inputs for a UNet2DConditionModel forward: (sample, timestep), conditioning kwargs.
+def unet_inputs(models: ModelConfigs, rows: int, latent: int, dtype: torch.dtype) -> tuple[list, dict]:
+    """Meta inputs of one denoiser forward (sample, timesteps), conditioning kwargs: the model family's."""
+    return detect_family(models).meta_denoiser_inputs(models, rows, latent, dtype)
 
-    SDXL-style UNets (addition_embed_type "text_time") also get pooled text embeddings and size ids.
-    """
-    channels = int(config.get("in_channels", 4))
-    sample = torch.empty(rows, channels, latent, latent, dtype=dtype, device="meta")
-    timesteps = torch.empty(rows, dtype=torch.long, device="meta")
-    width = int(config.get("cross_attention_dim", 768) if not isinstance(config.get("cross_attention_dim"), list)
-                else config["cross_attention_dim"][0])
-    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.empty(rows, TEXT_TOKENS, width, dtype=dtype, device="meta")}
-    if config.get("addition_embed_type") == "text_time":
-        time_ids = 6
-        pooled = int(config["projection_class_embeddings_input_dim"]) - time_ids * int(config["addition_time_embed_dim"])
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(rows, pooled, dtype=dtype, device="meta"),
-                                       "time_ids": torch.empty(rows, time_ids, dtype=dtype, device="meta")}
-    return [sample, timesteps], kwargs
+
+def _meta_conditions(kwargs: dict) -> dict[str, torch.Tensor]:
+    """The per-image conditions among a denoiser's meta inputs (SDXL's time_ids), for denoiser_kwargs."""
+    return {k: v for k, v in kwargs.get("added_cond_kwargs", {}).items() if k != "text_embeds"}
 
 
 def _sampling_peak(unet, texts, vae, models: ModelConfigs, s: MemorySettings, *, rows: int, latent: int,
@@ -193,7 +184,7 @@ def _sampling_peak(unet, texts, vae, models: ModelConfigs, s: MemorySettings, *,
         ids = torch.empty(rows, TEXT_TOKENS, dtype=torch.long, device="meta")
         for text in texts:
             text(ids)
-        args, kwargs = unet_inputs(models.unet, rows, latent, s.frozen_dtype)
+        args, kwargs = unet_inputs(models, rows, latent, s.frozen_dtype)
         noise = unet(*args, **kwargs).sample  # held by the sampler alongside the latents
         del noise, kwargs
         _cast(vae, vae_dtype).decode(torch.empty(1, vae.config.latent_channels, latent, latent, dtype=vae_dtype,
@@ -226,13 +217,14 @@ def _training_step_peak(unet, texts, models: ModelConfigs, s: MemorySettings, la
         text.train(s.train_text_encoder)
     rows = s.rows
     with _simulate(s.device_type, s.half) as live:
-        args, kwargs = unet_inputs(models.unet, rows, latent, s.frozen_dtype)
+        args, kwargs = unet_inputs(models, rows, latent, s.frozen_dtype)
         noise = torch.empty_like(args[0])
         noisy = args[0] * 0.5 + noise * 0.5
-        if s.train_text_encoder:
-            ids = torch.empty(rows, TEXT_TOKENS, dtype=torch.long, device="meta")
-            hidden = [text(ids)[0] for text in texts]
-            kwargs["encoder_hidden_states"] = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
+        if s.train_text_encoder:  # the encoders run in the step, as the family runs them
+            family = detect_family(models)
+            embeddings = family.encode_ids(texts, [torch.empty(rows, TEXT_TOKENS, dtype=torch.long, device="meta")
+                                                   for _ in texts])
+            kwargs = family.denoiser_kwargs(embeddings, _meta_conditions(kwargs))
         pred = unet(noisy, args[1], **kwargs).sample
         if s.half is not None:
             pred = pred.float()  # accelerate returns fp32 outputs under mixed precision

@@ -11,7 +11,7 @@ import torch
 
 from ..config import DreamLoraConfig, describe
 from ..errors import ConfigError
-from .configs import ModelConfigs, read_model_configs
+from ..models.configs import ModelConfigs, read_model_configs
 from .estimate import GIB, MemoryEstimate, MemorySettings, estimate_memory
 
 
@@ -205,7 +205,7 @@ def _class_images_to_generate(config: DreamLoraConfig, resolution: int, device_t
     from ..priors import cached_prior_dir, missing_indices, training_prior_spec
 
     try:
-        identity = model_identity(config.model.name, config.model.single_file_config)
+        identity = model_identity(config.model.name, config.model.single_file_config, config.model.vae)
     except (DreamLoraError, OSError):  # an estimate: unknown is an answer
         return None
     spec = training_prior_spec(config, identity, resolution, device_type)

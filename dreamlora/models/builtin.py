@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -65,12 +66,16 @@ TINY_TEXT = {
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """One built-in model: an SD 1 or SD 2 layout at the tiny size."""
+    """One built-in model: an SD 1, SD 2 or SDXL layout at the tiny size."""
 
     name: str
     description: str
-    v2: bool  # SD 2 layout: gelu text encoder, linear attention projections, v-prediction
+    layout: Literal["sd1", "sd2", "sdxl"]  # sd2: gelu text encoder, linear attention projections, v-prediction
     shipped: bool = False  # trained weights in SHIPPED_DIR/<name>/, loaded as they are (never built)
+
+    @property
+    def v2(self) -> bool:
+        return self.layout == "sd2"
 
 
 # The training settings a built-in model needs where the defaults (sized for SD 1.5) do not fit it are
@@ -79,10 +84,12 @@ class BuiltinModel:
 # text encoder trained too, and a class loss at half weight (λ 1 held subject detection to 0.47-0.62 over training
 # seeds 0-2, λ 0.5 gave 0.56-1.00 with class renders as clean): measured with `dreamlora eval`.
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "tiny-sd": BuiltinModel("tiny-sd", "random-weight SD 1.x layout, epsilon prediction, 64 px", v2=False),
-    "tiny-sd2": BuiltinModel("tiny-sd2", "random-weight SD 2.x layout, v-prediction, 64 px", v2=True),
+    "tiny-sd": BuiltinModel("tiny-sd", "random-weight SD 1.x layout, epsilon prediction, 64 px", "sd1"),
+    "tiny-sd2": BuiltinModel("tiny-sd2", "random-weight SD 2.x layout, v-prediction, 64 px", "sd2"),
+    "tiny-sdxl": BuiltinModel("tiny-sdxl", "random-weight SDXL layout (two text encoders, size conditions), "
+                              "epsilon prediction, 64 px", "sdxl"),
     "toy": BuiltinModel("toy", "SD 1.x layout pretrained on the toy world (balls, cubes, cups, stars), "
-                        "epsilon prediction, 64 px", v2=False, shipped=True),
+                        "epsilon prediction, 64 px", "sd1", shipped=True),
 }
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
 
@@ -130,10 +137,12 @@ def builtin_model_dir(name: str) -> Path:
         with _no_progress_bars():
             _build_pipeline(spec, tmp / "_tokenizer").save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(tmp / "_tokenizer")
-        # Replace what the tokenizer's save_pretrained wrote (a tokenizer.json and a config naming
+        # Replace what the tokenizers' save_pretrained wrote (a tokenizer.json and a config naming
         # load-time options) with the plain CLIP files, which every transformers version reads.
-        shutil.rmtree(tmp / "tokenizer")
-        write_tokenizer_files(tmp / "tokenizer")
+        for folder in ("tokenizer", "tokenizer_2"):
+            if (tmp / folder).is_dir():
+                shutil.rmtree(tmp / folder)
+                write_tokenizer_files(tmp / folder)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -159,10 +168,34 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def builtin_config_values(spec: BuiltinModel) -> dict:
+    """The configs of a random-weight built-in (unet, vae, text_encoders, scheduler, index), without building it."""
+    from .tokenizer import DEFAULT_WORDS, build_merges, build_vocab
+
+    vocab = len(build_vocab(build_merges(DEFAULT_WORDS)))
+    if spec.layout == "sdxl":
+        from .sdxl_layout import SDXL_SCHEDULER, TINY_SDXL_TEXT_1, TINY_SDXL_TEXT_2, TINY_SDXL_UNET, TINY_SDXL_VAE
+
+        texts = [{**TINY_SDXL_TEXT_1, "vocab_size": vocab, "architectures": ["CLIPTextModel"]},
+                 {**TINY_SDXL_TEXT_2, "vocab_size": vocab, "architectures": ["CLIPTextModelWithProjection"]}]
+        return {"unet": dict(TINY_SDXL_UNET), "vae": dict(TINY_SDXL_VAE), "text_encoders": texts,
+                "scheduler": {"_class_name": "EulerDiscreteScheduler", **SDXL_SCHEDULER},
+                "index": {"_class_name": "StableDiffusionXLPipeline"}}
+    text = {**TINY_TEXT, "vocab_size": vocab, "hidden_act": "gelu" if spec.v2 else "quick_gelu"}
+    scheduler = _scheduler(spec)
+    return {"unet": {**TINY_UNET, "use_linear_projection": spec.v2}, "vae": dict(TINY_VAE), "text_encoders": [text],
+            "scheduler": {"_class_name": type(scheduler).__name__, **scheduler.config},
+            "index": {"_class_name": "StableDiffusionPipeline"}}
+
+
 def _build_pipeline(spec: BuiltinModel, tokenizer_dir: Path):
-    """A StableDiffusionPipeline with seeded random weights; the tokenizer files go to `tokenizer_dir`."""
+    """A StableDiffusion(XL)Pipeline with seeded random weights; the tokenizer files go to `tokenizer_dir`."""
     from diffusers import StableDiffusionPipeline
 
+    if spec.layout == "sdxl":
+        from .sdxl_layout import build_tiny_sdxl_pipeline
+
+        return build_tiny_sdxl_pipeline(tokenizer_dir)
     write_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     # fork_rng: seeding must not disturb the caller's random state.

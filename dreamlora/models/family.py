@@ -1,24 +1,58 @@
-"""Model families: the seam between the training loop and one kind of base model.
+"""Model families: everything that differs between kinds of base model, behind one interface.
 
-A family says how prompts become UNet conditions, which extra conditions the UNet needs,
-and how the family is named in LoRA metadata. SD 1.x and SD 2.x share one implementation
-(one CLIP text encoder, no extra conditions); SDXL adds a second encoder and size conditions
-and will get its own class.
+The training loop, the file writer, the memory plan, sampling, priors and eval ask the family; none of them
+branches on the kind of model. A family is one class (ComfyUI's supported_models.py is the model for this):
+
+| what | SD 1.x / 2.x (`sd.StableDiffusionFamily`) | SDXL (`sdxl.StableDiffusionXLFamily`) |
+|---|---|---|
+| detection | model_index / single-file keys (registry.py) | same |
+| loading | `StableDiffusionPipeline` | `StableDiffusionXLPipeline` (no watermarker) |
+| prompts | CLIP, last hidden state | CLIP-L + OpenCLIP-bigG penultimate states side by side, pooled bigG |
+| added conditions | none | `time_ids` per image: original size, crop top-left, target size |
+| objective | DDPM ε or v (objectives.DiffusionObjective) | DDPM ε |
+| kohya names | `lora_unet_<diffusers path>`, `lora_te_` | `lora_unet_<SGM path>`, `lora_te1_`, `lora_te2_` |
+| metadata | sd_v1 / sd_v2(_v), modelspec v1, v2-512, v2-768-v | sdxl_base_v1-0, stable-diffusion-xl-v1-base |
+| single file | LDM layout (single_file.py) | SGM layout (sdxl_layout.py) |
+| memory plan | meta UNet inputs: latents, timesteps, text states | + pooled text and time ids |
+
+Adding a family is adding a class that implements `ModelFamily` and putting it in `registry.FAMILIES`.
+
+A transformer (DiT) family trained with flow matching, such as SD3 or Flux, fits the same interface without a
+change to the loop:
+- `detect` matches its model_index class (`StableDiffusion3Pipeline`, `FluxPipeline`) or its checkpoint keys
+  (`joint_blocks`, `double_blocks`); `pipeline_class` and `load_kwargs` name its diffusers pipeline;
+- `encode_prompts` runs its encoders (CLIP-L + CLIP-G + T5 for SD3; CLIP-L pooled + T5 sequence for Flux) and puts
+  the pooled projection in `PromptEmbeddings.added_conditions`; T5 is never given adapters and its embeddings are
+  cached like any frozen encoder's;
+- `image_conditions` returns what the transformer takes per image (Flux: the packed-latent position ids);
+  `pack_latents`/`unpack_latents` (2x2 patches for Flux) would join this interface then, identity for UNet families;
+- `denoiser_kwargs` maps them to the transformer's arguments (`pooled_projections`, `encoder_hidden_states`,
+  `guidance` for Flux dev, `img_ids`/`txt_ids`);
+- `objective` returns a rectified-flow objective implementing `objectives.Objective`: timesteps from a logit-normal
+  (or uniform, or mode) density with the resolution-dependent shift, x_t = (1 - σ)·x₀ + σ·ε, target ε - x₀, and the
+  scheme's loss weights; prior preservation is unchanged (one batched forward, λ on the class rows);
+- `kohya_unet_key` gives BFL module names (`lora_unet_double_blocks_0_img_attn_qkv`), `file_metadata` the
+  modelspec architecture (`flux-1-dev/lora`), `original_state_dict` the BFL single-file layout;
+- `meta_denoiser_inputs` builds the transformer's inputs on the meta device for the memory plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from .configs import ModelConfigs
 
 
 @dataclass
 class PromptEmbeddings:
-    """What the UNet is conditioned on for a batch of prompts."""
+    """What the denoiser is conditioned on for a batch of prompts."""
 
     hidden_states: torch.Tensor  # (B, tokens, cross_attention_dim)
-    added_conditions: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
+    added_conditions: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds (B, pooled)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PromptEmbeddings":
         return PromptEmbeddings(
@@ -39,57 +73,79 @@ class PromptEmbeddings:
 
 
 @dataclass(frozen=True)
-class StableDiffusionFamily:
-    """SD 1.x and 2.x: one CLIP text encoder, last hidden layer, no extra conditions."""
+class ImageGeometry:
+    """Where each training row's pixels came from: what size-conditioned models (SDXL) are told about an image."""
 
-    name: str  # "sd1" | "sd2"
-    v2: bool
-    v_prediction: bool
-    # Prefixes of text-encoder modules in kohya files, in the order of `text_encoders`.
-    kohya_text_prefixes: tuple[str, ...] = ("lora_te",)
+    original_sizes: list[tuple[int, int]]  # (height, width) of each source image before resizing
+    crops: list[tuple[int, int]]  # (top, left) of each crop in the resized image, in pixels
+    target: tuple[int, int]  # (height, width) of the training crop
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    """The interface every model family implements (see the module docstring for the table and for SD3/Flux)."""
+
+    name: str  # "sd1", "sd2", "sdxl"
+    prediction_type: str  # the denoiser's target: "epsilon" or "v_prediction"
+    pipeline_class: str  # the diffusers pipeline that loads and samples this family
+    kohya_text_prefixes: tuple[str, ...]  # kohya key prefix of each text encoder, in pipeline order
 
     @property
     def kohya_base_model_version(self) -> str:
-        """ss_base_model_version as kohya's sd-scripts writes it: sd_v1, sd_v2, sd_v2_v (v-parameterization)."""
-        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_prediction else "")
+        """ss_base_model_version as kohya's sd-scripts writes it (sd_v1, sd_v2_v, sdxl_base_v1-0)."""
 
-    def modelspec_architecture(self, resolution: int) -> str:
-        """modelspec.architecture for a LoRA on this family (Stability's model-spec names).
+    def file_metadata(self, resolution: int) -> dict[str, str]:
+        """The family's entries of a LoRA file's header: ss_base_model_version, ss_v2, modelspec architecture,
+        implementation and prediction type."""
 
-        Named by the model, not the training resolution: an SD 2 v-prediction LoRA trained at 512 px is still
-        a LoRA of the 768-v model (the 512 name is the epsilon model's, another architecture to a loader).
-        """
-        if not self.v2:
-            return "stable-diffusion-v1/lora"
-        return "stable-diffusion-v2-768-v/lora" if self.v_prediction else "stable-diffusion-v2-512/lora"
+    def kohya_unet_key(self, module: str, unet_config: dict) -> str:
+        """The kohya/AUTOMATIC1111 key stem of a denoiser module: `lora_unet_...`."""
 
-    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str]) -> PromptEmbeddings:
-        """Tokenize to the encoder's full length (as the pipelines do) and take the last hidden state."""
-        tokenizer, text_encoder = tokenizers[0], text_encoders[0]
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(next(text_encoder.parameters()).device)  # works through a DDP wrapper too
-        hidden = text_encoder(ids)[0]  # (B, 77, D)
-        return PromptEmbeddings(hidden)
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the pipeline class's from_pretrained / from_single_file (parts to leave out)."""
 
-    def unet_kwargs(self, embeddings: PromptEmbeddings) -> dict:
-        """Keyword arguments for UNet2DConditionModel.forward besides sample and timestep."""
-        return {"encoder_hidden_states": embeddings.hidden_states}
+    def make_pipeline(self, base: Any, scheduler: Any) -> Any:
+        """A diffusers pipeline over the very modules of `base` (no copies), progress bar off."""
+
+    def encode_prompts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> PromptEmbeddings:
+        """Tokenize to the encoders' full length (as the pipelines do) and run them (`encode_ids`)."""
+
+    def encode_ids(self, text_encoders: list, ids: list[torch.Tensor]) -> PromptEmbeddings:
+        """Run the encoders on token ids (one (B, tokens) tensor an encoder); the memory plan calls it on meta ids."""
+
+    def image_conditions(self, geometry: ImageGeometry) -> dict[str, torch.Tensor]:
+        """Per-row conditions that come from the images rather than the prompts ({} when there are none)."""
+
+    def denoiser_kwargs(self, embeddings: PromptEmbeddings, conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Keyword arguments of the denoiser's forward besides the noisy latents and the timesteps."""
+
+    def objective(self, scheduler_config: dict) -> Any:
+        """The training objective (objectives.Objective): timesteps, noising, target and loss weights."""
+
+    def original_state_dict(self, base: Any) -> dict[str, torch.Tensor]:
+        """Every weight under its original single-file name (what AUTOMATIC1111 and ComfyUI load)."""
+
+    def meta_denoiser_inputs(self, configs: ModelConfigs, rows: int, latent: int,
+                             dtype: torch.dtype) -> tuple[list, dict]:
+        """Meta-device inputs of one denoiser forward, for the memory plan: (args, kwargs)."""
 
 
-def detect_family(unet_config: dict, text_encoder_config, scheduler_config: dict, has_second_text_encoder: bool):
-    """Pick the family from the loaded components' configs.
+def text_widths(configs: ModelConfigs) -> int:
+    """The width of the encoders' hidden states side by side."""
+    return sum(int(c.get("hidden_size", 768)) for c in configs.text_encoders)
 
-    Raises:
-        NotImplementedError is never raised here; the loader turns an SDXL model into a ModelLoadError.
-    """
-    if has_second_text_encoder:
-        return None  # SDXL: not supported yet, the loader explains
-    # SD 2.x uses OpenCLIP ViT-H (plain gelu); SD 1.x uses OpenAI CLIP ViT-L (quick_gelu).
-    v2 = getattr(text_encoder_config, "hidden_act", "quick_gelu") == "gelu"
-    v_prediction = scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
-    return StableDiffusionFamily(name="sd2" if v2 else "sd1", v2=v2, v_prediction=v_prediction)
+
+def cross_attention_width(unet_config: dict) -> int:
+    """The width of the text states the denoiser attends to (the encoders' states side by side)."""
+    width = unet_config.get("cross_attention_dim", 768)
+    return int(width[0] if isinstance(width, (list, tuple)) else width)
+
+
+def tokenize(tokenizers: list, text_encoders: list, prompts: list[str]) -> list[torch.Tensor]:
+    """Each encoder's token ids, padded to its tokenizer's full length as the pipelines pad them, on its device."""
+    out = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out.append(ids.to(next(encoder.parameters()).device))  # works through a DDP wrapper too
+    return out

@@ -15,39 +15,51 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from ..identity import HUB_ID, SINGLE_FILE_SUFFIXES, ModelIdentity, model_identity
-from .builtin import builtin_model_dir, builtin_spec
+from ..identity import HUB_ID, SINGLE_FILE_SUFFIXES, ModelIdentity, model_identity, with_vae
 from ..samplers import SAMPLERS
-from .family import StableDiffusionFamily, detect_family
+from .builtin import builtin_model_dir, builtin_spec
+from .configs import ModelConfigs, read_model_configs
+from .family import ModelFamily
+from .registry import checkpoint_pipeline, detect_family, distilled_note, load_kwargs_for
 
 if TYPE_CHECKING:  # diffusers takes seconds to import; only the type checker needs these here
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ..objectives import Objective
 
 ACCEPTED_FORMS = (
-    "builtin:<name> (builtin:tiny-sd, builtin:tiny-sd2), a diffusers model folder, "
+    "builtin:<name> (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl), a diffusers model folder, "
     "a single-file checkpoint (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id (org/name)"
 )
 
 @dataclass
 class BaseModel:
-    """A loaded SD 1.x / 2.x base model: its modules, its schedule and how to name it."""
+    """A loaded base model: its modules, its family, its training objective and how to name it."""
 
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel  # the denoiser
     vae: AutoencoderKL
-    text_encoders: list  # [CLIPTextModel]; a list so SDXL can add its second encoder
-    tokenizers: list  # [CLIPTokenizer], in the order of text_encoders
-    noise_scheduler: DDPMScheduler  # for training: add_noise, get_velocity
+    text_encoders: list  # in pipeline order: [CLIPTextModel] for SD, [CLIPTextModel, CLIPTextModelWithProjection] for SDXL
+    tokenizers: list  # one per text encoder
     scheduler_config: dict  # the model's own sampling scheduler config (with _class_name)
-    family: StableDiffusionFamily
+    family: ModelFamily
     identity: str  # portable name for metadata: "builtin:tiny-sd", a hub id, a file or folder name
     fingerprint: str  # short hex id of the weights, for cache keys
+    objective: Objective  # what training predicts and how it noises (the family's)
+    pipeline_config: dict = field(default_factory=dict)  # the pipeline's own settings (force_zeros_for_empty_prompt)
+    notes: list[str] = field(default_factory=list)  # what a user should know about this model (distilled, VAE)
+
+    @property
+    def noise_scheduler(self):
+        """The DDPM noise schedule training uses (betas, prediction_type)."""
+        return self.objective.scheduler
 
     @property
     def vae_scale_factor(self) -> int:
@@ -59,32 +71,16 @@ class BaseModel:
         """The image size the UNet was built for, in pixels."""
         return self.unet.config.sample_size * self.vae_scale_factor
 
-    def pipeline(self, scheduler: str | None = None) -> StableDiffusionPipeline:
-        """A StableDiffusionPipeline over these very modules (no copies), safety checker off.
+    def pipeline(self, scheduler: str | None = None):
+        """A diffusers pipeline of the family over these very modules (no copies), safety checker off.
 
         Args:
             scheduler: None for the model's own scheduler, else a key of SAMPLERS (flag --sampler).
 
-        Returns:
-            A `diffusers.StableDiffusionPipeline` with its progress bar disabled.
-
         Raises:
             ConfigError: unknown sampler name.
         """
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoders[0],
-            tokenizer=self.tokenizers[0],
-            unet=self.unet,
-            scheduler=make_scheduler(self.scheduler_config, scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return self.family.make_pipeline(self, make_scheduler(self.scheduler_config, scheduler))
 
 
 def make_scheduler(scheduler_config: dict, sampler: str | None = None):
@@ -108,6 +104,7 @@ def load_base_model(
     *,
     dtype: torch.dtype = torch.float32,
     single_file_config: str | None = None,
+    vae: str | None = None,
 ) -> BaseModel:
     """Load a base model named by `spec` (the --model value).
 
@@ -116,29 +113,39 @@ def load_base_model(
         dtype: dtype of the loaded weights.
         single_file_config: For single-file checkpoints only: a diffusers folder or hub id with
             the same architecture, whose configs (not weights) describe the checkpoint (flag --model-config).
+        vae: Another VAE to use (flag --vae): a diffusers folder, a hub id or a single .safetensors file.
 
     Returns:
         The loaded model, every module in eval mode; nothing is frozen.
 
     Raises:
-        ModelLoadError: the value names nothing loadable, the model is SDXL, or loading failed.
+        ModelLoadError: the value names nothing loadable, a model dreamlora cannot train, or loading failed.
     """
     spec = str(spec)
     if spec.startswith("builtin:"):
-        return _load_builtin(spec.removeprefix("builtin:"), dtype)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return _load_folder(path, dtype)
-    if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(
-                f"--model '{spec}' is a file but not a checkpoint (.safetensors, .ckpt, .pt, .pth). "
-                f"Accepted: {ACCEPTED_FORMS}."
-            )
-        return _load_single_file(path, single_file_config, dtype)
-    if HUB_ID.fullmatch(spec) and not spec.startswith((".", "/", "~")):
-        return _load_hub(spec, dtype)
-    raise ModelLoadError(f"--model '{spec}' is not an existing file or folder, nor a hub id. Accepted: {ACCEPTED_FORMS}.")
+        base = _load_builtin(spec.removeprefix("builtin:"), dtype)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            base = _load_folder(path, dtype)
+        elif path.is_file():
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(
+                    f"--model '{spec}' is a file but not a checkpoint (.safetensors, .ckpt, .pt, .pth). "
+                    f"Accepted: {ACCEPTED_FORMS}."
+                )
+            base = _load_single_file(path, single_file_config, dtype)
+        elif HUB_ID.fullmatch(spec) and not spec.startswith((".", "/", "~")):
+            base = _load_hub(spec, dtype)
+        else:
+            raise ModelLoadError(f"--model '{spec}' is not an existing file or folder, nor a hub id. "
+                                 f"Accepted: {ACCEPTED_FORMS}.")
+    if vae is not None:
+        replace_vae(base, vae, dtype)
+    note = distilled_note(spec)
+    if note:
+        base.notes.append(note)
+    return base
 
 
 # --- one loader per form -------------------------------------------------------------------------
@@ -147,7 +154,9 @@ def load_base_model(
 def _load_builtin(name: str, dtype: torch.dtype) -> BaseModel:
     spec = builtin_spec(name)  # unknown name -> ModelLoadError listing the known ones
     folder = builtin_model_dir(name)
-    pipe = _call_loader(f"built-in model 'builtin:{name}'", _from_pretrained, str(folder), dtype, local_files_only=True)
+    family = detect_family(read_model_configs(f"builtin:{spec.name}"))
+    pipe = _call_loader(f"built-in model 'builtin:{name}'", _from_pretrained, family, str(folder), dtype,
+                        local_files_only=True)
     return _base_model(pipe, model_identity(f"builtin:{spec.name}"))
 
 
@@ -158,31 +167,28 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> BaseModel:
             f"--model folder '{folder}' is not a diffusers model folder (no model_index.json). "
             "Pass the folder that holds model_index.json, unet/ and vae/, or a single-file checkpoint."
         )
-    _reject_sdxl(_read_json(index, folder), folder)
-    pipe = _call_loader(f"model folder '{folder}'", _from_pretrained, str(folder), dtype, local_files_only=True)
+    family = detect_family(read_model_configs(str(folder)))  # refuses what cannot be trained, before any weight
+    pipe = _call_loader(f"model folder '{folder}'", _from_pretrained, family, str(folder), dtype, local_files_only=True)
     return _base_model(pipe, model_identity(str(folder)))
 
 
 def _load_single_file(path: Path, config: str | None, dtype: torch.dtype) -> BaseModel:
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     config = _resolve_single_file_config(config)
     if path.suffix.lower() == ".safetensors":
-        _check_checkpoint_keys(path)
+        pipeline_class = checkpoint_pipeline(_checkpoint_keys(path), str(path))
+    else:  # a pickle checkpoint's keys cannot be listed without loading it; its --model-config says what it is
+        pipeline_class = _config_pipeline(config) or "StableDiffusionPipeline"
+    loader, extra = getattr(diffusers, pipeline_class), load_kwargs_for(pipeline_class)
     what = f"single-file checkpoint '{path}'"
     try:
         # diffusers reads .ckpt/.pt/.pth with torch.load(weights_only=True) (load_state_dict in
         # diffusers/models/model_loading_utils.py), so no pickled code runs; a file that needs
         # arbitrary unpickling fails there, and the message below says what to do.
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=config,
-            dtype=dtype,
-            local_files_only=_hub_offline(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        with _quiet_loading():
+            pipe = loader.from_single_file(str(path), config=config, dtype=dtype, local_files_only=_hub_offline(),
+                                           **extra)
     except Exception as exc:  # any library failure: the file or its configs are unusable
         refusal = _weights_only_refusal(path)
         if refusal:
@@ -223,37 +229,48 @@ def _weights_only_refusal(path: Path) -> str | None:
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> BaseModel:
-    from diffusers import StableDiffusionPipeline
-
     local_only = _hub_offline()
     try:
-        index = StableDiffusionPipeline.load_config(repo_id, local_files_only=local_only)
-    except Exception as exc:  # not cached and no hub, or no such repo
-        where = "the hub cannot be reached (offline)" if local_only else "it could not be fetched from the hub"
+        configs = read_model_configs(repo_id)
+    except ModelLoadError as exc:  # not cached and no hub, or no such repo
+        where = "the hub cannot be reached (offline)" if local_only else "its configs are not in the cache"
         raise ModelLoadError(
-            f"model '{repo_id}' is not a local folder or file, is not in the local Hugging Face cache, and {where} "
-            f"({_first_line(exc)}). Download it first (hf download {repo_id}), or pass a local folder or file."
+            f"model '{repo_id}' is not a local folder or file, is not in the local Hugging Face cache, and {where}. "
+            f"Download it first (hf download {repo_id}), or pass a local folder or file."
         ) from exc
-    _reject_sdxl(index, repo_id)
-    pipe = _call_loader(f"hub model '{repo_id}'", _from_pretrained, repo_id, dtype, local_files_only=local_only)
+    family = detect_family(configs)
+    pipe = _call_loader(f"hub model '{repo_id}'", _from_pretrained, family, repo_id, dtype, local_files_only=local_only)
     return _base_model(pipe, model_identity(repo_id))
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _from_pretrained(name_or_path: str, dtype: torch.dtype, local_files_only: bool):
-    from diffusers import StableDiffusionPipeline
+def _from_pretrained(family: ModelFamily, name_or_path: str, dtype: torch.dtype, local_files_only: bool):
+    import diffusers
 
     # use_safetensors left at None: safetensors where the folder has them, else weights_only pickles.
-    return StableDiffusionPipeline.from_pretrained(
-        name_or_path,
-        dtype=dtype,
-        local_files_only=local_files_only,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    with _quiet_loading():
+        return getattr(diffusers, family.pipeline_class).from_pretrained(
+            name_or_path, dtype=dtype, local_files_only=local_files_only, **family.load_kwargs())
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' loading bars off while a model loads: the library does not print."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def _call_loader(what: str, loader, *args, **kwargs):
@@ -265,37 +282,62 @@ def _call_loader(what: str, loader, *args, **kwargs):
 
 
 def _base_model(pipe, model: ModelIdentity) -> BaseModel:
-    """Wrap a loaded pipeline's modules; SDXL is refused here too in case the checks before missed it."""
-    from diffusers import DDPMScheduler
-
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelLoadError(f"--model '{model.name}' is an SDXL model; SDXL is not supported yet (SD 1.x and 2.x are).")
+    """Wrap a loaded pipeline's modules, with the family its configs show."""
     # SD never clips x0 while sampling, but DDPM/DDIM default to it when the saved config (a PNDM
     # one, say) does not mention it; saying so here keeps every scheduler made from this config right.
     scheduler_config = {"clip_sample": False, **pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
-    family = detect_family(dict(pipe.unet.config), pipe.text_encoder.config, scheduler_config, False)
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)  # keeps prediction_type and betas
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    configs = ModelConfigs(unet=dict(pipe.unet.config), vae=dict(pipe.vae.config),
+                           text_encoders=tuple(e.config.to_dict() for e in encoders), source=model.name,
+                           scheduler=scheduler_config, index={"_class_name": type(pipe).__name__, **dict(pipe.config)})
+    family = detect_family(configs)
+    for module in (pipe.unet, pipe.vae, *encoders):
         module.eval()
-    return BaseModel(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoders=[pipe.text_encoder],
-        tokenizers=[pipe.tokenizer],
-        noise_scheduler=noise_scheduler,
-        scheduler_config=scheduler_config,
-        family=family,
-        identity=model.name,
-        fingerprint=model.fingerprint,
-    )
+    return BaseModel(unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+                     scheduler_config=scheduler_config, family=family, identity=model.name,
+                     fingerprint=model.fingerprint, objective=family.objective(scheduler_config),
+                     pipeline_config={k: v for k, v in dict(pipe.config).items() if not isinstance(v, (list, tuple))})
 
 
-def _reject_sdxl(model_index: dict, where: str | Path) -> None:
-    if (model_index.get("text_encoder_2") or [None])[0] is not None or "XL" in model_index.get("_class_name", ""):
-        raise ModelLoadError(
-            f"--model '{where}' is an SDXL model (it has a second text encoder); SDXL is not supported yet. "
-            "Use an SD 1.x or 2.x base model."
-        )
+def replace_vae(base: BaseModel, vae: str, dtype: torch.dtype) -> None:
+    """Swap in another VAE (flag --vae): a diffusers folder (config.json beside the weights, or a vae/ subfolder),
+    a hub id, or a single .safetensors file in the original layout (read with the base VAE's config).
+
+    Raises:
+        ModelLoadError: the VAE cannot be loaded or does not fit the model's latents.
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    try:
+        with _quiet_loading():
+            if path.is_dir():
+                sub = "vae" if (path / "vae" / "config.json").is_file() else None
+                loaded = AutoencoderKL.from_pretrained(str(path), subfolder=sub, dtype=dtype, local_files_only=True)
+            elif path.is_file():
+                if path.suffix.lower() != ".safetensors":
+                    raise ModelLoadError(f"--vae '{vae}' must be a .safetensors file, a diffusers folder or a hub id.")
+                with tempfile.TemporaryDirectory() as config_dir:  # the base VAE's config describes the file
+                    base.vae.save_config(config_dir)
+                    loaded = AutoencoderKL.from_single_file(str(path), config=config_dir, dtype=dtype,
+                                                            local_files_only=True)
+            elif HUB_ID.fullmatch(vae):
+                loaded = AutoencoderKL.from_pretrained(vae, dtype=dtype, local_files_only=_hub_offline())
+            else:
+                raise ModelLoadError(f"--vae '{vae}' is not an existing file or folder, nor a hub id.")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # any library failure: the VAE is unusable
+        raise ModelLoadError(f"cannot load --vae '{vae}': {_first_line(exc)}") from exc
+    if loaded.config.latent_channels != base.vae.config.latent_channels:
+        raise ModelLoadError(f"--vae '{vae}' makes {loaded.config.latent_channels}-channel latents; the model's UNet "
+                             f"takes {base.vae.config.latent_channels}. Pass a VAE of the model's family.")
+    base.vae = loaded.eval()
+    identity = with_vae(ModelIdentity(base.identity, base.fingerprint), vae)
+    base.identity, base.fingerprint = identity.name, identity.fingerprint
 
 
 def _resolve_single_file_config(config: str | None) -> str | None:
@@ -310,7 +352,6 @@ def _resolve_single_file_config(config: str | None) -> str | None:
                 f"--model-config '{config}' is not a diffusers model folder (no model_index.json). "
                 "Pass the folder of a diffusers model with the checkpoint's architecture."
             )
-        _reject_sdxl(_read_json(index, folder), config)
         return str(folder)
     if HUB_ID.fullmatch(config):
         return config
@@ -319,22 +360,25 @@ def _resolve_single_file_config(config: str | None) -> str | None:
     )
 
 
-def _check_checkpoint_keys(path: Path) -> None:
-    """Refuse, from the key names alone, safetensors files that are not SD 1.x/2.x checkpoints."""
+def _checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors checkpoint, read from its header alone."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+            return list(f.keys())
     except Exception as exc:
         raise ModelLoadError(f"--model '{path}' cannot be read as safetensors: {_first_line(exc)}") from exc
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        raise ModelLoadError(f"--model '{path}' is an SDXL checkpoint; SDXL is not supported yet.")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ModelLoadError(
-            f"--model '{path}' has no model.diffusion_model.* weights, so it is not a full Stable Diffusion "
-            "checkpoint (a LoRA or a VAE alone?). Pass a base model."
-        )
+
+
+def _config_pipeline(config: str | None) -> str | None:
+    """The pipeline class a --model-config names in its model_index.json, if it can be read."""
+    if config is None:
+        return None
+    try:
+        return read_model_configs(config).index.get("_class_name")
+    except ModelLoadError:
+        return None
 
 
 def _hub_offline() -> bool:

@@ -93,6 +93,7 @@ TINY_SDXL_VAE = {
     "latent_channels": 4,
     "sample_size": 64,
     "scaling_factor": 0.13025,  # SDXL's VAE latent scale (SD 1/2 use 0.18215)
+    "force_upcast": True,  # as SDXL's own VAE: it overflows in fp16, so it encodes and decodes in fp32
 }
 # Text encoder 1 stands in for OpenAI CLIP ViT-L (quick_gelu); vocab and special-token ids come from the tokenizer.
 TINY_SDXL_TEXT_1 = {

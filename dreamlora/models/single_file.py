@@ -1,4 +1,7 @@
-"""Export a diffusers SD 1.x / 2.x model as one original-layout (CompVis/LDM) .safetensors file.
+"""Export a diffusers model as one original-layout .safetensors file (SD 1.x / 2.x: CompVis/LDM; SDXL: SGM).
+
+`export_single_file` asks the model's family for the layout; the SD 1.x/2.x renames live here and SDXL's
+(which reuse them) in sdxl_layout.py.
 
 That single file is what AUTOMATIC1111, ComfyUI and `StableDiffusionPipeline.from_single_file` load.
 The key mapping is the inverse of diffusers' single-file loader
@@ -81,7 +84,7 @@ def export_single_file(
         raise ConfigError(f"export file '{out_path}' must end in .safetensors (the only format written).")
     if not isinstance(model, BaseModel):
         model = load_base_model(str(model))
-    state = {name: tensor.to(dtype).contiguous() for name, tensor in original_state_dict(model).items()}
+    state = {name: tensor.to(dtype).contiguous() for name, tensor in model.family.original_state_dict(model).items()}
     from safetensors.torch import save_file
 
     with atomic_path(out_path) as tmp:
@@ -90,7 +93,12 @@ def export_single_file(
 
 
 def original_state_dict(model: BaseModel) -> dict[str, torch.Tensor]:
-    """All of `model`'s weights under their original (LDM) names."""
+    """All of `model`'s weights under their original single-file names (the family's layout)."""
+    return model.family.original_state_dict(model)
+
+
+def sd_original_state_dict(model: BaseModel) -> dict[str, torch.Tensor]:
+    """All of an SD 1.x/2.x model's weights under their original (LDM) names."""
     text_state = model.text_encoders[0].state_dict()
     if model.family.v2:
         text = _prefixed(OPENCLIP_PREFIX, openclip_to_original(text_state))

@@ -1,9 +1,14 @@
-"""The base model's JSON configs, read without its weights: enough to build its modules on the meta device."""
+"""A base model's JSON configs, read without its weights: enough to tell its family and to build it on the meta device.
+
+The loader detects the family from them before it loads a weight; the memory plan builds the model from
+them on the meta device. A single-file checkpoint has no configs of its own: its --model-config folder
+or hub id supplies them.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelLoadError
@@ -11,12 +16,14 @@ from ..errors import ModelLoadError
 
 @dataclass(frozen=True)
 class ModelConfigs:
-    """The JSON configs of a base model: enough to build it on the meta device."""
+    """The JSON configs of a base model (diffusers layout)."""
 
-    unet: dict
+    unet: dict  # the denoiser's config
     vae: dict
-    text_encoders: tuple[dict, ...]  # transformers CLIPTextConfig kwargs, in pipeline order
+    text_encoders: tuple[dict, ...]  # transformers text-model configs, in pipeline order
     source: str  # where they were read, for messages
+    scheduler: dict = field(default_factory=dict)  # the sampling scheduler's config (prediction_type, betas)
+    index: dict = field(default_factory=dict)  # model_index.json: the pipeline class and its components
 
     @property
     def vae_scale_factor(self) -> int:
@@ -49,17 +56,14 @@ def read_model_configs(name: str, single_file_config: str | None = None) -> Mode
 
 
 def _builtin_configs(name: str) -> ModelConfigs:
-    from ..models.builtin import TINY_TEXT, TINY_UNET, TINY_VAE, builtin_spec
-    from ..models.tokenizer import DEFAULT_WORDS, build_merges, build_vocab
+    from .builtin import SHIPPED_DIR, builtin_config_values, builtin_spec
 
     spec = builtin_spec(name)
-    if getattr(spec, "shipped", False):  # trained weights inside the package: its folder has the configs
-        from ..models.builtin import SHIPPED_DIR
-
+    if spec.shipped:  # trained weights inside the package: its folder has the configs
         return _folder_configs(SHIPPED_DIR / name)
-    vocab = len(build_vocab(build_merges(DEFAULT_WORDS)))
-    text = {**TINY_TEXT, "vocab_size": vocab, "hidden_act": "gelu" if spec.v2 else "quick_gelu"}
-    return ModelConfigs({**TINY_UNET, "use_linear_projection": spec.v2}, dict(TINY_VAE), (text,), f"builtin:{name}")
+    values = builtin_config_values(spec)
+    return ModelConfigs(values["unet"], values["vae"], tuple(values["text_encoders"]), f"builtin:{name}",
+                        values["scheduler"], values["index"])
 
 
 def _folder_configs(folder: Path) -> ModelConfigs:
@@ -72,14 +76,18 @@ def _folder_configs(folder: Path) -> ModelConfigs:
         raise ModelLoadError(f"--model folder '{folder}' has no unet/config.json or vae/config.json; "
                              "pass a diffusers model folder.")
     texts = tuple(c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None)
-    return ModelConfigs(unet, vae, texts, str(folder))
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.is_file() else {}
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_path.read_text(encoding="utf-8")) if scheduler_path.is_file() else {}
+    return ModelConfigs(unet, vae, texts, str(folder), scheduler, index)
 
 
 def _hub_configs(repo_id: str) -> ModelConfigs:
     from huggingface_hub import try_to_load_from_cache
 
-    def read(part: str) -> dict | None:
-        cached = try_to_load_from_cache(repo_id, f"{part}/config.json")
+    def read(part: str, file: str = "config.json") -> dict | None:
+        cached = try_to_load_from_cache(repo_id, f"{part}/{file}" if part else file)
         return json.loads(Path(cached).read_text(encoding="utf-8")) if isinstance(cached, str) else None
 
     unet, vae = read("unet"), read("vae")
@@ -87,4 +95,5 @@ def _hub_configs(repo_id: str) -> ModelConfigs:
         raise ModelLoadError(f"model '{repo_id}' is not a local folder or file and its configs are not in the local "
                              f"Hugging Face cache. Download it first (hf download {repo_id}).")
     texts = tuple(c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None)
-    return ModelConfigs(unet, vae, texts, repo_id)
+    return ModelConfigs(unet, vae, texts, repo_id, read("scheduler", "scheduler_config.json") or {},
+                        read("", "model_index.json") or {})
