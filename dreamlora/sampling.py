@@ -168,8 +168,9 @@ def decode_latents(vae, image_processor, latents: torch.Tensor) -> list[Image.Im
     if dtype != original:
         vae.to(dtype=dtype)
     try:
-        scaled = latents.to(dtype) / vae.config.scaling_factor
-        pixels = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in scaled])
+        with torch.no_grad():
+            scaled = latents.to(dtype) / vae.config.scaling_factor
+            pixels = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in scaled])
     finally:
         if dtype != original:
             vae.to(dtype=original)

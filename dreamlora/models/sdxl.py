@@ -40,6 +40,8 @@ class StableDiffusionXLFamily:
         """SDXL from its configs: a UNet with text-and-size added conditions and two text encoders."""
         if configs.unet.get("addition_embed_type") != "text_time" or len(configs.text_encoders) != 2:
             return None
+        if configs.index.get("_class_name", "StableDiffusionXLPipeline") != "StableDiffusionXLPipeline":
+            return None
         return cls(prediction_type=configs.scheduler.get("prediction_type", "epsilon"))
 
     @property
