@@ -105,6 +105,8 @@ def step_flops(models, settings) -> int:
 
     from dreamlora.lora import add_lora_adapters
     from dreamlora.memory import meta_text_encoder, meta_unet, unet_inputs
+    from dreamlora.memory.estimate import meta_conditions
+    from dreamlora.models import detect_family
 
     unet = meta_unet(models.unet)
     texts = [meta_text_encoder(c) for c in models.text_encoders] if settings.train_text_encoder else []
@@ -117,9 +119,10 @@ def step_flops(models, settings) -> int:
     latent = settings.resolution // models.vae_scale_factor
     with FlopCounterMode(display=False) as counter:
         args, kwargs = unet_inputs(models, settings.rows, latent, torch.float32)
-        if texts:
-            ids = torch.zeros(settings.rows, 77, dtype=torch.long, device="meta")
-            kwargs["encoder_hidden_states"] = texts[0](ids)[0]
+        if texts:  # the encoders run in the step, as the model's family runs them
+            family = detect_family(models)
+            ids = [torch.zeros(settings.rows, 77, dtype=torch.long, device="meta") for _ in texts]
+            kwargs = family.denoiser_kwargs(family.encode_ids(texts, ids), meta_conditions(kwargs))
         pred = unet(*args, **kwargs).sample
         torch.nn.functional.mse_loss(pred, args[0]).backward()
     return counter.get_total_flops()

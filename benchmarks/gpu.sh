@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one go: training steps and class images at SD 1.5 size (512 px, batch 1 + 1 prior,
 # through dreamlora's train() and make_class_images on a random-weight SD 1.5 folder) and SDXL size
-# (1024 px, the UNet alone: dreamlora does not load SDXL yet), in bf16 and fp16, with and without
-# gradient checkpointing and 8-bit AdamW; then one table of everything.
+# (1024 px, batch 1 + 1 prior, rank 16, through train() on a random-weight SDXL folder: the UNet alone and with
+# both text encoders), in bf16 and fp16, with and without gradient checkpointing and 8-bit AdamW; then one table.
 #
 #   bash benchmarks/gpu.sh               # on a CUDA machine; about 8 minutes on one H100/H200-class GPU
 #   bash benchmarks/gpu.sh --quick       # bf16 only, no compile row, no quality references: about 4 minutes

@@ -6,9 +6,8 @@
   (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) with random weights.
 - "sd15-mini" and "sdxl-mini": the same layouts at a tenth of the width, for `gpu.sh --cpu-smoke`.
 
-Folders are standard diffusers StableDiffusionPipeline folders with the project's tokenizer
-(dreamlora/models/tokenizer.py), so `--model <folder>` loads them like any base model. SDXL folders
-are not built: dreamlora does not load SDXL yet, so SDXL rows run the UNet alone (see train_step.py).
+Folders are standard diffusers StableDiffusion(XL)Pipeline folders with the project's tokenizer
+(dreamlora/models/tokenizer.py), so `--model <folder>` loads them like any base model.
 """
 
 from __future__ import annotations
@@ -77,7 +76,8 @@ _CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_hea
 
 ARCH = {
     "sd15": {"unet": _SD15_UNET, "vae": _SD_VAE, "text": _CLIP_L, "resolution": 512},
-    "sdxl": {"unet": _SDXL_UNET, "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
+    "sdxl": {"unet": _SDXL_UNET, "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025,
+                                         "force_upcast": True},
              "text": _CLIP_L, "text_2": _CLIP_BIGG, "resolution": 1024},
     # Same layouts at a tenth of the width (and 2 of SDXL's 10 deep transformer layers): CPU smoke tests.
     "sd15-mini": {"unet": {**_SD15_UNET, "block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 64,
@@ -127,14 +127,13 @@ def model_folder(name: str, *, device: str = "cpu") -> Path:
     """
     spec = MODELS[name]
     dtype = torch.float16 if name in ("sd15", "sdxl") else torch.float32
-    if spec.get("text_2"):
-        raise ValueError(f"{name}: SDXL folders are not built (dreamlora loads SD 1.x/2.x only)")
     key = hashlib.sha256(json.dumps([spec, str(dtype)], sort_keys=True).encode()).hexdigest()[:10]
     folder = bench_dir() / "models" / f"{name}-{key}"
     if (folder / "model_index.json").is_file():
         return folder
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from dreamlora.models.tokenizer import load_tokenizer, write_tokenizer_files
 
@@ -142,22 +141,49 @@ def model_folder(name: str, *, device: str = "cpu") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     write_tokenizer_files(tmp / "tokenizer")
     tokenizer = load_tokenizer(tmp / "tokenizer")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**spec["unet"])
         torch.manual_seed(1)
         vae = AutoencoderKL(**spec["vae"])
         torch.manual_seed(2)
-        text = CLIPTextModel(CLIPTextConfig(**_text_config(spec["text"]), bos_token_id=tokenizer.bos_token_id,
-                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        text = CLIPTextModel(CLIPTextConfig(**_text_config(spec["text"]), **ids))
+        if spec.get("text_2"):
+            torch.manual_seed(3)
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(spec["text_2"]), **ids))
+    if spec.get("text_2"):
+        scheduler = EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items()
+                                              if k not in ("skip_prk_steps", "set_alpha_to_one")})
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                       scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype=dtype)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(tmp / "tokenizer")
-    write_tokenizer_files(tmp / "tokenizer")  # the plain CLIP files, as the built-in models have
+    for part in ("tokenizer", "tokenizer_2"):  # the plain CLIP files, as the built-in models have
+        if (tmp / part).is_dir():
+            shutil.rmtree(tmp / part)
+            write_tokenizer_files(tmp / part)
     os.replace(tmp, folder)
+    return folder
+
+
+def instance_folder(resolution: int) -> Path:
+    """The 5 sample photos, upscaled to `resolution` when they are smaller (preflight refuses more than 4x)."""
+    from PIL import Image
+
+    if resolution <= 4 * 128:
+        return INSTANCES
+    folder = bench_dir() / "instance-images" / f"{resolution}px"
+    if len(list(folder.glob("*.png"))) != 5:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(INSTANCES.glob("*.png")):
+            Image.open(path).convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC).save(
+                folder / path.name)
     return folder
 
 

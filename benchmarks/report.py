@@ -25,6 +25,8 @@ def unify(row: dict) -> dict:
         flags += ["ckpt"] if row.get("gradient_checkpointing") else []
         flags += ["8-bit Adam"] if row.get("optimizer") == "adamw8bit" else []
         flags += ["compile"] if row.get("compile") else []
+        flags += [f"rank {row['rank']}"] if row.get("rank", 4) != 4 else []
+        flags += ["+ text encoders"] if row.get("train_text_encoder") else []
         out.update(setting=" ".join(flags), time=row.get("step_s"), unit="s/step", vs=row.get("step_vs_ref"))
     elif row.get("bench") == "priors":
         out.update(setting=f"{row.get('sampler')} {row.get('steps')} steps, batch {row.get('batch')}",

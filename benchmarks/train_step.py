@@ -7,7 +7,7 @@ Each row runs in its own process (its peak memory is its own):
   benchmark model folder (benchmarks/models.py). Seconds a step are timed between progress events
   after the warm-up steps; the caches, the final validation grid and saving are outside that window
   but inside the peak-memory window.
-- kind "unet": the SD 1.5 / SDXL architectures' UNet alone (dreamlora does not load SDXL yet): the
+- kind "unet": the SD 1.5 / SDXL architectures' UNet alone, without loading a model: the
   loop body of dreamlora.training (LoRA through dreamlora.lora, the same losses and noise schedule,
   autocast and fp32 adapters as under accelerate) on random latents and embeddings.
 - kind "tensors": the "train" run with every tensor it creates counted (dreamlora.memory.LiveBytes):
@@ -53,7 +53,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def row(kind: str, model: str, **settings) -> dict:
     base = {"kind": kind, "model": model, "resolution": None, "batch": 1, "mixed_precision": "no",
             "gradient_checkpointing": False, "optimizer": "adamw", "compile": False, "steps": 8, "warmup": 2,
-            "device": "cpu"}
+            "device": "cpu", "rank": 4, "train_text_encoder": False}
     return {**base, **settings}
 
 
@@ -78,11 +78,16 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
                                     device="cuda"))
     elif preset == "gpu":
         rows = []
-        for arch, kind in (("sd15", "train"), ("sdxl", "unet")):
-            for mp, gc, opt in (("bf16", False, "adamw"), ("bf16", True, "adamw"), ("bf16", False, "adamw8bit"),
-                                ("bf16", True, "adamw8bit"), ("fp16", False, "adamw"), ("fp16", True, "adamw8bit")):
-                rows.append(row(kind, arch, mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
-                                device="cuda", steps=12 if kind == "train" else 8, warmup=3))
+        for mp, gc, opt in (("bf16", False, "adamw"), ("bf16", True, "adamw"), ("bf16", False, "adamw8bit"),
+                            ("bf16", True, "adamw8bit"), ("fp16", False, "adamw"), ("fp16", True, "adamw8bit")):
+            rows.append(row("train", "sd15", mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
+                            device="cuda", steps=12, warmup=3))
+        # SDXL through train() at 1024 px, batch 1 + 1 prior, rank 16: the UNet alone, then with both text encoders
+        # (targets: <= 8 GB and <= 10 GB); the leanest settings first, then the faster ones.
+        for te in (False, True):
+            for mp, gc, opt in (("bf16", True, "adamw8bit"), ("bf16", False, "adamw"), ("fp16", True, "adamw8bit")):
+                rows.append(row("train", "sdxl", mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
+                                device="cuda", steps=8, warmup=3, rank=16, train_text_encoder=te))
         if os.environ.get("DREAMLORA_BENCH_QUICK") == "1":  # gpu.sh --quick
             rows = [r for r in rows if r["mixed_precision"] == "bf16"]
         else:
@@ -98,10 +103,10 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
         # train() refuses bf16 on CPUs without bf16 kernels; there the lean row keeps fp32 (checkpointing, 8-bit AdamW)
         lean = "bf16" if cpu_runs_bf16_natively() else "no"
         rows = []
-        for arch, kind in (("sd15-mini", "train"), ("sdxl-mini", "unet")):
-            for mp, gc, opt in (("no", False, "adamw"), (lean if kind == "train" else "bf16", True, "adamw8bit")):
-                rows.append(row(kind, arch, mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
-                                steps=3, warmup=1))
+        for arch in ("sd15-mini", "sdxl-mini"):
+            for mp, gc, opt, te in (("no", False, "adamw", False), (lean, True, "adamw8bit", arch == "sdxl-mini")):
+                rows.append(row("train", arch, mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
+                                steps=3, warmup=1, rank=16 if arch == "sdxl-mini" else 4, train_text_encoder=te))
     else:
         raise SystemExit(f"unknown preset {preset!r}: cpu, cpu-compile, gpu or cpu-smoke")
     if steps:
@@ -175,7 +180,7 @@ def plan_worker(spec: dict) -> dict:
 
 
 def train_worker(spec: dict) -> dict:
-    from models import INSTANCES, class_folder, model_folder
+    from models import class_folder, instance_folder, model_folder
 
     from dreamlora import load_config, train
     from dreamlora.memory import LiveBytes, MemorySettings, plan, read_model_configs
@@ -187,12 +192,13 @@ def train_worker(spec: dict) -> dict:
     device = spec["device"]
     out = Path(tempfile.mkdtemp(prefix="dreamlora-bench-")) / "bench.safetensors"
     config = load_config(None, {
-        "model.name": model, "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+        "model.name": model, "data.instance_dir": str(instance_folder(resolution)), "data.class_word": "ball",
         "data.resolution": resolution, "prior.class_dir": str(class_folder(resolution)), "output.path": str(out),
         "train.steps": spec["steps"], "train.batch_size": spec["batch"], "train.checkpoint_every": 0,
         "train.log_every": spec["steps"], "train.mixed_precision": spec["mixed_precision"],
         "train.gradient_checkpointing": spec["gradient_checkpointing"], "train.optimizer": spec["optimizer"],
         "train.compile": spec["compile"], "validation.steps": 2, "validation.seeds": [0],
+        "lora.rank": spec.get("rank", 4), "lora.train_text_encoder": spec.get("train_text_encoder", False),
         "validation.prompts": ["a photo of {token} {class}"]})
     start = time.perf_counter()
     planned = plan(config, device_type=device)

@@ -172,7 +172,7 @@ def unet_inputs(models: ModelConfigs, rows: int, latent: int, dtype: torch.dtype
     return detect_family(models).meta_denoiser_inputs(models, rows, latent, dtype)
 
 
-def _meta_conditions(kwargs: dict) -> dict[str, torch.Tensor]:
+def meta_conditions(kwargs: dict) -> dict[str, torch.Tensor]:
     """The per-image conditions among a denoiser's meta inputs (SDXL's time_ids), for denoiser_kwargs."""
     return {k: v for k, v in kwargs.get("added_cond_kwargs", {}).items() if k != "text_embeds"}
 
@@ -224,7 +224,7 @@ def _training_step_peak(unet, texts, models: ModelConfigs, s: MemorySettings, la
             family = detect_family(models)
             embeddings = family.encode_ids(texts, [torch.empty(rows, TEXT_TOKENS, dtype=torch.long, device="meta")
                                                    for _ in texts])
-            kwargs = family.denoiser_kwargs(embeddings, _meta_conditions(kwargs))
+            kwargs = family.denoiser_kwargs(embeddings, meta_conditions(kwargs))
         pred = unet(noisy, args[1], **kwargs).sample
         if s.half is not None:
             pred = pred.float()  # accelerate returns fp32 outputs under mixed precision

@@ -64,7 +64,12 @@ def parameter_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None, t
 
 
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Adds up the storage bytes of every tensor created while active, minus those freed since: `peak`."""
+    """Adds up the storage bytes of every tensor created while active, minus those freed since: `peak`.
+
+    An op's output that shares storage with one of its inputs (a view such as the `weight.t()` that F.linear
+    decomposes into, an in-place result, a detach) allocates nothing: it is never counted, also when the
+    input was made before the mode began (the model's weights, which are added from their shapes instead).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,13 +79,15 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
                 self._track(t)
         return out
 
     def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()  # views and in-place results share it: counted once
+        storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._seen:
             return
