@@ -49,6 +49,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -255,16 +256,12 @@ def timed(cmd: list[str], *, cwd: Path, env: dict, log: Path, timeout: float) ->
     start = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
+        killer = threading.Timer(timeout, proc.kill)  # the wait below blocks: no polling on the measured cores
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     cpu = usage.ru_utime + usage.ru_stime
@@ -438,7 +435,8 @@ TRAIN_PHASES = [
     ("place_frozen", "freeze and place the model"), ("use_channels_last", "freeze and place the model"),
     ("class_images", "data sets"), ("add_adapters", "LoRA adapters (peft)"),
     ("BatchSource", "cache latents and prompt embeddings"), ("offload_encoders", "cache latents and prompt embeddings"),
-    ("make_optimizer", "optimizer and LR schedule"), ("save_step", "final checkpoint (adapters + optimizer state)"),
+    ("make_optimizer", "optimizer and LR schedule"), ("run_record", "run folder"),
+    ("save_step", "final checkpoint (adapters + optimizer state)"),
     ("validate", "final validation grid"), ("save_output", "save the LoRA file"),
 ]
 
@@ -449,15 +447,24 @@ def phases_worker(spec: dict) -> None:
     stamps: list[tuple[str, float, float]] = []
     interp = time.time() - (time.perf_counter() - _WORKER_T0) - t_launch  # launch to the first line of this file
     t0 = time.perf_counter()
-    import cli.main  # what `python -m cli` runs first: typer, the library loggers quieted, every command module
+    import cli.main  # what `python -m cli` runs first (typer, the command modules; more or less of the libraries)
 
-    stamps.append(("imports: cli.main (typer, torch, diffusers, transformers, dreamlora, ...)", t0,
-                   time.perf_counter()))
+    stamps.append(("imports: cli.main", t0, time.perf_counter()))
     t0 = time.perf_counter()
-    import dreamlora  # what `train` imports (already imported by cli.main at this commit: then ~0 s)
+    import importlib
 
-    stamps.append(("imports: dreamlora, what cli.main left", t0, time.perf_counter()))
-    train_module = sys.modules["dreamlora.train"]
+    import dreamlora
+
+    # What the train command imports next (torch, diffusers, transformers, peft, accelerate), whatever cli.main left.
+    # The training module is dreamlora.training (dreamlora.train before the package became lazy).
+    for name in ("dreamlora.training", "dreamlora.train"):
+        try:
+            train_module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(train_module, "train"):
+            break
+    stamps.append(("imports: dreamlora's training module, what cli.main left", t0, time.perf_counter()))
 
     def wrap(owner, attr: str, label: str) -> None:
         original = getattr(owner, attr)
@@ -474,14 +481,18 @@ def phases_worker(spec: dict) -> None:
     import accelerate
 
     for attr, label in TRAIN_PHASES:
-        wrap(train_module, attr, label)
+        if hasattr(train_module, attr):  # a helper renamed in a later dreamlora is left out of the table
+            wrap(train_module, attr, label)
     wrap(accelerate.Accelerator, "prepare", "accelerator.prepare")  # the class's method, before the name is wrapped
     wrap(accelerate, "Accelerator", "Accelerator()")
     from dreamlora.preflight import TrainingImages
 
     wrap(TrainingImages, "finish", "preflight: size checks, token warnings")
-    wrap(dreamlora, "load_config", "config (flags, checks)")
-    wrap(dreamlora, "train", "train() in all")
+    config_module = importlib.import_module("dreamlora.config")
+    wrap(config_module, "load_config", "config (flags, checks)")
+    dreamlora.load_config = config_module.load_config  # older CLIs take it from the package
+    wrap(train_module, "train", "train() in all")
+    dreamlora.train = train_module.train  # the CLI takes it from the package or from the module: the same wrapper
     from cli.progress import TerminalProgress
 
     steps: dict[int, float] = {}
