@@ -81,6 +81,17 @@ class ImageGeometry:
     target: tuple[int, int]  # (height, width) of the training crop
 
 
+@dataclass(frozen=True)
+class TextEncoderNaming:
+    """How LoRA files and the tools that load them name one text encoder (dreamlora.interop.keymaps reads it)."""
+
+    kohya_prefix: str  # sd-scripts key prefix: lora_te (SD 1/2), lora_te1 / lora_te2 (SDXL)
+    diffusers_prefix: str  # diffusers / peft key prefix: text_encoder, text_encoder_2
+    a1111_prefix: str  # AUTOMATIC1111's module-name prefix of the encoder: transformer_ (SD 1), model_ (SD 2), 0_transformer_ / 1_model_ (SDXL)
+    openclip: bool  # the original checkpoint holds it in OpenCLIP's layout (resblocks, q/k/v fused into in_proj)
+    comfy_name: str  # ComfyUI's name of the encoder: clip_l, clip_h, clip_g
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """The interface every model family implements (see the module docstring for the table and for SD3/Flux)."""
@@ -100,6 +111,17 @@ class ModelFamily(Protocol):
 
     def kohya_unet_key(self, module: str, unet_config: dict) -> str:
         """The kohya/AUTOMATIC1111 key stem of a denoiser module: `lora_unet_...`."""
+
+    @property
+    def text_encoder_naming(self) -> tuple[TextEncoderNaming, ...]:
+        """How files and tools name each text encoder, in pipeline order."""
+
+    def original_unet_module(self, module: str, unet_config: dict) -> str:
+        """A denoiser module's path in the original single-file layout (without `model.diffusion_model.`).
+
+        Raises:
+            ValueError: no module of a denoiser with this config has that path.
+        """
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline class's from_pretrained / from_single_file (parts to leave out)."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .family import ImageGeometry, PromptEmbeddings, cross_attention_width, tokenize
+from .family import ImageGeometry, PromptEmbeddings, TextEncoderNaming, cross_attention_width, tokenize
 
 if TYPE_CHECKING:
     from .configs import ModelConfigs
@@ -69,6 +69,24 @@ class StableDiffusionFamily:
     def kohya_unet_key(self, module: str, unet_config: dict) -> str:
         """kohya's SD 1.x/2.x files name UNet modules by their diffusers path: `lora_unet_down_blocks_1_...`."""
         return "lora_unet_" + module.replace(".", "_")
+
+    @property
+    def text_encoder_naming(self) -> tuple[TextEncoderNaming, ...]:
+        """SD 1's OpenAI CLIP ViT-L and SD 2's OpenCLIP ViT-H, as sd-scripts, AUTOMATIC1111, ComfyUI and diffusers name them.
+
+        AUTOMATIC1111 names the encoder by its module path in the original checkpoint (`cond_stage_model`'s
+        `transformer.text_model...` for CLIP, `model.transformer.resblocks...` for OpenCLIP); ComfyUI calls them
+        clip_l and clip_h.
+        """
+        if self.v2:
+            return (TextEncoderNaming("lora_te", "text_encoder", "model_", True, "clip_h"),)
+        return (TextEncoderNaming("lora_te", "text_encoder", "transformer_", False, "clip_l"),)
+
+    def original_unet_module(self, module: str, unet_config: dict) -> str:
+        """The LDM path of a UNet module (`down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`)."""
+        from .sdxl_layout import sgm_unet_module_name  # SGM's UNet numbers its blocks as LDM's does
+
+        return sgm_unet_module_name(module, unet_config)
 
     @classmethod
     def load_kwargs(cls) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .family import ImageGeometry, PromptEmbeddings, cross_attention_width, tokenize
+from .family import ImageGeometry, PromptEmbeddings, TextEncoderNaming, cross_attention_width, tokenize
 
 if TYPE_CHECKING:
     from .configs import ModelConfigs
@@ -66,6 +66,17 @@ class StableDiffusionXLFamily:
         from .sdxl_layout import kohya_unet_module_name
 
         return kohya_unet_module_name(module, unet_config)
+
+    @property
+    def text_encoder_naming(self) -> tuple[TextEncoderNaming, ...]:
+        """CLIP ViT-L and OpenCLIP ViT-bigG: AUTOMATIC1111 names them by their index among the conditioner's embedders."""
+        return (TextEncoderNaming("lora_te1", "text_encoder", "0_transformer_", False, "clip_l"),
+                TextEncoderNaming("lora_te2", "text_encoder_2", "1_model_", True, "clip_g"))
+
+    def original_unet_module(self, module: str, unet_config: dict) -> str:
+        from .sdxl_layout import sgm_unet_module_name
+
+        return sgm_unet_module_name(module, unet_config)
 
     @classmethod
     def load_kwargs(cls) -> dict[str, Any]:
