@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,9 +18,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import as_os_error, new_file_mode
 from .errors import TrainingError
 
 PREFIX = "step-"
+_NAME = re.compile(rf"{PREFIX}(\d+)")
+# Everything a run writes in its folder, by name: `--overwrite` and pruning delete these and nothing else,
+# so a user's notes in a --run-dir of their choosing survive.
+CHECKPOINT_FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
+_OWN_TEMPORARY = re.compile(rf"\.{PREFIX}\d+\..+")  # a checkpoint folder or grid a killed run left half-written
+_OWN_GRID = re.compile(rf"{PREFIX}\d+\.png")
 
 
 @dataclass
@@ -37,8 +45,9 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
     found = []
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.name.startswith(PREFIX) and (path / "state.json").is_file():
-                found.append(Checkpoint(int(path.name[len(PREFIX):]), path))
+            match = _NAME.fullmatch(path.name)
+            if match and (path / "state.json").is_file():
+                found.append(Checkpoint(int(match.group(1)), path))
     return sorted(found, key=lambda c: c.step)
 
 
@@ -61,22 +70,82 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict[str, torch.Ten
     final = folder / f"{PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, tmp / "adapter.safetensors")
+        os.chmod(tmp, new_file_mode(folder=True))  # mkdtemp makes 0700: a shared run folder could not read it
+        _save(adapter_state, tmp / "adapter.safetensors")
         tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, tmp / "optimizer.safetensors")
+        _save(tensors, tmp / "optimizer.safetensors")
         state = {"step": step, "optimizer": optimizer_meta, "lr_scheduler": lr_scheduler.state_dict(),
                  "config": json.loads(config_json), "run": run,
                  "scaler": scaler.state_dict() if scaler is not None else None}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old.path, ignore_errors=True)
+        remove_checkpoint(old.path)
     return final
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O failures (disk full, file-size limit) raised as the OSError they are."""
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+    except Exception as exc:
+        error = as_os_error(exc, path)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def remove_checkpoint(path: Path) -> bool:
+    """Delete the files a checkpoint folder holds, and the folder when nothing else is in it.
+
+    Returns:
+        False when the folder is kept because it holds files dreamlora did not write.
+    """
+    for name in CHECKPOINT_FILES:
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def remove_run_files(run_dir: Path) -> list[Path]:
+    """Delete what earlier runs wrote in `run_dir` (checkpoints, validation grids, their half-written temporaries).
+
+    Anything else (a user's notes, other files in a --run-dir of the user's choosing) stays, and folders
+    are removed only when that leaves them empty.
+
+    Returns:
+        The folders kept because they hold files dreamlora did not write.
+    """
+    kept = []
+    folder = checkpoint_dir(run_dir)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _NAME.fullmatch(path.name) and path.is_dir():
+                if not remove_checkpoint(path):
+                    kept.append(path)
+            elif _OWN_TEMPORARY.fullmatch(path.name) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+    grids = run_dir / "validation"
+    if grids.is_dir():
+        for path in grids.iterdir():
+            if (_OWN_GRID.fullmatch(path.name) or _OWN_TEMPORARY.fullmatch(path.name)) and path.is_file():
+                path.unlink(missing_ok=True)
+    for empty in (folder, grids):
+        try:
+            empty.rmdir()
+        except OSError:
+            pass  # missing, or holds other files
+    return kept
 
 
 def read_state(checkpoint: Checkpoint) -> dict:
@@ -86,24 +155,39 @@ def read_state(checkpoint: Checkpoint) -> dict:
         TrainingError: the file is unreadable.
     """
     try:
-        return json.loads((checkpoint.path / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((checkpoint.path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise TrainingError(f"checkpoint '{checkpoint.path}' is damaged ({exc}); delete it to resume from an older one") from exc
+        raise damaged(checkpoint, exc) from exc
+    if not isinstance(state, dict) or not isinstance(state.get("run"), (dict, type(None))):
+        raise damaged(checkpoint, "state.json is not a checkpoint record")
+    return state
 
 
 def load_checkpoint(checkpoint: Checkpoint, optimizer, lr_scheduler, scaler=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore optimiser, scheduler (and the fp16 loss scaler) in place; return the adapter state and state.json."""
+    """Restore optimiser, scheduler (and the fp16 loss scaler) in place; return the adapter state and state.json.
+
+    Raises:
+        TrainingError: a file of the checkpoint is missing, truncated or not what a checkpoint holds.
+    """
+    state = read_state(checkpoint)
     try:
-        state = json.loads((checkpoint.path / "state.json").read_text(encoding="utf-8"))
         adapter = load_file(checkpoint.path / "adapter.safetensors")
         tensors = load_file(checkpoint.path / "optimizer.safetensors")
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"checkpoint '{checkpoint.path}' is damaged ({exc}); delete it to resume from an older one") from exc
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    # Whatever a damaged file makes safetensors (SafetensorError), json or torch's loaders raise, the remedy is
+    # the same; none of these objects has been used yet, so a half-restored optimizer is never trained.
+    except Exception as exc:  # noqa: BLE001
+        raise damaged(checkpoint, exc) from exc
     return adapter, state
+
+
+def damaged(checkpoint: Checkpoint, why: object) -> TrainingError:
+    reason = str(why).splitlines()[0][:200] if str(why) else type(why).__name__
+    return TrainingError(f"checkpoint '{checkpoint.path}' is damaged ({reason}); delete that folder to resume from "
+                         "an older checkpoint, or start over with --overwrite.")
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
