@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import json
 import os
-import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoints
-from .atomic import write_bytes_atomic, write_text_atomic
+from .atomic import RunLock, as_os_error, check_writable, write_bytes_atomic, write_error, write_text_atomic
 from .config import DreamLoraConfig, describe, fill_prompt, to_portable_json
 from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, draw_latents_and_crops, encode_latents,
                    instance_set, load_rgb, pick_indices, resize_for_training)
@@ -30,7 +29,7 @@ from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dic
                    trainable_parameters)
 from .models import BaseModel, load_base_model
 from .models.family import ImageGeometry, PromptEmbeddings
-from .preflight import preflight_training_data, token_warnings
+from .preflight import preflight_training_data, prompt_length_warnings, token_warnings
 from .identity import ModelIdentity, images_fingerprint
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
@@ -65,16 +64,20 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
     Raises:
         ConfigError, DataError, ModelLoadError, TrainingError: a message naming the file or flag.
     """
-    with global_rng_restored():
-        return _run(config, progress)
+    with global_rng_restored(), stop_signals_interrupt(), contextlib.ExitStack() as held:
+        try:
+            return _run(config, progress, held)
+        except KeyboardInterrupt as exc:  # the loop and the final save turn their interrupts into TrainingErrors
+            raise TrainingError(f"{interruption(exc)} before the first training step: nothing was trained. Run "
+                                "the same command again (class images made so far are kept).") from None
 
 
-def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
+def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.ExitStack) -> TrainResult:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     config = fit_memory_budget(config, progress)  # from the model's configs: before any weight is read
     output, run_dir = output_paths(config)
-    images = preflight_training_data(config.data, config.prior)  # decode every image before any model loads
+    images = preflight_training_data(config.data, config.prior)  # every image and caption before any model loads
     check_hardware(config, process_device())  # before accelerate fixes the precision for the process
     # Text encoders conditioned on a hidden layer below the last (SDXL's penultimate one) leave their last layer's
     # adapters without gradients, which DDP must be told to expect.
@@ -82,6 +85,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps,
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=config.lora.train_text_encoder)])
+    held.enter_context(run_locks(output, run_dir, accelerator))  # before anything in the run folder changes
     start_step = prepare_run_dir(config, run_dir, accelerator)
     started = run_started(run_dir, start_step, accelerator.is_main_process)
 
@@ -97,6 +101,8 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
     for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]):
         note(progress, message)
     instances = instance_set(config.data, images.instance.usable)
+    for message in prompt_length_warnings(training_prompts(config, instances), base.tokenizers[0]):
+        note(progress, message)
     place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision))
     use_channels_last(base, accelerator.device, config)
     classes = class_images(config, base, resolution, accelerator, progress,
@@ -157,26 +163,34 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback) -> TrainResult:
                 save_step(run_dir, done, base, optimizer, lr_scheduler, config, record, accelerator)
             if cfg.validation.every and done % cfg.validation.every == 0 and done < t.steps:
                 validate(base, config, resolution, run_dir, done, accelerator, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (stop_signals_interrupt)
         # Save the last whole step, labelled with the steps the weights really hold: an interrupt during
         # logging, a checkpoint or a validation grid comes after step `completed`; one between the optimizer
         # update and the count cannot be labelled, so the last periodic checkpoint is kept instead.
+        how = interruption(exc)
         if updating:
-            raise TrainingError(f"interrupted while applying step {completed + 1}; the last checkpoint in "
+            raise TrainingError(f"{how} while applying step {completed + 1}; the last checkpoint in "
                                 f"'{run_dir}' is kept. Run the same command with --resume to continue.") from None
         if completed > start_step:
-            save_step(run_dir, completed, base, optimizer, lr_scheduler, config, record, accelerator)
-        raise TrainingError(f"interrupted after step {completed}; a checkpoint is in '{run_dir}'. "
+            try:
+                save_step(run_dir, completed, base, optimizer, lr_scheduler, config, record, accelerator)
+            except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint write is atomic, the older one stays
+                raise TrainingError(f"{how}, and again while saving step {completed}; the last checkpoint in "
+                                    f"'{run_dir}' is kept. Run the same command with --resume to continue.") from None
+        raise TrainingError(f"{how} after step {completed}; a checkpoint is in '{run_dir}'. "
                             "Run the same command with --resume to continue.") from None
 
     if start_step < t.steps:  # resumed at the last step (its file was not written): the checkpoint is there
         save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, record, accelerator)
-    grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress)
-    if accelerator.is_main_process:
-        with disk_errors(output, then=f" The trained weights are kept in '{run_dir}': run the same command "
-                                      "with --resume to write the file."):
-            save_output(output, base, config, resolution, started)
-        progress(ProgressEvent("save", message=f"wrote {output}"))
+    kept = f"The trained weights are kept in '{run_dir}': run the same command with --resume to write the file."
+    try:
+        grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress)
+        if accelerator.is_main_process:
+            with disk_errors(output, then=f" {kept}"):
+                save_output(output, base, config, resolution, started)
+            progress(ProgressEvent("save", message=f"wrote {output}"))
+    except KeyboardInterrupt as exc:  # the final grid and the file come after the last checkpoint: nothing is lost
+        raise TrainingError(f"{interruption(exc)} after the last step, before '{output}' was written. {kept}") from None
     accelerator.wait_for_everyone()
     return TrainResult(output, run_dir, t.steps, *(logged or (None, None, None)), grid)
 
@@ -198,15 +212,117 @@ def global_rng_restored():
             torch.cuda.set_rng_state_all(cuda)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """Treat SIGTERM and SIGHUP as Ctrl-C while training, so the last step is saved before the process ends.
+
+    `docker stop`, Slurm and Kubernetes pre-emption send SIGTERM and wait a grace period (10-30 s) before
+    SIGKILL; a closed terminal sends SIGHUP. Their default action ends the process at once and loses every
+    step since the last checkpoint. After the first one the others are ignored, so a repeated signal does
+    not break the checkpoint being written. Only the main thread can install handlers: elsewhere (a caller's
+    worker thread) the signals keep their default action.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not STOP_SIGNALS:
+        yield
+        return
+
+    def stop(signum, frame):
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number in STOP_SIGNALS:
+        signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
+def interruption(exc: KeyboardInterrupt) -> str:
+    """'interrupted (Ctrl-C)' or 'stopped by SIGTERM', for messages."""
+    return f"stopped by {exc.signal_name}" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+
+
+@contextlib.contextmanager
+def run_locks(output: Path, run_dir: Path, accelerator):
+    """Hold the output's and the run folder's locks (main process) for the whole run.
+
+    Two runs writing the same --out, or sharing a run folder, would each report success while the file and
+    the checkpoints hold only one of them. The second one stops here, naming the first; the locks die with
+    their process. Under `accelerate launch` every process learns whether the main one got them.
+    """
+    locks, refusal = [], None
+    if accelerator.is_main_process:
+        try:
+            locks.append(RunLock.acquire(output.parent / f".{output.name}.lock", f"output '{output}'",
+                                         "choose another --out"))
+            locks.append(RunLock.acquire(run_dir / ".lock", f"run folder '{run_dir}'", "pass another --run-dir"))
+        except DreamLoraError as exc:
+            refusal = exc
+    message = str(refusal) if refusal else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    try:
+        if refusal:
+            raise refusal
+        if message:
+            raise TrainingError(message)
+        yield
+    finally:
+        for lock in reversed([lock for lock in locks if lock is not None]):
+            lock.release()
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when the run left it empty (a refused or failed start)
+
+
+def training_prompts(config: DreamLoraConfig, instances: ImageSet) -> dict[str, str]:
+    """Every prompt the run encodes, by where it comes from: captions, the instance, class and validation prompts."""
+    data = config.data
+    prompts = {}
+    for path, prompt in zip(instances.paths, instances.prompts):
+        caption = path.with_suffix(".txt")
+        prompts[f"the prompt of '{path.name}' (caption '{caption.name}')" if caption.is_file() else
+                describe("data.instance_prompt")] = prompt
+    if config.prior.enabled:
+        prompts[describe("data.class_prompt")] = fill_prompt(data.class_prompt, data.token, data.class_word)
+    for i, prompt in enumerate(config.validation.prompts):
+        prompts[f"{describe('validation.prompts')} {i + 1}"] = fill_prompt(prompt, data.token, data.class_word)
+    return prompts
+
+
 def output_paths(config: DreamLoraConfig) -> tuple[Path, Path]:
     """The output file and run folder; refuses to overwrite a finished file without --overwrite."""
     output = Path(config.output.path)
     if output.exists() and not config.output.overwrite:
         raise ConfigError(f"output '{output}' already exists. Pass --overwrite to replace it, or choose another --out.")
+    run_dir = Path(config.train.run_dir) if config.train.run_dir else output.parent / f"{output.stem}-run"
+    # A folder the file or the checkpoints cannot be written to is found now, not after the last step.
+    try:
+        check_writable(output, "--out")
+        check_writable(run_dir / "run.json", "--run-dir" if config.train.run_dir else "--out")
+    except DreamLoraError as exc:
+        raise ConfigError(str(exc)) from None
     if output.parent and not output.parent.exists():
         with disk_errors(output.parent):
             output.parent.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(config.train.run_dir) if config.train.run_dir else output.parent / f"{output.stem}-run"
     return output, run_dir
 
 
@@ -247,14 +363,16 @@ def disk_errors(target: Path, then: str = ""):
     """
     try:
         yield
-    except OSError as exc:
-        hint = ("Free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
-                "Check that the folder is writable, or choose another --out / --run-dir")
-        raise TrainingError(f"cannot write '{target}': {exc.strerror or exc}. {hint}.{then}") from exc
     except DreamLoraError as exc:
         if then and isinstance(exc.__cause__, OSError):  # atomic.py's "disk full while writing ..."
             raise TrainingError(f"{exc}{then}") from exc
         raise
+    except Exception as exc:
+        error = as_os_error(exc, target)  # safetensors reports a full disk as its own SafetensorError
+        if error is None:
+            raise
+        raise TrainingError(write_error(target, error, "Check that the folder is writable, or choose another "
+                                                       "--out / --run-dir.") + then) from exc
 
 
 def prepare_run_dir(config: DreamLoraConfig, run_dir: Path, accelerator) -> int:
@@ -275,7 +393,8 @@ def prepare_run_dir(config: DreamLoraConfig, run_dir: Path, accelerator) -> int:
             raise TrainingError(f"run folder '{run_dir}' holds checkpoints of an earlier run. "
                                 "Pass --resume to continue it or --overwrite to start over.")
         if accelerator.is_main_process:
-            shutil.rmtree(checkpoints.checkpoint_dir(run_dir))
+            with disk_errors(run_dir):
+                checkpoints.remove_run_files(run_dir)  # only what runs wrote: a user's notes stay
         accelerator.wait_for_everyone()
     return 0
 
@@ -624,17 +743,42 @@ def mean_over_processes(losses: torch.Tensor, step: int, run_dir: Path, config: 
 
 
 def non_finite(what: str, step: int, run_dir: Path, config: DreamLoraConfig) -> TrainingError:
-    """The error for NaN/inf: which setting to change, and which checkpoint is still good."""
-    if config.train.mixed_precision == "fp16":
-        hint = "the fp16 VAE/UNet overflowed: try --mixed-precision bf16 or no"
-    elif config.train.max_grad_norm == 0:
-        hint = f"lower --lr (now {config.train.learning_rate:g}) or turn clipping on with --max-grad-norm 1"
-    else:
-        hint = f"lower --lr (now {config.train.learning_rate:g})"
+    """The error for NaN/inf: the likely causes among the settings this run had, and which checkpoint is still good."""
     latest = checkpoints.latest_checkpoint(run_dir)
-    kept = (f"The last good checkpoint is '{latest.path}' (step {latest.step}): resume from it with a lower --lr"
-            if latest else "No checkpoint was written yet")
-    return TrainingError(f"{what} became non-finite (NaN or inf) by step {step}; {hint}. {kept}.")
+    # --resume replays a run exactly, so it refuses changed settings: the fix means starting over.
+    kept = (f"The last good checkpoint is '{latest.path}' (step {latest.step}); a changed setting starts the run over "
+            "with --overwrite" if latest else "No checkpoint was written yet")
+    return TrainingError(f"{what} became non-finite (NaN or inf) by step {step}; likely cause: {likely_causes(config)}. "
+                         f"{kept}.")
+
+
+# A LoRA's output is scaled by alpha / rank; sd-scripts and diffusers use at most about 1 (alpha = rank) to 2.
+MAX_USUAL_LORA_SCALE = 4.0
+# Above this a rate is unusual for LoRA on SD (1e-4 is the default, 1e-3 builtin:toy's).
+MAX_USUAL_LR = 2e-3
+
+
+def likely_causes(config: DreamLoraConfig) -> str:
+    """What in this run's settings most likely made the loss or weights non-finite, most likely first, each with
+    the setting's value and the change to make."""
+    t, lora = config.train, config.lora
+    causes = []
+    if t.mixed_precision == "fp16":
+        causes.append("the fp16 UNet or VAE overflowed (--mixed-precision fp16): use bf16 or no")
+    scale = lora.resolved_alpha / lora.rank
+    if scale > MAX_USUAL_LORA_SCALE:
+        causes.append(f"--alpha {lora.resolved_alpha:g} at --rank {lora.rank} multiplies the adapters' output by "
+                      f"{scale:g}: lower --alpha (the default, the rank, gives 1)")
+    rates = [("--lr", t.learning_rate)] + ([("--text-encoder-lr", lora.text_encoder_lr)]
+                                           if lora.train_text_encoder and lora.text_encoder_lr else [])
+    high = [f"{flag} {value:g}" for flag, value in rates if value > MAX_USUAL_LR]
+    if high:
+        causes.append(f"a high learning rate ({', '.join(high)}): lower it")
+    if t.max_grad_norm == 0:
+        causes.append("gradient clipping is off (--max-grad-norm 0): set --max-grad-norm 1")
+    if not causes:
+        causes.append(f"the learning rate (--lr {t.learning_rate:g}): lower it")
+    return "; or ".join(causes)
 
 
 def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir: Path, step: int, accelerator,
