@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -492,8 +493,8 @@ def validate(config: DreamLoraConfig) -> list[str]:
     problems.extend(_prompt_problems(c.data))
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
-            problems.append(f"{describe('validation.prompts')} may only use the placeholders {{token}} and {{class}} "
-                            f"(prompt {i + 1}: '{prompt}')")
+            problems.append(f"{describe('validation.prompts')} may only use the placeholders {{token}} and {{class}}: "
+                            f"prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
     check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")
     check(not c.output.path or c.output.path.endswith(".safetensors"), "output.path",
@@ -520,16 +521,34 @@ def _prompt_problems(data: DataConfig) -> list[str]:
                         "not the subject")
     for key, template in (("data.instance_prompt", data.instance_prompt), ("data.class_prompt", data.class_prompt)):
         if not _fills(template):
-            problems.append(f"{describe(key)} may only use the placeholders {{token}} and {{class}} (got '{template}')")
+            problems.append(f"{describe(key)} may only use the placeholders {{token}} and {{class}}: it "
+                            f"{prompt_problem(template)} (got '{template}')")
     return problems
 
 
 def _fills(template: str) -> bool:
-    try:
-        fill_prompt(template, "t", "c")
-    except (KeyError, IndexError, ValueError):
-        return False
-    return True
+    return prompt_problem(template) is None
+
+
+# A prompt template's markup, as str.format spells it: {{ and }} are literal braces, {name} a placeholder.
+_MARKUP = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+PLACEHOLDERS = ("token", "class")
+
+
+def prompt_problem(template: str) -> str | None:
+    """What is wrong with a prompt template's braces, or None: only {token} and {class} are placeholders.
+
+    Checked where text enters (flags, TOML keys, caption files), before any model loads: str.format
+    would raise KeyError for '{cute}' or AttributeError for '{token.x}' only when the prompt is used.
+    """
+    for match in _MARKUP.finditer(template):
+        text = match.group(0)
+        if text in ("{{", "}}") or match.group(1) in PLACEHOLDERS:
+            continue
+        if text in ("{", "}"):
+            return f"has an unmatched '{text}' (write a literal brace as {text * 2})"
+        return f"uses the unknown placeholder '{text}' (only {{token}} and {{class}} exist; write literal braces as {{{{ }}}})"
+    return None
 
 
 def _words(text: str) -> list[str]:
@@ -538,8 +557,22 @@ def _words(text: str) -> list[str]:
 
 
 def fill_prompt(template: str, token: str, class_word: str) -> str:
-    """'a photo of {token} {class}' -> 'a photo of sks dog'."""
-    return template.format_map({"token": token, "class": class_word})
+    """'a photo of {token} {class}' -> 'a photo of sks dog'; '{{' and '}}' give literal braces.
+
+    Raises:
+        ConfigError: the template has another placeholder or an unmatched brace (see `prompt_problem`).
+    """
+    values = {"token": token, "class": class_word}
+
+    def replace(match: re.Match) -> str:
+        text = match.group(0)
+        if text in ("{{", "}}"):
+            return text[0]
+        if match.group(1) in values:
+            return values[match.group(1)]
+        raise ConfigError(f"prompt '{template}' {prompt_problem(template)}")
+
+    return _MARKUP.sub(replace, template)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,20 +584,31 @@ def to_dict(config: DreamLoraConfig) -> dict[str, Any]:
 
 
 def to_portable_json(config: DreamLoraConfig) -> str:
-    """The resolved config as JSON with local paths reduced to their base names (for file metadata)."""
+    """The resolved config as JSON, free of local paths (for file metadata): each path is its base name.
+
+    A relative path is as local as an absolute one ("clients/acme/ref.safetensors" names a folder on this
+    machine), and the output file may not exist yet, so no path is kept whole; only hub ids ("org/name"
+    given for the model, its configs or the VAE, and not a local folder) and built-in names stay as they are.
+    """
     data = to_dict(config)
     for key in RUN_CONTROL_KEYS:  # how the command was run, not how the file was made
         section, _, name = key.partition(".")
         data[section].pop(name, None)
-    for key in PATH_KEYS:
+    for key in (*PATH_KEYS, "model.name"):
         section, _, name = key.partition(".")
         value = data[section][name]
-        if isinstance(value, str) and value and (Path(value).is_absolute() or Path(value).exists()):
-            data[section][name] = Path(value).name
-    model = data["model"]["name"]
-    if Path(model).is_absolute() or Path(model).exists():
-        data["model"]["name"] = Path(model).name
+        if isinstance(value, str) and value and not _hub_or_builtin(key, value):
+            data[section][name] = Path(value.rstrip("/\\")).name or value
     return json.dumps(data, sort_keys=True)
+
+
+def _hub_or_builtin(key: str, value: str) -> bool:
+    """A model name that is not a local path: builtin:toy, or a hub id 'org/name' with no such local folder."""
+    if key not in ("model.name", "model.single_file_config", "model.vae"):
+        return False
+    if value.startswith("builtin:"):
+        return True
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
 
 
 def _shown(value: Any) -> str:
@@ -646,8 +690,8 @@ class SampleSettings:
         problems = range_problems(self)
         if not self.prompts or not all(p.strip() for p in self.prompts):
             problems.append("--prompt must be given at least once and not be empty")
-        problems += [f"--prompt may only use the placeholders {{token}} and {{class}} (got '{p}')"
-                     for p in self.prompts if p.strip() and not _fills(p)]
+        problems += [f"--prompt may only use the placeholders {{token}} and {{class}}: it {prompt_problem(p)} "
+                     f"(got '{p}')" for p in self.prompts if p.strip() and not _fills(p)]
         if not self.seeds:
             problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
         if not self.scales:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .config import DataConfig, fill_prompt
-from .preflight import list_image_files, load_rgb  # noqa: F401  (image reading lives in preflight)
+from .preflight import list_image_files, load_rgb, read_caption  # noqa: F401  (files are read in preflight)
 
 
 @dataclass
@@ -33,12 +33,13 @@ class ImageSet:
 
 
 def caption_for(image_path: Path) -> str | None:
-    """The text of `photo.txt` beside `photo.jpg`, if there is one and it is not empty."""
-    caption_path = image_path.with_suffix(".txt")
-    if caption_path.is_file():
-        text = " ".join(caption_path.read_text(encoding="utf-8", errors="replace").split())
-        return text or None
-    return None
+    """The text of `photo.txt` beside `photo.jpg`, if there is one and it is not empty.
+
+    Raises:
+        DataError: the caption is not UTF-8 text or has a placeholder other than {token} and {class}
+            (dreamlora.preflight.read_caption; the preflight reports it before any model loads).
+    """
+    return read_caption(image_path.with_suffix(".txt"))
 
 
 def prompt_from_caption(caption: str, token: str, class_word: str) -> str:
@@ -47,7 +48,7 @@ def prompt_from_caption(caption: str, token: str, class_word: str) -> str:
     'a dog on a sofa' -> 'a sks dog on a sofa'; a caption without the class word gets
     'sks dog, ' in front. Captions that already hold the token are kept as written.
     """
-    caption = fill_prompt(caption, token, class_word) if "{" in caption else caption
+    caption = fill_prompt(caption, token, class_word)  # {token}, {class}; {{ and }} are literal braces
     words = caption.split()
     if token in words or token in caption.replace(",", " ").split():
         return caption

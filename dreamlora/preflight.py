@@ -25,6 +25,7 @@ Without a resolution only the MIN_SIDE floor applies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import warnings
@@ -40,8 +41,15 @@ if TYPE_CHECKING:
     from .config import DataConfig, PriorConfig
     from .progress import ProgressCallback
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo"}
 QUIET_EXTENSIONS = {".txt", ".json", ".toml", ".md"}  # captions, manifests and notes: skipped without a note
+# Photo formats Pillow reads only through a plugin (or a codec it may be built without): the plugin to install.
+PLUGINS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "Pillow >= 11.3 built with libavif, or "
+           "pillow-avif-plugin", ".avifs": "Pillow >= 11.3 built with libavif, or pillow-avif-plugin",
+           ".jxl": "pillow-jxl-plugin"}
+# Openable by Pillow but not photos: PostScript (needs Ghostscript, a page rather than a picture), MPEG
+# (identified, never decoded: a video) and IPTC (newsroom metadata).
+NOT_PHOTOS = {"EPS", "MPEG", "IPTC"}
+MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line of text; anything larger is the wrong file
 MAX_IMAGE_PIXELS = 64_000_000  # about 8k x 8k; beyond it a file is refused as a possible decompression bomb
 MIN_SIDE = 32  # px on the short side, whatever the resolution
 MAX_UPSCALE = 4.0  # more than this much upscaling to the training resolution is an error
@@ -50,6 +58,36 @@ NEAR_DUPLICATE_COLOUR = 12  # ...if their 4x4 colour thumbnails also differ by a
 
 # PIL's own guard stays on as a backstop at twice its limit; MAX_IMAGE_PIXELS above is checked first.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def image_extensions() -> set[str]:
+    """The file extensions of every image format the installed Pillow (and its installed plugins) can decode.
+
+    Read from Pillow at each scan, so an AVIF, HEIC or JPEG XL photo is an image wherever its decoder exists.
+    Stub formats (Pillow identifies them but needs an outside handler: BUFR, GRIB, HDF5, WMF, ...) are left out.
+    """
+    from PIL import ImageFile
+
+    _register_plugins()
+    Image.init()
+    readable = {name for name, (factory, _accept) in Image.OPEN.items()
+                if name not in NOT_PHOTOS and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    return {ext for ext, name in Image.registered_extensions().items() if name in readable} | {".mpo"}
+
+
+@functools.cache
+def _register_plugins() -> None:
+    """Register the decoders installed as separate packages (they add themselves to Pillow only when asked)."""
+    import importlib
+
+    for module, register in (("pillow_heif", "register_heif_opener"), ("pillow_avif", None),
+                             ("pillow_jxl", None)):
+        try:
+            plugin = importlib.import_module(module)
+            if register:
+                getattr(plugin, register)()
+        except Exception:  # noqa: BLE001  (absent or broken plugin: its files are then reported as unreadable)
+            continue
 
 Status = Literal["ok", "warning", "error", "skipped"]
 
@@ -139,7 +177,7 @@ def preflight(folder: str | Path, role: str = "instance", resolution: int | None
     paths, skipped = _scan(folder, role)
     files = [FileCheck(path, "skipped", [note]) for path, note in skipped]
     for path in paths:
-        files.append(_check_file(path, resolution))
+        files.append(_check_file(path, resolution, captions=role != "class"))  # class images take the class prompt
     _mark_duplicates([f for f in files if f.pixel_hash is not None and f.status != "error"])
     files.sort(key=lambda f: f.path.name)
     return PreflightReport(folder, role, resolution, files)
@@ -158,19 +196,26 @@ def list_image_files(folder: str | Path, role: str) -> tuple[list[Path], list[st
 def _scan(folder: Path, role: str) -> tuple[list[Path], list[tuple[Path, str]]]:
     if not folder.is_dir():
         raise DataError(f"{role} folder '{folder}' does not exist or is not a folder. Check the path.")
+    extensions = image_extensions()
     paths, skipped = [], []
     for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
         if path.name.startswith("."):
             skipped.append((path, f"hidden {'folder' if path.is_dir() else 'file'}"))
         elif path.is_dir():
             skipped.append((path, "a folder: sub-folders are not searched"))
-        elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            paths.append(path)
-        elif path.suffix.lower() not in QUIET_EXTENSIONS:
+        elif not path.is_file():
+            # A FIFO, socket or device named like an image: opening a FIFO waits for a writer forever.
+            what = "a broken link" if not path.exists() else "not a regular file (a pipe, socket or device)"
+            skipped.append((path, what))
+        elif suffix in extensions or suffix in PLUGINS:
+            paths.append(path)  # a photo whose plugin is missing is an error that names the plugin
+        elif suffix not in QUIET_EXTENSIONS:
             skipped.append((path, f"not an image ({path.suffix or 'no extension'})"))
     if not paths:
-        raise DataError(f"{role} folder '{folder}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). "
-                        "Add some photos or point to the right folder.")
+        common = ", ".join(e for e in (".jpg", ".png", ".webp", ".avif", ".heic", ".tif", ".bmp") if e in extensions)
+        raise DataError(f"{role} folder '{folder}' has no images (this Pillow reads {common} and "
+                        f"{len(extensions)} other kinds). Add some photos or point to the right folder.")
     return paths, skipped
 
 
@@ -215,6 +260,11 @@ def _decode(path: Path) -> tuple[Image.Image, list[str]]:
             raise _Unreadable("cannot be read: the file is empty (0 bytes)",
                               "Remove it or copy the photo again.") from exc
         if isinstance(exc, UnidentifiedImageError):
+            plugin = PLUGINS.get(path.suffix.lower())
+            if plugin and path.suffix.lower() not in image_extensions():
+                raise _Unreadable(f"cannot be read: it is a {path.suffix[1:].upper()} image and the installed "
+                                  f"Pillow has no decoder for it", f"Install {plugin}, or convert it to JPEG or "
+                                  "PNG.") from exc
             raise _Unreadable(f"cannot be read: its contents are not an image format dreamlora reads "
                               f"(is it really a {path.suffix.lower()} file?)") from exc
         raise _Unreadable(f"cannot be read: {_reason(exc, path)}") from exc
@@ -272,11 +322,83 @@ def _to_rgb(image: Image.Image, info: list[str]) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------
+# Captions
+
+
+def read_caption(path: str | Path) -> str | None:
+    """The caption in `path` (a .txt beside a photo) as one line, or None when there is none or it is blank.
+
+    Decoded strictly: UTF-8, with or without a byte-order mark. A caption in UTF-16 or Latin-1 would
+    otherwise train on garbled text without a word. Its braces are checked as a prompt's are.
+
+    Raises:
+        DataError: naming the file: not UTF-8, not text, too large, unreadable, or a bad placeholder.
+    """
+    from .config import prompt_problem
+
+    path = Path(path)
+    if not path.is_file():  # no caption (a FIFO named .txt is not read either: it would block)
+        return None
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CAPTION_BYTES + 1)
+    except OSError as exc:
+        raise DataError(f"caption '{path}' cannot be read ({exc.strerror or exc}). Check its permissions.") from exc
+    if len(data) > MAX_CAPTION_BYTES:
+        raise DataError(f"caption '{path}' is over {MAX_CAPTION_BYTES // 1024} KiB: a caption is a line of text. "
+                        "Is it the right file?")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"caption '{path}' is UTF-16 text. Save it as UTF-8.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"caption '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}: "
+                        "Latin-1 or Windows-1252?). Save it as UTF-8.") from None
+    if "\x00" in text:
+        raise DataError(f"caption '{path}' holds NUL characters (UTF-16 without a byte-order mark, or not text). "
+                        "Save it as UTF-8 text.")
+    text = " ".join(text.split())
+    problem = prompt_problem(text)
+    if problem:
+        raise DataError(f"caption '{path}' {problem} (got '{text[:120]}')")
+    return text or None
+
+
+def prompt_length_warnings(prompts: dict[str, str], tokenizer) -> list[str]:
+    """A warning for each prompt longer than the text encoder reads: it would be cut without a word.
+
+    Args:
+        prompts: {what the prompt is, for the message ("caption '03.txt'", "--prompt 2"): its text}.
+        tokenizer: the base model's (first) tokenizer; SD's CLIP encoders read 77 tokens, start and end
+            included (SDXL's second encoder the same).
+    """
+    if tokenizer is None:
+        return []
+    limit = int(getattr(tokenizer, "model_max_length", 77))
+    if limit > 100_000:  # transformers' "no limit" sentinel: nothing is cut
+        return []
+    warnings_ = []
+    for label, prompt in prompts.items():
+        ids = tokenizer(prompt, truncation=False)["input_ids"]
+        if len(ids) > limit:
+            kept = tokenizer.decode(ids[1:limit - 1], skip_special_tokens=True).split()
+            where = f" after '{' '.join(kept[-3:])}'" if kept else ""
+            warnings_.append(f"{label} is {len(ids)} tokens long and the text encoder reads {limit} (start and end "
+                             f"tokens included): the words{where} are ignored. Shorten it.")
+    return warnings_
+
+
+# ----------------------------------------------------------------------------------------------
 # Checks
 
 
-def _check_file(path: Path, resolution: int | None) -> FileCheck:
+def _check_file(path: Path, resolution: int | None, captions: bool = True) -> FileCheck:
     check = FileCheck(path, "ok")
+    if captions:
+        try:
+            read_caption(path.with_suffix(".txt"))
+        except DataError as exc:
+            check.add("error", f"has a caption that cannot be used: {exc}")
     try:
         image, check.info = _decode(path)
     except _Unreadable as exc:
