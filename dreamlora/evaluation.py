@@ -24,6 +24,7 @@ only and never run remote code.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from PIL import Image
 
 from .config import EvalSettings, fill_prompt, settings_from
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, DreamLoraError, ModelLoadError
 from .progress import ProgressCallback, ProgressEvent, ignore_progress
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ def evaluate(
     """
     from .lora import read_lora_file
     from .models import load_base_model
-    from .sampling import attach_lora, lora_training_info, model_for_lora
+    from .atomic import check_writable
+    from .sampling import attach_lora, model_for_lora
 
     started = time.time()
     try:
@@ -133,8 +135,13 @@ def evaluate(
     seeds, backgrounds = [int(s) for s in settings.seeds], [str(b).strip() for b in settings.backgrounds]
     steps, guidance, sampler, grid = settings.steps, settings.guidance, settings.sampler, settings.grid
     oracle, dino, clip, instance_dir = settings.oracle, settings.dino, settings.clip, settings.instance_dir
-    metadata = read_lora_file(lora_path).metadata  # ModelLoadError when it is not a LoRA
-    info = lora_training_info(metadata)
+    if grid is not None:
+        try:
+            check_writable(grid, "--grid")  # refused now, not after every render
+        except DreamLoraError as exc:
+            raise ConfigError(str(exc)) from None
+    lora = read_lora_file(lora_path)  # ModelLoadError when it is not a LoRA, is malformed or holds NaN
+    metadata, info = lora.metadata, lora.config or {}
     data = info.get("data", {})
     token, class_word = data.get("token") or "sks", data.get("class_word") or ""
     if not class_word:
@@ -199,8 +206,9 @@ def evaluate(
 
 def subject_prompt(token: str, class_word: str, background: str) -> str:
     """'a photo of sks ball on an orange background'."""
-    text = SUBJECT_PROMPT.replace("{bg_article}", _article(background)).replace("{bg}", background)
-    return fill_prompt(text, token, class_word)
+    # Filled in one pass: a background (a flag value) is text, never a template, whatever braces it holds.
+    values = {"{token}": token, "{class}": class_word, "{bg_article}": _article(background), "{bg}": background}
+    return re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], SUBJECT_PROMPT)
 
 
 def strip_token(prompt: str, token: str) -> str:

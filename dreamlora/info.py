@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,8 @@ def describe_lora(path: str | Path) -> dict[str, Any]:
     Raises:
         ModelLoadError: the file is missing, not safetensors, or holds no LoRA weights.
     """
-    lora = read_lora_file(path)
-    meta = lora.metadata
-    try:
-        config = json.loads(meta["dreamlora.config"]) if "dreamlora.config" in meta else None
-    except json.JSONDecodeError:
-        config = None
+    lora = read_lora_file(path)  # checks the structure and the stored config's shape
+    meta, config = lora.metadata, lora.config
     return {
         "file": Path(path).name,
         "format": lora.format,

@@ -417,16 +417,32 @@ class LoraFile:
     text_modules: int  # adapted text-encoder modules, all encoders together
     dtype: torch.dtype  # dtype of the LoRA weights
     file_size: int  # bytes
+    config: dict | None = None  # the training config dreamlora stores ("dreamlora.config"), None in other files
+
+
+# The sections of a stored dreamlora config, and its string fields that sample/eval/inspect read.
+_CONFIG_SECTIONS = ("model", "data", "prior", "lora", "train", "validation", "output")
+_CONFIG_STRINGS = ("model.name", "data.token", "data.class_word", "data.instance_dir")
+
+
+class _Malformed(Exception):
+    """What is wrong with one key of a LoRA file (read_lora_file adds the file name)."""
 
 
 def read_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Read and describe a kohya or diffusers LoRA file.
+    """Read, check and describe a kohya or diffusers LoRA file.
+
+    The structure is checked here, once, for every command that reads a file (sample, eval, inspect):
+    each LoRA pair has a down (A) weight of shape (rank, in) or (rank, in, kh, kw) and a matching up (B)
+    weight, each `.alpha` is one finite number, every LoRA tensor is finite (a NaN file would render black
+    pictures), and the metadata that dreamlora parses is JSON of the expected shape.
 
     Alpha is reported as loaders apply it: a kohya module without ``.alpha`` and a diffusers
     file without adapter metadata both mean alpha = rank.
 
     Raises:
-        ModelLoadError: The file is missing, not safetensors, truncated, or holds no LoRA weights.
+        ModelLoadError: The file is missing, not safetensors, truncated, holds no LoRA weights, or is
+            malformed (naming the key and what is wrong with it).
     """
     path = Path(path)
     if not path.is_file():
@@ -435,27 +451,36 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    # safetensors' own SafetensorError, and whatever its Rust side raises for a header it cannot map
+    # (a dtype it lacks, offsets past the end): every one means the same to the user.
+    except Exception as exc:  # noqa: BLE001
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise ModelLoadError(
-            f"LoRA file '{path}' is not a readable safetensors file ({exc}). "
+            f"LoRA file '{path}' is not a readable safetensors file ({reason}). "
             f"It may be truncated or another format; download or export it again."
         ) from exc
 
     kohya_downs = _modules_by_suffix(tensors, ".lora_down.weight")
     peft_downs = _modules_by_suffix(tensors, ".lora_A.weight")
-    if kohya_downs:
-        fmt, downs, unet_prefix = "kohya", kohya_downs, "lora_unet_"
-        # A module without .alpha is loaded with alpha = rank (sd-scripts, diffusers).
-        alphas = {m: float(tensors[f"{m}.alpha"].item()) if f"{m}.alpha" in tensors else float(d.shape[0])
-                  for m, d in downs.items()}
-    elif peft_downs:
-        fmt, downs, unet_prefix = "diffusers", peft_downs, "unet."
-        alphas = _diffusers_alphas(path, metadata, downs)
-    else:
-        raise ModelLoadError(
-            f"LoRA file '{path}' holds no LoRA weights (no '.lora_down.weight' or '.lora_A.weight' keys "
-            f"among {len(tensors)} tensors). Is it a full model rather than a LoRA?"
-        )
+    try:
+        if kohya_downs:
+            fmt, downs, unet_prefix = "kohya", kohya_downs, "lora_unet_"
+            _check_pairs(tensors, downs, ".lora_down.weight", ".lora_up.weight")
+            # A module without .alpha is loaded with alpha = rank (sd-scripts, diffusers).
+            alphas = {m: _kohya_alpha(tensors, m) if f"{m}.alpha" in tensors else float(d.shape[0])
+                      for m, d in downs.items()}
+        elif peft_downs:
+            fmt, downs, unet_prefix = "diffusers", peft_downs, "unet."
+            _check_pairs(tensors, downs, ".lora_A.weight", ".lora_B.weight")
+            alphas = _diffusers_alphas(path, metadata, downs)
+        else:
+            raise ModelLoadError(
+                f"LoRA file '{path}' holds no LoRA weights (no '.lora_down.weight' or '.lora_A.weight' keys "
+                f"among {len(tensors)} tensors). Is it a full model rather than a LoRA?"
+            )
+        config = _stored_config(metadata)
+    except _Malformed as exc:
+        raise ModelLoadError(f"LoRA file '{path}' is malformed: {exc}. Export or download it again.") from None
 
     distinct = set(alphas.values())
     dtypes = Counter(v.dtype for v in downs.values())
@@ -470,7 +495,70 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         text_modules=sum(1 for m in downs if not m.startswith(unet_prefix)),
         dtype=dtypes.most_common(1)[0][0],
         file_size=path.stat().st_size,
+        config=config,
     )
+
+
+def _check_pairs(tensors: dict[str, torch.Tensor], downs: dict[str, torch.Tensor], down_suffix: str,
+                 up_suffix: str) -> None:
+    """Each down weight (rank, in[, kh, kw]) has an up weight (out, rank[, 1, 1]); both finite floats.
+
+    Raises:
+        _Malformed: naming the first bad key.
+    """
+    for module, down in downs.items():
+        key, up_key = f"{module}{down_suffix}", f"{module}{up_suffix}"
+        up = tensors.get(up_key)
+        if up is None:
+            raise _Malformed(f"'{key}' has no '{up_key}'")
+        for name, tensor in ((key, down), (up_key, up)):
+            if not tensor.is_floating_point():
+                raise _Malformed(f"'{name}' holds {str(tensor.dtype).removeprefix('torch.')} values, not floats")
+            if tensor.dim() not in (2, 4) or tensor.numel() == 0:
+                raise _Malformed(f"'{name}' has shape {tuple(tensor.shape)}; a LoRA weight is a non-empty matrix "
+                                 "(or a 4-D convolution weight)")
+            if not bool(torch.isfinite(tensor).all()):
+                raise _Malformed(f"'{name}' holds NaN or inf values")
+        if up.dim() != down.dim() or up.shape[1] != down.shape[0]:
+            raise _Malformed(f"'{up_key}' has shape {tuple(up.shape)}, which does not fit '{key}' of shape "
+                             f"{tuple(down.shape)} (rank {down.shape[0]})")
+    ups = _modules_by_suffix(tensors, up_suffix)
+    orphan = sorted(set(ups) - set(downs))
+    if orphan:
+        raise _Malformed(f"'{orphan[0]}{up_suffix}' has no '{orphan[0]}{down_suffix}'")
+
+
+def _kohya_alpha(tensors: dict[str, torch.Tensor], module: str) -> float:
+    alpha = tensors[f"{module}.alpha"]
+    if alpha.numel() != 1:
+        raise _Malformed(f"'{module}.alpha' has shape {tuple(alpha.shape)}; it must hold one number")
+    value = float(alpha.reshape(()).item())
+    if not math.isfinite(value):
+        raise _Malformed(f"'{module}.alpha' is {value}; it must be a finite number")
+    return value
+
+
+def _stored_config(metadata: dict[str, str]) -> dict | None:
+    """The `dreamlora.config` JSON, checked for the shape sample, eval and inspect read; None when absent."""
+    raw = metadata.get("dreamlora.config")
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _Malformed(f"metadata 'dreamlora.config' is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _Malformed(f"metadata 'dreamlora.config' is a JSON {type(config).__name__}, not an object of sections")
+    for section in _CONFIG_SECTIONS:
+        if section in config and not isinstance(config[section], dict):
+            raise _Malformed(f"metadata 'dreamlora.config' section '{section}' is a JSON "
+                             f"{type(config[section]).__name__}, not an object")
+    for dotted in _CONFIG_STRINGS:
+        section, _, name = dotted.partition(".")
+        value = config.get(section, {}).get(name)
+        if value is not None and not isinstance(value, str):
+            raise _Malformed(f"metadata 'dreamlora.config' key '{dotted}' is {value!r}, not a string")
+    return config
 
 
 def _modules_by_suffix(tensors: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
@@ -485,15 +573,32 @@ def _diffusers_alphas(path: Path, metadata: dict[str, str], downs: dict[str, tor
         config = json.loads(raw) if raw else {}
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"LoRA file '{path}' has malformed '{DIFFUSERS_METADATA_KEY}' JSON ({exc}).") from exc
+    if not isinstance(config, dict):
+        raise _Malformed(f"metadata '{DIFFUSERS_METADATA_KEY}' is a JSON {type(config).__name__}, not an object")
+
+    def number(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Malformed(f"metadata '{DIFFUSERS_METADATA_KEY}' key '{key}' is {value!r}, not a finite number")
+        return float(value)
+
     alphas = {}
     for module, down in downs.items():
         prefix, _, inner = module.partition(".")
-        alpha = config.get(f"{prefix}.lora_alpha", down.shape[0])  # diffusers' fallback: alpha = rank
-        for pattern, value in (config.get(f"{prefix}.alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", inner):
-                alpha = value
+        key = f"{prefix}.lora_alpha"
+        alpha = number(key, config[key]) if key in config else float(down.shape[0])  # diffusers' fallback: = rank
+        patterns = config.get(f"{prefix}.alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise _Malformed(f"metadata '{DIFFUSERS_METADATA_KEY}' key '{prefix}.alpha_pattern' is not an object")
+        for pattern, value in patterns.items():
+            try:
+                matched = re.match(rf"(.*\.)?({pattern})$", inner)
+            except re.error as exc:
+                raise _Malformed(f"metadata '{DIFFUSERS_METADATA_KEY}' alpha_pattern {pattern!r} is not a valid "
+                                 f"pattern ({exc})") from None
+            if matched:
+                alpha = number(f"{prefix}.alpha_pattern[{pattern!r}]", value)
                 break
-        alphas[module] = float(alpha)
+        alphas[module] = alpha
     return alphas
 
 

@@ -7,14 +7,14 @@ proves the file loads. Scale 0 turns the adapter off: it is the base model, exac
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .atomic import atomic_path, write_text_atomic
-from .config import DEFAULT_MODEL, SampleSettings, fill_prompt
+from .config import DEFAULT_MODEL, SampleSettings, fill_prompt, settings_from
 from .errors import ConfigError, ModelLoadError, NumericalError
 
 __all__ = ["SampleResult", "SampleSettings", "attach_lora", "render_images", "sample"]
@@ -32,11 +32,14 @@ class SampleResult:
 
 
 def lora_training_info(metadata: dict[str, str]) -> dict:
-    """The training config a dreamlora file's metadata stores ({} for files made elsewhere)."""
+    """The training config a dreamlora file's metadata stores ({} for files made elsewhere or malformed ones;
+    `read_lora_file` refuses the latter with a message, and its `config` is the checked value)."""
     try:
-        return json.loads(metadata.get("dreamlora.config", "{}"))
+        info = json.loads(metadata.get("dreamlora.config", "{}"))
     except json.JSONDecodeError:
         return {}
+    return info if isinstance(info, dict) and all(isinstance(v, dict) for k, v in info.items()
+                                                  if k in ("model", "data")) else {}
 
 
 def model_for_lora(info: dict, lora_path: str | Path) -> str:
@@ -61,9 +64,13 @@ def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
     """
     try:
         pipe.load_lora_weights(str(lora_path), adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+    # read_lora_file has checked the file's structure; what diffusers and peft still raise (ValueError,
+    # KeyError, RuntimeError for shapes, IndexError or TypeError for key layouts they do not expect) means the
+    # file does not fit this model.
+    except Exception as exc:  # noqa: BLE001
+        reason = str(exc).splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
-                             f"{str(exc).splitlines()[0][:300]}. Pass the --model it was trained on.") from exc
+                             f"{reason}. Pass the --model it was trained on.") from exc
     trained = metadata.get("ss_base_model_version")
     here = base.family.kohya_base_model_version
     if trained and trained != here:
@@ -81,15 +88,25 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
     """
     from .lora import read_lora_file
     from .models import load_base_model
+    from .preflight import prompt_length_warnings
 
-    settings.check()
+    # Everything that can be refused is refused before the model loads and anything renders: the values
+    # (a Python caller's too: non-finite scales, seeds past 2**64), the LoRA file, and where the outputs go.
+    settings = settings_from(SampleSettings, {}, base=replace(settings))
     out = Path(out)
-    metadata = read_lora_file(lora_path).metadata if lora_path else {}
-    info = lora_training_info(metadata)
+    check_outputs(out)
+    lora = read_lora_file(lora_path) if lora_path else None  # checks its structure; refuses NaN weights
+    metadata, info = (lora.metadata, lora.config or {}) if lora else ({}, {})
     data = info.get("data", {})
-    token, class_word = data.get("token", "sks"), data.get("class_word", "")
+    token, class_word = data.get("token") or "sks", data.get("class_word") or ""
+    prompts = [fill_prompt(p, token, class_word) for p in settings.prompts]
     model = model or (model_for_lora(info, lora_path) if lora_path else DEFAULT_MODEL)
     base = load_base_model(model, single_file_config=single_file_config)
+    labelled = {f"--prompt {i + 1}" if len(prompts) > 1 else "--prompt": p for i, p in enumerate(prompts)}
+    if settings.negative_prompt:
+        labelled["--negative-prompt"] = settings.negative_prompt
+    for message in prompt_length_warnings(labelled, base.tokenizers[0] if base.tokenizers else None):
+        note(progress, message)
     pipe = base.pipeline(settings.sampler)
     scales = settings.scales if lora_path else [0.0]
     if lora_path:
@@ -105,7 +122,6 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
             pipe.enable_lora()
             pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 
-    prompts = [fill_prompt(p, token, class_word) for p in settings.prompts]
     resolution = settings.resolution or base.default_resolution
     rows, labels, records = [], [], []
     image_dir = out.parent / f"{out.stem}-images"
@@ -130,6 +146,29 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
               "images": records}
     write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
     return SampleResult(out, [image_dir / Path(r["file"]).name for r in records], sidecar)
+
+
+def check_outputs(out: Path) -> None:
+    """Refuse, before rendering, a grid path whose grid, images folder or sidecar could not be written.
+
+    Raises:
+        ConfigError: naming --out and what is in the way.
+    """
+    from .atomic import check_writable
+    from .errors import DreamLoraError
+
+    image_dir, sidecar = out.parent / f"{out.stem}-images", out.with_suffix(".json")
+    if sidecar == out:
+        raise ConfigError(f"--out '{out}' would be overwritten by its own settings sidecar; name the grid .png.")
+    if image_dir.exists() and not image_dir.is_dir():
+        raise ConfigError(f"--out '{out}': '{image_dir}', where the single images go, is a file. Move it or "
+                          "choose another --out.")
+    if sidecar.is_dir():
+        raise ConfigError(f"--out '{out}': '{sidecar}', where the settings go, is a folder. Choose another --out.")
+    try:
+        check_writable(out, "--out")
+    except DreamLoraError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def render_images(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
