@@ -23,7 +23,8 @@ def command(
     for key, value in info.items():
         if key == "config" and value:
             typer.echo("config:")
-            for section, values in value.items():
-                typer.echo(f"  [{section}] " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+            for section, values in value.items():  # a config too large for the file is a note, not sections
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) if isinstance(values, dict) else repr(values)
+                typer.echo(f"  [{section}] {shown}")
         else:
             typer.echo(f"{key}: {value}")

@@ -45,7 +45,8 @@ def quiet_libraries() -> None:
 
 
 def error_boundary(command):
-    """Turn a DreamLoraError into one red line and exit code 1; DREAMLORA_DEBUG=1 keeps the traceback.
+    """Turn a DreamLoraError (or a write the disk refused) into one red line and exit code 1; DREAMLORA_DEBUG=1
+    keeps the traceback.
 
     Anything else is a bug and keeps its traceback.
     """
@@ -55,13 +56,27 @@ def error_boundary(command):
         quiet_libraries()
         try:
             return command(*args, **kwargs)
-        except DreamLoraError as exc:
-            if os.environ.get("DREAMLORA_DEBUG") == "1":
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, DreamLoraError) else disk_failure(exc)
+            if message is None or os.environ.get("DREAMLORA_DEBUG") == "1":
                 raise
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
+        typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)  # one line, always
+        raise typer.Exit(1) from None
 
     return wrapper
+
+
+def disk_failure(exc: Exception) -> str | None:
+    """A full disk, a file-size limit or a read-only folder met by a write the library does not wrap itself
+    (a model cache, a library's own file): the user's environment, not a bug, so one line too. Other
+    exceptions are bugs and keep their traceback.
+    """
+    from dreamlora.atomic import WRITE_ERRNOS, as_os_error, write_error
+
+    error = as_os_error(exc)
+    if error is None or error.errno not in WRITE_ERRNOS:
+        return None
+    return write_error(error.filename or "a file", error)
 
 
 def _register() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -35,6 +36,8 @@ def command(
     """Generate class prior images with the frozen base model; only missing images are made."""
     from dreamlora import make_class_images
 
+    check_flags(guidance=guidance, seed=seed, resolution=resolution)
+
     progress = TerminalProgress()
     try:
         paths = make_class_images(class_prompt, out, num_images, model=model, single_file_config=model_config,
@@ -44,3 +47,23 @@ def command(
     finally:
         progress.close()
     typer.echo(f"{len(paths)} class images in {out}")
+
+
+def check_flags(*, guidance: float, seed: int, resolution: int | None) -> None:
+    """The flags the library takes as plain numbers: refused before the model loads (click reads 'nan' and 'inf'
+    as floats, and a negative resolution passes the library's multiple-of-8 check).
+
+    Raises:
+        ConfigError: every bad flag at once.
+    """
+    from dreamlora.errors import ConfigError
+
+    problems = []
+    if not math.isfinite(guidance) or guidance < 0:
+        problems.append(f"--guidance must be a finite number >= 0 (got {guidance})")
+    if seed < 0:
+        problems.append(f"--seed must be >= 0 (got {seed})")
+    if resolution is not None and resolution < 8:
+        problems.append(f"--resolution must be >= 8 (got {resolution})")
+    if problems:
+        raise ConfigError("; ".join(problems))

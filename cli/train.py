@@ -29,6 +29,9 @@ def command(
     check_paths(resolved)  # a missing folder is reported before torch is imported
     if dry_run:
         from dreamlora.memory import plan
+        from dreamlora.preflight import preflight_training_data
+
+        preflight_training_data(resolved.data, resolved.prior)  # the photos and captions a run would refuse
 
         for line in plan(resolved).lines():
             typer.echo(line)

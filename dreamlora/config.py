@@ -493,8 +493,7 @@ def validate(config: DreamLoraConfig) -> list[str]:
     problems.extend(_prompt_problems(c.data))
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
-            problems.append(f"{describe('validation.prompts')} may only use the placeholders {{token}} and {{class}}: "
-                            f"prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
+            problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
     check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")
     check(not c.output.path or c.output.path.endswith(".safetensors"), "output.path",
@@ -521,8 +520,7 @@ def _prompt_problems(data: DataConfig) -> list[str]:
                         "not the subject")
     for key, template in (("data.instance_prompt", data.instance_prompt), ("data.class_prompt", data.class_prompt)):
         if not _fills(template):
-            problems.append(f"{describe(key)} may only use the placeholders {{token}} and {{class}}: it "
-                            f"{prompt_problem(template)} (got '{template}')")
+            problems.append(f"{describe(key)} {prompt_problem(template)} (got '{template}')")
     return problems
 
 
@@ -547,7 +545,8 @@ def prompt_problem(template: str) -> str | None:
             continue
         if text in ("{", "}"):
             return f"has an unmatched '{text}' (write a literal brace as {text * 2})"
-        return f"uses the unknown placeholder '{text}' (only {{token}} and {{class}} exist; write literal braces as {{{{ }}}})"
+        return (f"uses the unknown placeholder '{text}': only {{token}} and {{class}} exist (write literal braces "
+                "as {{ and }})")
     return None
 
 
@@ -690,8 +689,7 @@ class SampleSettings:
         problems = range_problems(self)
         if not self.prompts or not all(p.strip() for p in self.prompts):
             problems.append("--prompt must be given at least once and not be empty")
-        problems += [f"--prompt may only use the placeholders {{token}} and {{class}}: it {prompt_problem(p)} "
-                     f"(got '{p}')" for p in self.prompts if p.strip() and not _fills(p)]
+        problems += [f"--prompt {prompt_problem(p)} (got '{p}')" for p in self.prompts if p.strip() and not _fills(p)]
         if not self.seeds:
             problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
         if not self.scales:
