@@ -183,6 +183,9 @@ class ValidationConfig:
     steps: int = setting(20, flag="--validation-steps", low=0, low_open=True, help="Sampling steps of the grids.")
     guidance: float = setting(7.5, flag="--validation-guidance", low=0, help="Guidance scale of the grids.")
     sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--validation-sampler", help="Sampler of the grids.")
+    final: bool = setting(True, flag="--final-grid/--no-final-grid",
+                          help="Render a base-vs-LoRA grid at the end of the run (on a CPU it can take longer "
+                               "than a short training).")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .sampling import render_validation_grid
 RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "output.overwrite", "output.path", "output.format", "output.save_dtype",
                      "validation.every", "validation.prompts", "validation.seeds", "validation.steps",
-                     "validation.guidance", "validation.sampler", "train.run_dir", "data.instance_dir",
+                     "validation.guidance", "validation.sampler", "validation.final", "train.run_dir", "data.instance_dir",
                      "prior.class_dir", "model.name", "model.single_file_config", "train.compile",
                      "train.memory_budget"}
 
@@ -184,7 +184,8 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
         save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, record, accelerator)
     kept = f"The trained weights are kept in '{run_dir}': run the same command with --resume to write the file."
     try:
-        grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress)
+        grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress) \
+            if config.validation.final else None
         if accelerator.is_main_process:
             with disk_errors(output, then=f" {kept}"):
                 save_output(output, base, config, resolution, started)

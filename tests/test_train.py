@@ -223,3 +223,9 @@ def test_a_longer_cosine_schedule_is_refused_and_a_longer_constant_one_continues
     train(tiny_config(tmp_path / "const", **base))
     (tmp_path / "const" / "ball.safetensors").unlink()
     assert train(tiny_config(tmp_path / "const", **{**base, "train.steps": 4, "train.resume": True})).steps == 4
+
+
+def test_no_final_grid_skips_the_end_of_run_rendering(tmp_path):
+    result = train(tiny_config(tmp_path, **{"train.steps": 1, "prior.enabled": False, "validation.final": False}))
+    assert result.validation_grid is None and result.output.is_file()
+    assert not (result.run_dir / "validation").exists()
