@@ -6,6 +6,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# A fixed thread count: runs would otherwise take the cores other jobs leave free (dreamlora.threads), and tests
+# that compare two runs' bytes would depend on what else the machine runs. torch's own default is the same count.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(scope="session", autouse=True)
