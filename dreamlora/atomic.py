@@ -127,13 +127,13 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise DreamLoraError(write_error(target, exc)) from exc
-    try:
-        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600: other users of a shared folder could not read it
-    finally:
-        os.close(fd)
+    os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600, and safetensors' writer creates its files 0600 too: other users of a shared models
+        # folder or prior cache could not read them. Set the mode after the writer is done.
+        os.chmod(tmp_path, new_file_mode())
         os.replace(tmp_path, target)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
@@ -220,7 +220,7 @@ class RunLock:
             os.close(fd)
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.datetime.now().astimezone().replace(microsecond=0).isoformat(),
-                  "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
+                  "command": " ".join(["dreamlora", *sys.argv[1:]])[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         return cls(path, fd)

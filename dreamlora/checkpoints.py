@@ -90,7 +90,8 @@ def save_checkpoint(run_dir: Path, step: int, adapter_state: dict[str, torch.Ten
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, its I/O failures (disk full, file-size limit) raised as the OSError they are."""
+    """safetensors' save_file, its I/O failures (disk full, file-size limit) raised as the OSError they are, and
+    the file given the mode the umask gives new files."""
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
     except Exception as exc:
@@ -98,6 +99,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         if error is None:
             raise
         raise error from exc
+    os.chmod(path, new_file_mode())  # safetensors creates its files 0600, whatever the umask
 
 
 def remove_checkpoint(path: Path) -> bool:

@@ -263,8 +263,8 @@ def _decode(path: Path) -> tuple[Image.Image, list[str]]:
             plugin = PLUGINS.get(path.suffix.lower())
             if plugin and path.suffix.lower() not in image_extensions():
                 raise _Unreadable(f"cannot be read: it is a {path.suffix[1:].upper()} image and the installed "
-                                  f"Pillow has no decoder for it", f"Install {plugin}, or convert it to JPEG or "
-                                  "PNG.") from exc
+                                  f"Pillow has no decoder for it (install {plugin})",
+                                  "Install the plugin, or convert the photo to JPEG or PNG.") from exc
             raise _Unreadable(f"cannot be read: its contents are not an image format dreamlora reads "
                               f"(is it really a {path.suffix.lower()} file?)") from exc
         raise _Unreadable(f"cannot be read: {_reason(exc, path)}") from exc
@@ -347,16 +347,17 @@ def read_caption(path: str | Path) -> str | None:
     if len(data) > MAX_CAPTION_BYTES:
         raise DataError(f"caption '{path}' is over {MAX_CAPTION_BYTES // 1024} KiB: a caption is a line of text. "
                         "Is it the right file?")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"caption '{path}' is UTF-16 text. Save it as UTF-8.")
+    for marks, encoding in (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "UTF-32"), ((b"\xff\xfe", b"\xfe\xff"), "UTF-16")):
+        if data.startswith(marks):
+            raise DataError(f"caption '{path}' is {encoding} text. Save it as UTF-8.")
+    if b"\x00" in data:  # before decoding: UTF-16 without a byte-order mark is often valid UTF-8 byte by byte
+        raise DataError(f"caption '{path}' holds NUL bytes (UTF-16 without a byte-order mark, or not text). "
+                        "Save it as UTF-8.")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"caption '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}: "
                         "Latin-1 or Windows-1252?). Save it as UTF-8.") from None
-    if "\x00" in text:
-        raise DataError(f"caption '{path}' holds NUL characters (UTF-16 without a byte-order mark, or not text). "
-                        "Save it as UTF-8 text.")
     text = " ".join(text.split())
     problem = prompt_problem(text)
     if problem:
@@ -398,7 +399,7 @@ def _check_file(path: Path, resolution: int | None, captions: bool = True) -> Fi
         try:
             read_caption(path.with_suffix(".txt"))
         except DataError as exc:
-            check.add("error", f"has a caption that cannot be used: {exc}")
+            check.add("error", f"has a caption that cannot be used: {str(exc).rstrip('.')}")
     try:
         image, check.info = _decode(path)
     except _Unreadable as exc:
