@@ -464,6 +464,8 @@ def _range_message(spec: Key, value: Any) -> str | None:
     m = spec.meta
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    if isinstance(value, float) and not math.isfinite(value):  # a Python caller's: flags and TOML never pass one
+        return "must be a finite number"
     low, high = m["low"], m["high"] if m["high"] is not None and m["high"] < 2**62 else None
     too_low = low is not None and (value <= low if m["low_open"] else value < low)
     too_high = m["high"] is not None and (value >= m["high"] if m["high_open"] else value > m["high"])

@@ -19,7 +19,8 @@ import torch
 
 from . import checkpoints
 from .atomic import RunLock, as_os_error, check_writable, write_bytes_atomic, write_error, write_text_atomic
-from .config import DreamLoraConfig, describe, fill_prompt, to_portable_json
+from .config import DreamLoraConfig, describe, fill_prompt, format_problems, to_portable_json
+from .config import validate as validate_config
 from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, draw_latents_and_crops, encode_latents,
                    instance_set, load_rgb, pick_indices, resize_for_training)
 from .errors import ConfigError, DreamLoraError, NumericalError, TrainingError
@@ -64,6 +65,10 @@ def train(config: DreamLoraConfig, progress: ProgressCallback = ignore_progress)
     Raises:
         ConfigError, DataError, ModelLoadError, TrainingError: a message naming the file or flag.
     """
+    # A config built in Python skips load_config: check it here, before anything loads or is written.
+    problems = validate_config(config)
+    if problems:
+        raise ConfigError(format_problems(problems))
     with global_rng_restored(), stop_signals_interrupt(), contextlib.ExitStack() as held:
         try:
             return _run(config, progress, held)
