@@ -160,7 +160,9 @@ def read_state(checkpoint: Checkpoint) -> dict:
         state = json.loads((checkpoint.path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise damaged(checkpoint, exc) from exc
-    if not isinstance(state, dict) or not isinstance(state.get("run"), (dict, type(None))):
+    # The fields a resume reads before it loads any tensor (the run record, the settings to compare).
+    if not (isinstance(state, dict) and isinstance(state.get("run"), (dict, type(None)))
+            and isinstance(state.get("config"), dict) and all(isinstance(v, dict) for v in state["config"].values())):
         raise damaged(checkpoint, "state.json is not a checkpoint record")
     return state
 

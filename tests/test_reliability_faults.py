@@ -175,8 +175,9 @@ def test_damaged_checkpoint_on_resume_is_one_line(tmp_path):
     out.unlink()
     line = error_line(invoke(*flags, "--resume"))
     assert "checkpoint" in line and "step-000002' is damaged" in line and "delete that folder" in line
-    (adapter.parent / "state.json").write_text("[1, 2]")  # valid JSON, not a checkpoint record
-    assert "is damaged" in error_line(invoke(*flags, "--resume"))
+    for record in ("[1, 2]", '{"run": null, "config": ["model"]}'):  # valid JSON, not a checkpoint record
+        (adapter.parent / "state.json").write_text(record)
+        assert "step-000002' is damaged" in error_line(invoke(*flags, "--resume"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +398,18 @@ def test_utf8_captions_with_a_byte_order_mark_are_read(tmp_path):
 
     (tmp_path / "01.txt").write_bytes("\ufeffa caf\u00e9 sks ball\n".encode("utf-8"))
     assert caption_for(tmp_path / "01.png") == "a caf\u00e9 sks ball"
+
+
+def test_a_config_built_in_python_is_checked_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "load_base_model", no_model)
+    config = small_config(tmp_path)
+    config.lora.alpha = float("inf")
+    config.validation.prompts = ["a photo of {token} {cute}"]  # found before training, not after its last step
+    with pytest.raises(ConfigError) as info:
+        train(config)
+    assert "lora.alpha (flag --alpha) must be a finite number" in str(info.value)
+    assert "unknown placeholder '{cute}'" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_attribute_and_index_placeholders_are_one_line_errors(tmp_path):
