@@ -624,3 +624,20 @@ def test_avif_photos_are_images_and_missing_plugins_are_named(tmp_path):
         (folder / "iphone.heic").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)  # a HEIC header
         line = error_line(invoke("check-images", folder, "--resolution", "64"))
         assert "'iphone.heic' cannot be read: it is a HEIC image" in line and "install pillow-heif" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# The documentation names only tests that exist
+
+
+def test_every_test_docs_reliability_names_exists():
+    import re
+
+    doc = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    files = {"faults": "tests/test_reliability_faults.py", "fuzz": "tests/test_reliability_fuzz.py",
+             None: "tests/test_reliability.py"}
+    named = re.findall(r"`(?:(faults|fuzz|tests/[\w/]+\.py)::)?(test_\w+)`", doc)
+    assert len(named) > 50
+    for where, name in named:
+        source = (ROOT / files.get(where or None, where)).read_text(encoding="utf-8")
+        assert f"def {name}(" in source, f"docs/reliability.md names {where or 'test_reliability'}::{name}"
