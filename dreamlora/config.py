@@ -28,6 +28,8 @@ from .errors import ConfigError
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, Sampler
 
 DEFAULT_MODEL = "builtin:toy"
+# Image sides beyond this are typos (a side of 10**9 asks for exabytes): SDXL trains at 1024, upscales reach 4096.
+MAX_RESOLUTION = 8192
 ARGUMENT = "INSTANCE_DIR"  # the one key set by a positional argument of `dreamlora train`
 _NO_DEFAULT = object()
 
@@ -80,7 +82,7 @@ class DataConfig:
     instance_prompt: str = setting("a photo of {token} {class}", flag="--instance-prompt",
                                    help="Prompt of the photos; a .txt caption beside a photo replaces it.")
     class_prompt: str = setting("a photo of {class}", flag="--class-prompt", help="Prompt of the class images.")
-    resolution: int | None = setting(None, flag="--resolution", low=8,
+    resolution: int | None = setting(None, flag="--resolution", low=8, high=MAX_RESOLUTION,
                                      help="Training resolution in pixels (default: the model's own: 512 for SD 1.5, "
                                           "768 for SD 2.x-v, 64 for the built-ins).")
     crop: Literal["center", "random"] = setting("center", flag="--crop",
@@ -687,7 +689,8 @@ class SampleSettings:
     guidance: float = setting(7.5, flag="--guidance", low=0, help="Classifier-free guidance scale.")
     sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--sampler", help="Sampler.")
     negative_prompt: str = setting("", flag="--negative-prompt", help="Negative prompt.")
-    resolution: int | None = setting(None, flag="--resolution", low=8, help="Image side in pixels (default: the model's).")
+    resolution: int | None = setting(None, flag="--resolution", low=8, high=MAX_RESOLUTION,
+                                     help="Image side in pixels (default: the model's).")
 
     def check(self) -> None:
         """Raises ConfigError listing every bad value, each naming its flag."""
