@@ -20,11 +20,12 @@ def command(
         "--verbose", "-v", help="Also show the conversions (EXIF rotation, CMYK, ...).")] = False,
 ) -> None:
     """Read every image in FOLDER as training would and list what is wrong; exit code 1 if any image is unusable."""
+    from dreamlora.config import MAX_RESOLUTION
     from dreamlora.errors import ConfigError
     from dreamlora.preflight import preflight
 
-    if resolution < 8 or resolution % 8:
-        raise ConfigError(f"--resolution must be a multiple of 8 (got {resolution})")
+    if not 8 <= resolution <= MAX_RESOLUTION or resolution % 8:
+        raise ConfigError(f"--resolution must be a multiple of 8 in [8, {MAX_RESOLUTION}] (got {resolution})")
     report = preflight(folder, "image", resolution)
     for check in report.files:
         notes = check.notes + (check.info if verbose else [])

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dreamlora.config import PriorConfig
+from dreamlora.config import MAX_RESOLUTION, PriorConfig
 from dreamlora.samplers import Sampler
 
 from .options import ModelConfigOpt, ModelOpt, OverwriteOpt, ResolutionOpt
@@ -63,7 +63,7 @@ def check_flags(*, guidance: float, seed: int, resolution: int | None) -> None:
         problems.append(f"--guidance must be a finite number >= 0 (got {guidance})")
     if seed < 0:
         problems.append(f"--seed must be >= 0 (got {seed})")
-    if resolution is not None and resolution < 8:
-        problems.append(f"--resolution must be >= 8 (got {resolution})")
+    if resolution is not None and not 8 <= resolution <= MAX_RESOLUTION:
+        problems.append(f"--resolution must be in [8, {MAX_RESOLUTION}] (got {resolution})")
     if problems:
         raise ConfigError("; ".join(problems))

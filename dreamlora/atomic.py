@@ -221,8 +221,9 @@ class RunLock:
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.datetime.now().astimezone().replace(microsecond=0).isoformat(),
                   "command": " ".join(["dreamlora", *sys.argv[1:]])[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same; others read "just started"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         return cls(path, fd)
 
     def release(self) -> None:
