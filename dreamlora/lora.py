@@ -67,6 +67,7 @@ def add_lora_adapters(
     unet_targets: list[str],
     train_text_encoder: bool,
     text_targets: list[str],
+    dora: bool = False,
 ) -> None:
     """Freeze the models and inject a fresh LoRA adapter named "default" into them, in place.
 
@@ -83,6 +84,8 @@ def add_lora_adapters(
         unet_targets: Module-name suffixes to adapt in the UNet, e.g. ``["to_q", "to_out.0"]``.
         train_text_encoder: Whether the text encoders get adapters too.
         text_targets: Module-name suffixes to adapt in each text encoder, e.g. ``["q_proj"]``.
+        dora: DoRA (peft's ``use_dora``): a learned magnitude per output row on top of the low-rank update;
+            it starts at the base weight's row norms, so the fresh adapter is still a no-op.
 
     Raises:
         ConfigError: A target names no module of that model (peft itself would ignore a typo
@@ -113,6 +116,7 @@ def add_lora_adapters(
             lora_dropout=dropout,
             target_modules=list(targets),
             init_lora_weights=True,  # lora_B = 0: a fresh adapter changes nothing
+            use_dora=dora,
         )
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
 
@@ -295,6 +299,10 @@ def to_kohya_state_dict(
     for prefix, model, is_text in named:
         layers = _lora_layers(model)
         _check_alpha(alpha, layers)
+        if any(ADAPTER_NAME in getattr(layer, "lora_magnitude_vector", {}) for _, layer in layers):
+            from .interop.formats import KOHYA_DORA_REFUSAL
+
+            raise ConfigError(f"the adapters are DoRA: {KOHYA_DORA_REFUSAL}.")
         for name, layer in layers:
             if is_text:
                 key = f"{prefix}_{_text_role_name(name).replace('.', '_')}"
@@ -326,6 +334,10 @@ def to_diffusers_state_dict(
         _check_alpha(alpha, _lora_layers(model))
         adapter_metadata.update({f"{prefix}.{k}": v for k, v in _portable_config(model).items()})
     for key, value in adapter_state_dict(unet, text_encoders).items():
+        if key.endswith(".lora_magnitude_vector"):
+            # DoRA magnitudes as `...lora_magnitude_vector.weight`: diffusers loads the UNet's either way, but its
+            # text-encoder path (through transformers 5.x) finds them only with the .weight its module has.
+            key += ".weight"
         tensors[key] = _export(value, dtype)
     return tensors, adapter_metadata
 
@@ -366,8 +378,14 @@ def save_lora_file(
     alpha: float,
     dtype: torch.dtype = torch.float16,
     metadata: dict[str, str],
+    check: bool = True,
 ) -> None:
-    """Write the adapters as one .safetensors file, atomically.
+    """Write the adapters as one .safetensors file, atomically, after the compatibility check.
+
+    Each format's header says only what its readers should believe: a diffusers file carries no kohya
+    ``ss_*`` entries (AUTOMATIC1111 would take it for a kohya network; they are kept under
+    ``dreamlora.kohya_metadata`` for a conversion back) and says ``modelspec.implementation`` = diffusers;
+    a kohya file gets sd-scripts' ``sshs_model_hash`` / ``sshs_legacy_hash``.
 
     Args:
         path: Target file; written beside it under a temporary name, then renamed.
@@ -380,22 +398,37 @@ def save_lora_file(
         dtype: Weight dtype in the file (fp16 halves the size; training may have used fp32).
         metadata: Header entries, usually from :func:`lora_metadata`. ``format`` and
             ``lora_adapter_metadata`` are set here.
+        check: Run the compatibility check (dreamlora.interop.check) before writing.
 
     Raises:
+        CompatibilityError: A tool the format is written for would not load the file as trained.
+        ConfigError: DoRA adapters and ``format="kohya"`` (no kohya reader applies peft's DoRA).
         DreamLoraError: The disk filled up while writing.
     """
+    from .interop.formats import header_for, parse_lora
+    from .interop.hashes import addnet_hashes
+
     header = {k: v for k, v in metadata.items() if k != DIFFUSERS_METADATA_KEY}
     if format == "kohya":
         # No lora_adapter_metadata here: diffusers refuses a file that has both it and kohya alphas.
         tensors = to_kohya_state_dict(unet, text_encoders, family, alpha=alpha, dtype=dtype)
     elif format == "diffusers":
         tensors, adapter_metadata = to_diffusers_state_dict(unet, text_encoders, alpha=alpha, dtype=dtype)
-        header[DIFFUSERS_METADATA_KEY] = json.dumps(adapter_metadata, indent=2, sort_keys=True)
     else:
         raise ValueError(f"format must be 'kohya' or 'diffusers', got {format!r}")
     if not tensors:
         raise ValueError("no LoRA adapter found in the UNet or text encoders; call add_lora_adapters first")
+    if format == "diffusers":
+        header = header_for("peft", header, parse_lora(tensors, {}, Path(path).name).modules,
+                            adapter_config=adapter_metadata)
     header["format"] = "pt"
+    if format == "kohya":
+        header["sshs_model_hash"], header["sshs_legacy_hash"] = addnet_hashes(tensors, header)
+    if check:
+        from .interop.check import check_before_write
+        from .interop.keymaps import ModelLayout
+
+        check_before_write(tensors, header, ModelLayout.from_modules(family, unet, text_encoders), Path(path).name)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=header)
 
@@ -679,6 +712,7 @@ def lora_metadata(
     train_text_encoder: bool,
     date: str | None = None,
     training_comment: str | None = None,
+    thumbnail: str | None = None,
 ) -> dict[str, str]:
     """Header entries that sd-scripts (``ss_*``) and Stability's model spec (``modelspec.*``) define.
 
@@ -698,6 +732,7 @@ def lora_metadata(
         train_text_encoder: Whether the text encoder was adapted too.
         date: ISO-8601 creation time; now (UTC, seconds) if None.
         training_comment: Free text for ss_training_comment; omitted if None.
+        thumbnail: modelspec.thumbnail, a small image as a data URL (interop.thumbnail); omitted if None.
 
     Returns:
         Header entries, all values str.
@@ -723,4 +758,6 @@ def lora_metadata(
     }
     if training_comment is not None:
         meta["ss_training_comment"] = _bounded(training_comment, MAX_COMMENT_CHARS)
+    if thumbnail is not None:
+        meta["modelspec.thumbnail"] = thumbnail
     return meta
