@@ -125,6 +125,9 @@ class LoraConfig:
                                              help="Text-encoder modules that get adapters (comma-separated).")
     text_encoder_lr: float | None = setting(None, flag="--text-encoder-lr", low=0, low_open=True,
                                             help="Learning rate of the text-encoder adapters (default: --lr).")
+    dora: bool = setting(False, flag="--dora/--no-dora",
+                         help="DoRA (peft): a learned magnitude per output channel on top of the LoRA update. "
+                              "Written with --format diffusers only: no kohya reader applies peft's DoRA.")
 
     @property
     def resolved_alpha(self) -> float:
@@ -493,6 +496,11 @@ def validate(config: DreamLoraConfig) -> list[str]:
     check(c.data.resolution is None or c.data.resolution % 8 == 0, "data.resolution",
           f"must be a multiple of 8 (got {c.data.resolution})")
     check(bool(c.validation.seeds), "validation.seeds", "must list at least one seed")
+    # AUTOMATIC1111 reads kohya's dora_scale per input column, ComfyUI and Forge normalise by the base weight, and
+    # diffusers drops it (docs/interop.md): a kohya DoRA file would load wrong everywhere, so it is refused up front.
+    check(not (c.lora.dora and c.output.format == "kohya"), "lora.dora",
+          "needs --format diffusers: no kohya reader applies peft's DoRA as trained (AUTOMATIC1111 reads dora_scale "
+          "per input column, ComfyUI and Forge divide by the base weight's norm, diffusers drops it)")
     check(not (c.prior.enabled and c.prior.class_dir and c.data.instance_dir
                and Path(c.prior.class_dir).resolve() == Path(c.data.instance_dir).resolve()), "prior.class_dir",
           f"must not be the instance folder (both '{c.prior.class_dir}'): class images show other "

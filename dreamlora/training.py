@@ -193,7 +193,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
             if config.validation.final else None
         if accelerator.is_main_process:
             with disk_errors(output, then=f" {kept}"):
-                save_output(output, base, config, resolution, started)
+                save_output(output, base, config, resolution, started, grid)
             progress(ProgressEvent("save", message=f"wrote {output}"))
     except KeyboardInterrupt as exc:  # the final grid and the file come after the last checkpoint: nothing is lost
         raise TrainingError(f"{interruption(exc)} after the last step, before '{output}' was written. {kept}") from None
@@ -524,7 +524,8 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
         torch.manual_seed(derive_seed(config.train.seed, "lora-init"))
         add_lora_adapters(base.unet, base.text_encoders, rank=lora.rank, alpha=lora.resolved_alpha,
                           dropout=lora.dropout, unet_targets=lora.target_modules,
-                          train_text_encoder=lora.train_text_encoder, text_targets=lora.text_target_modules)
+                          train_text_encoder=lora.train_text_encoder, text_targets=lora.text_target_modules,
+                          dora=lora.dora)
     for module in (base.unet, *base.text_encoders):
         for param in trainable_parameters(module):
             param.data = param.data.to(device=device, dtype=torch.float32)
@@ -805,17 +806,26 @@ def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir:
     return path if accelerator.is_main_process else None
 
 
-def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resolution: int, started: str) -> None:
+def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resolution: int, started: str,
+                grid: Path | None = None) -> None:
+    """Write the LoRA file (after the compatibility check), with the final validation grid as its thumbnail."""
+    from .interop.check import CompatibilityError
+    from .interop.thumbnail import thumbnail_data_url
+
     config_json = to_portable_json(config)
     data = config.data
     metadata = lora_metadata(family=base.family, rank=config.lora.rank, alpha=config.lora.resolved_alpha,
                              resolution=resolution, output_name=output.stem,
                              trigger_phrase=f"{data.token} {data.class_word}", title=output.stem,
                              config_json=config_json, train_text_encoder=config.lora.train_text_encoder,
-                             date=started)
+                             date=started, thumbnail=thumbnail_data_url(grid) if grid else None)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_dtype]
-    save_lora_file(output, base.unet, base.text_encoders, base.family, format=config.output.format,
-                   alpha=config.lora.resolved_alpha, dtype=dtype, metadata=metadata)
+    try:
+        save_lora_file(output, base.unet, base.text_encoders, base.family, format=config.output.format,
+                       alpha=config.lora.resolved_alpha, dtype=dtype, metadata=metadata)
+    except CompatibilityError as exc:
+        raise CompatibilityError(f"{exc}. '{output}' was not written; the trained weights are kept in the run folder: "
+                                 "run the same command with --resume and another --format to write them") from None
     sort_safetensors_header(output)
 
 
