@@ -108,15 +108,16 @@ def remove_checkpoint(path: Path) -> bool:
     Returns:
         False when the folder is kept because it holds files dreamlora did not write.
     """
+    try:
+        names = {p.name for p in path.iterdir()}
+    except FileNotFoundError:
+        return True
+    if names <= set(CHECKPOINT_FILES):
+        shutil.rmtree(path)
+        return True
     for name in CHECKPOINT_FILES:
         (path / name).unlink(missing_ok=True)
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
+    return False
 
 
 def remove_run_files(run_dir: Path) -> list[Path]:
