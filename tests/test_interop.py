@@ -289,6 +289,12 @@ def test_tool_key_maps_follow_the_tools_rules(bases):
     g = Target("text_encoder_2", "text_model.encoder.layers.1.mlp.fc1")
     assert xl.resolve("automatic1111", "kohya", "lora_te2_text_model_encoder_layers_1_mlp_fc1") == g
     assert xl.resolve("comfyui", "peft", "text_encoder_2.text_model.encoder.layers.1.mlp.fc1") == g
+    # AUTOMATIC1111's fixed SD block numbering holds only for UNets with two resnets a level (the toy model has one:
+    # no model AUTOMATIC1111 loads), so a file for the toy model is not held to it
+    from dreamlora.models.configs import read_model_configs
+
+    assert layout.a1111_loads_unet and xl.a1111_loads_unet
+    assert not ModelLayout.from_configs(read_model_configs("builtin:toy")).a1111_loads_unet
     # only ComfyUI and diffusers reach CLIP-G's projection
     assert xl.resolve("automatic1111", "kohya", "lora_te2_text_projection") is None
     assert xl.resolve("comfyui", "kohya", "lora_te2_text_projection") == Target("text_encoder_2", "text_projection")
@@ -481,3 +487,21 @@ def test_cli_convert_resize_merge_extract(sd1, tmp_path):
     result = run(app, ["extract", "--base", "builtin:tiny-sd", "--tuned", "builtin:tiny-sd", "--rank", "2",
                        "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "nothing to extract" in result.output
+
+
+def test_train_with_dora_writes_a_checked_diffusers_file(tmp_path):
+    from pathlib import Path
+
+    from dreamlora import load_config, train
+
+    instances = Path(__file__).resolve().parents[1] / "sample_instances" / "polkaball"
+    config = load_config(None, {
+        "model.name": "builtin:tiny-sd", "data.instance_dir": str(instances), "data.class_word": "ball",
+        "prior.enabled": False, "output.path": str(tmp_path / "dora.safetensors"), "output.format": "diffusers",
+        "lora.dora": True, "lora.train_text_encoder": True, "train.steps": 2, "train.checkpoint_every": 0,
+        "validation.final": False,
+    })
+    data = read_lora(train(config).output)
+    assert data.has_dora and all(m.magnitude is not None for m in data.modules.values())
+    assert not any(k.startswith("ss_") for k in data.metadata)
+    assert check_file(tmp_path / "dora.safetensors").errors == []
