@@ -7,6 +7,7 @@ derived from (seed, step), so resuming at step k replays exactly what an uninter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import as_os_error, new_file_mode
+from .config import DreamLoraConfig
 from .errors import TrainingError
 
 PREFIX = "step-"
@@ -161,14 +163,17 @@ def read_state(checkpoint: Checkpoint) -> dict:
         state = json.loads((checkpoint.path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise damaged(checkpoint, exc) from exc
-    # The fields a resume reads before it loads any tensor (the run record, the settings to compare).
+    # The fields a resume reads before it loads any tensor (the run record, the settings to compare section by section).
+    sections = [field.name for field in dataclasses.fields(DreamLoraConfig)]
     if not (isinstance(state, dict) and isinstance(state.get("run"), (dict, type(None)))
-            and isinstance(state.get("config"), dict) and all(isinstance(v, dict) for v in state["config"].values())):
+            and isinstance(state.get("config"), dict)
+            and all(isinstance(state["config"].get(name, {}), dict) for name in sections)):
         raise damaged(checkpoint, "state.json is not a checkpoint record")
     return state
 
 
-def load_checkpoint(checkpoint: Checkpoint, optimizer, lr_scheduler, scaler=None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(checkpoint: Checkpoint, optimizer, lr_scheduler,
+                    scaler=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Restore optimiser, scheduler (and the fp16 loss scaler) in place; return the adapter state and state.json.
 
     Raises:

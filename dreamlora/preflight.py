@@ -70,8 +70,8 @@ def image_extensions() -> set[str]:
 
     _register_plugins()
     Image.init()
-    readable = {name for name, (factory, _accept) in Image.OPEN.items()
-                if name not in NOT_PHOTOS and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    readable = {name for name, (factory, _accept) in Image.OPEN.items() if name not in NOT_PHOTOS
+                and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
     return {ext for ext, name in Image.registered_extensions().items() if name in readable} | {".mpo"}
 
 
@@ -347,7 +347,8 @@ def read_caption(path: str | Path) -> str | None:
     if len(data) > MAX_CAPTION_BYTES:
         raise DataError(f"caption '{path}' is over {MAX_CAPTION_BYTES // 1024} KiB: a caption is a line of text. "
                         "Is it the right file?")
-    for marks, encoding in (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "UTF-32"), ((b"\xff\xfe", b"\xfe\xff"), "UTF-16")):
+    byte_order_marks = (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "UTF-32"), ((b"\xff\xfe", b"\xfe\xff"), "UTF-16"))
+    for marks, encoding in byte_order_marks:
         if data.startswith(marks):
             raise DataError(f"caption '{path}' is {encoding} text. Save it as UTF-8.")
     if b"\x00" in data:  # before decoding: UTF-16 without a byte-order mark is often valid UTF-8 byte by byte

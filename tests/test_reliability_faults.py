@@ -175,7 +175,8 @@ def test_damaged_checkpoint_on_resume_is_one_line(tmp_path):
     out.unlink()
     line = error_line(invoke(*flags, "--resume"))
     assert "checkpoint" in line and "step-000002' is damaged" in line and "delete that folder" in line
-    for record in ("[1, 2]", '{"run": null, "config": ["model"]}'):  # valid JSON, not a checkpoint record
+    # Valid JSON, but not a checkpoint record:
+    for record in ("[1, 2]", '{"run": null, "config": {"model": ["builtin:tiny-sd"]}}'):
         (adapter.parent / "state.json").write_text(record)
         assert "step-000002' is damaged" in error_line(invoke(*flags, "--resume"))
 
@@ -209,7 +210,8 @@ def test_a_second_run_on_the_same_output_or_run_folder_is_refused_naming_the_fir
     lock = tmp_path / ".ball.safetensors.lock" if shared == "out" else tmp_path / "ball-run" / ".lock"
     holder = hold_lock(lock)
     try:
-        line = error_line(invoke("train", INSTANCES, "--class-word", "ball", "--out", out, "--model", "builtin:tiny-sd"))
+        line = error_line(invoke("train", INSTANCES, "--class-word", "ball", "--out", out, "--model",
+                                 "builtin:tiny-sd"))
         what = f"output '{out}'" if shared == "out" else f"run folder '{tmp_path / 'ball-run'}'"
         assert f"{what} is in use by another dreamlora run (PID {holder.pid} on host {socket.gethostname()}" in line
         assert "--out" in line or "--run-dir" in line
@@ -472,7 +474,8 @@ def test_sample_refuses_a_read_only_out_before_loading_the_model(tmp_path, monke
         line = error_line(invoke("sample", "--prompt", "a ball", "--out", folder / "grids" / "grid.png"))
         assert f"cannot write '{folder / 'grids' / 'grid.png'}'" in line and "--out" in line
     (tmp_path / "file").write_text("x")
-    assert "is a file, not a folder" in error_line(invoke("sample", "--prompt", "a", "--out", tmp_path / "file" / "g.png"))
+    line = error_line(invoke("sample", "--prompt", "a", "--out", tmp_path / "file" / "g.png"))
+    assert "is a file, not a folder" in line
     assert "is a folder" in error_line(invoke("sample", "--prompt", "a", "--out", tmp_path))
 
 
@@ -560,8 +563,8 @@ def test_overwrite_keeps_files_dreamlora_did_not_write(tmp_path):
     accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     assert train_module.prepare_run_dir(config, run_dir, accelerator) == 0
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
-    assert left == ["checkpoints", "checkpoints/notes.txt", "checkpoints/step-000004", "checkpoints/step-000004/why.txt",
-                    "plan.md", "validation", "validation/favourite.png"]
+    assert left == ["checkpoints", "checkpoints/notes.txt", "checkpoints/step-000004",
+                    "checkpoints/step-000004/why.txt", "plan.md", "validation", "validation/favourite.png"]
     assert checkpoints.latest_checkpoint(run_dir) is None  # nothing of the earlier run is resumed
 
 

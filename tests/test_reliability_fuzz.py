@@ -257,7 +257,8 @@ def flag_cases() -> list[tuple[str, str, str]]:
             flag = key.flag.partition("/")[0]
             cases += [(command, flag, value) for value in bad_values(rng, key, item, is_list)]
     cases += [("priors", "--guidance", v) for v in ("nan", "inf", "-1")]
-    cases += [("priors", flag, v) for flag in ("--seed", "--steps", "--num-images", "--batch-size") for v in ("-1", "nan")]
+    cases += [("priors", flag, v) for flag in ("--seed", "--steps", "--num-images", "--batch-size")
+              for v in ("-1", "nan")]
     cases += [("priors", "--resolution", v) for v in ("-64", "12", "0", "1000000000")]
     cases += [("check-images", "--resolution", v) for v in ("-8", "12", "nan", "0", "1000000000")]
     return cases
