@@ -171,6 +171,9 @@ class TrainConfig:
                              help="Steps between loss reports (the only host-device syncs).")
     compile: bool = setting(False, flag="--compile/--no-compile",
                             help="torch.compile the denoiser: faster GPU steps after a compile of a minute or more.")
+    threads: int | None = setting(None, flag="--threads", low=1, run_control=True,
+                                  help="CPU threads (default: the cores other jobs leave free when the run starts; "
+                                       "OMP_NUM_THREADS also sets it).")
     memory_budget: float | None = setting(None, flag="--memory-budget", low=0, low_open=True,
                                           help="GiB the run may use (e.g. 8, 12, 24): memory savers are turned on "
                                                "until the estimate fits.")
@@ -493,14 +496,14 @@ def validate(config: DreamLoraConfig) -> list[str]:
             problems.append(f"{describe(key)} {message}")
 
     check(bool(c.lora.target_modules), "lora.target_modules", "must name at least one module")
-    check(c.data.resolution is None or c.data.resolution % 8 == 0, "data.resolution",
-          f"must be a multiple of 8 (got {c.data.resolution})")
-    check(bool(c.validation.seeds), "validation.seeds", "must list at least one seed")
     # AUTOMATIC1111 reads kohya's dora_scale per input column, ComfyUI and Forge normalise by the base weight, and
     # diffusers drops it (docs/interop.md): a kohya DoRA file would load wrong everywhere, so it is refused up front.
     check(not (c.lora.dora and c.output.format == "kohya"), "lora.dora",
           "needs --format diffusers: no kohya reader applies peft's DoRA as trained (AUTOMATIC1111 reads dora_scale "
           "per input column, ComfyUI and Forge divide by the base weight's norm, diffusers drops it)")
+    check(c.data.resolution is None or c.data.resolution % 8 == 0, "data.resolution",
+          f"must be a multiple of 8 (got {c.data.resolution})")
+    check(bool(c.validation.seeds), "validation.seeds", "must list at least one seed")
     check(not (c.prior.enabled and c.prior.class_dir and c.data.instance_dir
                and Path(c.prior.class_dir).resolve() == Path(c.data.instance_dir).resolve()), "prior.class_dir",
           f"must not be the instance folder (both '{c.prior.class_dir}'): class images show other "

@@ -33,6 +33,7 @@ from .models.family import ImageGeometry, PromptEmbeddings
 from .preflight import preflight_training_data, prompt_length_warnings, token_warnings
 from .identity import ModelIdentity, images_fingerprint
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
+from .threads import cpu_threads
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import render_validation_grid
 
@@ -93,6 +94,9 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     held.enter_context(run_locks(output, run_dir, accelerator))  # before anything in the run folder changes
     start_step = prepare_run_dir(config, run_dir, accelerator)
     started = run_started(run_dir, start_step, accelerator.is_main_process)
+    # CPU threads: the cores other jobs leave free, fixed for the run (a resumed run keeps its count, so it sums
+    # in the same order and writes the same bytes).
+    threads = held.enter_context(cpu_threads(config.train.threads or resumed_threads(run_dir, start_step)))
 
     # The main process loads first: it builds a missing built-in model, which other ranks could not
     # (transformers' save_pretrained writes nothing on non-main ranks of a process group).
@@ -112,7 +116,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     use_channels_last(base, accelerator.device, config)
     classes = class_images(config, base, resolution, accelerator, progress,
                            images.classes.usable if images.classes else None) if config.prior.enabled else None
-    record = run_record(base, config, instances, classes, accelerator.num_processes)
+    record = {**run_record(base, config, instances, classes, accelerator.num_processes), "threads": threads}
     add_adapters(base, config, accelerator.device)
     batches = BatchSource(base, config, instances, classes, resolution, accelerator, progress)
     offload_encoders(base, config, accelerator.device)  # the caches hold what the VAE and text encoders made
@@ -679,6 +683,14 @@ def run_record(base: BaseModel, config: DreamLoraConfig, instances: ImageSet, cl
     return {"model": base.fingerprint, "instances": images_fingerprint(instances.paths, instances.prompts),
             "classes": images_fingerprint(classes.paths, classes.prompts) if classes else None,
             "processes": processes, "schedule": {"name": t.lr_scheduler, "steps": t.steps}}
+
+
+def resumed_threads(run_dir: Path, start_step: int) -> int | None:
+    """The CPU thread count a resumed run's checkpoint recorded (None for a new run or an older checkpoint)."""
+    if not start_step:
+        return None
+    checkpoint = checkpoints.latest_checkpoint(run_dir)
+    return ((checkpoints.read_state(checkpoint).get("run") or {}).get("threads")) if checkpoint else None
 
 
 # Schedules whose learning rate at a step does not depend on the run's length: --steps may grow on resume.
