@@ -276,6 +276,10 @@ def test_tool_key_maps_follow_the_tools_rules(bases):
     assert layout._a1111_names["model_transformer_resblocks_0_attn_q_proj"] == q
     assert layout.resolve("automatic1111", "kohya", "lora_te_text_model_encoder_layers_0_self_attn_q_proj") == q
     assert layout.resolve("automatic1111", "kohya", "lora_te_text_model_final_layer_norm") is None
+    # one-encoder files say lora_te_ or lora_te1_ (ComfyUI and diffusers read both; AUTOMATIC1111 only for CLIP-L)
+    te1 = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    assert layout.read("kohya", te1) == layout.resolve("comfyui", "kohya", te1) == q
+    assert layout.resolve("automatic1111", "kohya", te1) is None
     # ComfyUI: older diffusers attention-processor names, and no peft UNet names
     to_out = Target("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0")
     assert layout.resolve("comfyui", "attn-procs", "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out") == to_out

@@ -199,7 +199,7 @@ class ModelLayout:
             naming = self.naming(target.component)
             flat = target.module.replace(".", "_")
             index.setdefault(f"{naming.kohya_prefix}_{flat}", target)
-            if naming is namings[0]:  # the first encoder: files of one-encoder models say lora_te or lora_te1
+            if naming == namings[0]:  # the first encoder: files of one-encoder models say lora_te or lora_te1
                 index.setdefault(f"lora_te_{flat}", target)
                 index.setdefault(f"lora_te1_{flat}", target)
         return index
