@@ -76,6 +76,7 @@ def test_unknown_model(tmp_path):
     assert "builtin:nope" in line
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_train_from_the_sample_toml_then_inspect_and_priors(tmp_path):
     toml = ROOT / "sample_instances" / "polkaball" / "dreamlora.toml"
     out = tmp_path / "s.safetensors"
@@ -107,6 +108,7 @@ def test_importing_the_package_and_the_command_line_loads_no_heavy_library():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_the_package_names_are_the_functions_even_after_their_modules_are_imported():
     code = ("import dreamlora.training, dreamlora.evaluation, dreamlora.sampling, dreamlora\n"
             "from dreamlora import train, evaluate, sample, load_config\n"

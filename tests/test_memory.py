@@ -91,6 +91,7 @@ def test_simulated_step_matches_the_tensors_of_a_real_cpu_step(tiny_sd):
     assert simulated == pytest.approx(live.peak, rel=0.15)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_memory_savers_lower_the_estimate_and_bigger_batches_raise_it(tmp_path):
     models = read_model_configs("builtin:tiny-sd")
 
@@ -110,6 +111,7 @@ def test_memory_savers_lower_the_estimate_and_bigger_batches_raise_it(tmp_path):
         training(**{"lora.rank": 128})["optimizer states"]
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_budget_turns_savers_on_until_the_estimate_fits(tmp_path, no_weights):
     loose = plan(config(tmp_path, **{"train.batch_size": 4, "lora.train_text_encoder": True}), device_type="cuda")
     budget = round(loose.memory.needs() - 0.01, 3)
@@ -121,6 +123,7 @@ def test_budget_turns_savers_on_until_the_estimate_fits(tmp_path, no_weights):
     assert "fits" in p.lines()[-1]
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_a_budget_nothing_fits_is_one_error_naming_the_flag(tmp_path, no_weights):
     with pytest.raises(ConfigError, match=r"--memory-budget.*too small.*Lower --resolution"):
         plan(config(tmp_path, **{"train.memory_budget": 0.5}), device_type="cuda")
@@ -142,6 +145,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_weights):
     assert not out.exists() and not (tmp_path / "ball-run").exists()
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_dry_run_with_an_impossible_budget_is_one_line(tmp_path, no_weights):
     result = CliRunner().invoke(app, ["train", str(INSTANCES), "--class-word", "ball", "--out",
                                       str(tmp_path / "o.safetensors"), "--dry-run", "--memory-budget", "0.2"])

@@ -342,6 +342,7 @@ def test_another_vae_from_a_folder_replaces_the_models_and_changes_its_identity(
 # --- the plan ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_dry_run_estimates_sdxl_from_its_architecture(tmp_path):
     from dreamlora.memory import plan
 

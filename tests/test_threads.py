@@ -61,6 +61,7 @@ def test_the_count_holds_inside_and_is_put_back_after():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_a_run_records_its_threads_and_a_resume_keeps_them(tmp_path, monkeypatch):
     from dreamlora import checkpoints, load_config, train
 

@@ -212,6 +212,7 @@ def test_resume_on_changed_weights_or_photos_is_refused_naming_what_changed(tmp_
     assert "weights differ" not in str(error.value)  # an unchanged copy of the model is the same model
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_a_longer_cosine_schedule_is_refused_and_a_longer_constant_one_continues(tmp_path):
     base = {"train.steps": 2, "prior.enabled": False, "train.checkpoint_every": 2}
     train(tiny_config(tmp_path / "cos", **base, **{"train.lr_scheduler": "cosine"}))

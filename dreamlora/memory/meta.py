@@ -79,11 +79,15 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
-                self._track(t)
+        # The op's schema says which of its results alias an input (views, in-place and out= results, detach).
+        returns = func._schema.returns
+        results = out if isinstance(out, (tuple, list)) and len(returns) > 1 else [out]
+        for i, result in enumerate(results):
+            aliases = i < len(returns) and returns[i].alias_info is not None
+            if not aliases:
+                for t in torch.utils._pytree.tree_leaves(result):
+                    if isinstance(t, torch.Tensor):
+                        self._track(t)
         return out
 
     def _track(self, tensor: torch.Tensor) -> None:
