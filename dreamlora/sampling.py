@@ -71,11 +71,16 @@ def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
         reason = str(exc).splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
                              f"{reason}. Pass the --model it was trained on.") from exc
-    trained = metadata.get("ss_base_model_version")
-    here = base.family.kohya_base_model_version
-    if trained and trained != here:
-        return [f"'{Path(lora_path).name}' was trained on an {trained} model and '{base.identity}' is {here}: "
-                "its pictures may be off. Pass the --model it was trained on."]
+    # kohya files name the base model in ss_base_model_version; diffusers-format files (which carry no ss_* entries
+    # since readers took them for kohya networks) by their modelspec architecture.
+    here = base.family.file_metadata(base.default_resolution)
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        trained = metadata.get(key)
+        if trained:
+            if trained != here[key]:
+                return [f"'{Path(lora_path).name}' was trained on an {trained} model and '{base.identity}' is "
+                        f"{here[key]}: its pictures may be off. Pass the --model it was trained on."]
+            break
     return []
 
 

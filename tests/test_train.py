@@ -230,3 +230,14 @@ def test_no_final_grid_skips_the_end_of_run_rendering(tmp_path):
     result = train(tiny_config(tmp_path, **{"train.steps": 1, "prior.enabled": False, "validation.final": False}))
     assert result.validation_grid is None and result.output.is_file()
     assert not (result.run_dir / "validation").exists()
+
+
+def test_a_diffusers_file_on_another_family_gets_the_same_note(tmp_path):
+    result = train(tiny_config(tmp_path, "v", **{"model.name": "builtin:tiny-sd2", "train.steps": 1,
+                                                 "output.format": "diffusers", "prior.enabled": False}))
+    events = []
+    sample(result.output, SampleSettings(prompts=["a photo of {token} {class}"], seeds=[0], scales=[1.0], steps=1),
+           tmp_path / "grid.png", model="builtin:tiny-sd", progress=events.append)
+    notes = [e.message for e in events if e.stage == "note"]
+    assert any("trained on an stable-diffusion-v2-768-v/lora model" in n and "stable-diffusion-v1/lora" in n
+               for n in notes), notes
