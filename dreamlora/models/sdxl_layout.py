@@ -41,6 +41,7 @@ from .single_file import (
     unet_to_original,
     vae_to_original,
 )
+from .builtin import TINY_UNET, TINY_VAE
 from .tokenizer import load_tokenizer, write_tokenizer_files
 
 if TYPE_CHECKING:  # diffusers and transformers take seconds to import; only the type checker needs them here
@@ -67,15 +68,10 @@ _RESNET_MODULES = {old[:-1]: new[:-1] for old, new in _UNET_RESNET.items()}
 
 WEIGHTS_SEED = 20240602  # the tiny SDXL's weights; a different stream from the SD 1/2 built-ins
 
-# The tiny SDXL of diffusers' own pipeline tests (tests/pipelines/stable_diffusion_xl), at the same sizes.
+# The tiny SDXL of diffusers' own pipeline tests (tests/pipelines/stable_diffusion_xl), at the same sizes: the SD 1/2
+# built-ins' UNet levels, with SDXL's linear projections, size conditions and deeper second level.
 TINY_SDXL_UNET = {
-    "block_out_channels": (32, 64),
-    "layers_per_block": 2,
-    "sample_size": 32,  # latents of 64 px images: the tiny VAE downsamples by 2
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    **{k: v for k, v in TINY_UNET.items() if k != "cross_attention_dim"},
     "attention_head_dim": (2, 4),
     "use_linear_projection": True,  # SDXL projects into attention with Linear layers, like SD 2
     "addition_embed_type": "text_time",  # pooled text + (original size, crop, target size) conditions
@@ -85,13 +81,7 @@ TINY_SDXL_UNET = {
     "cross_attention_dim": 32 + 64,  # both encoders' hidden states side by side: TEXT_1 + TEXT_2 widths
 }
 TINY_SDXL_VAE = {
-    "block_out_channels": (32, 64),  # two levels: downsamples by 2, as the SD 1/2 built-ins' TINY_VAE
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    "latent_channels": 4,
-    "sample_size": 64,
+    **TINY_VAE,  # two levels: downsamples by 2, as the SD 1/2 built-ins' VAE
     "scaling_factor": 0.13025,  # SDXL's VAE latent scale (SD 1/2 use 0.18215)
     "force_upcast": True,  # as SDXL's own VAE: it overflows in fp16, so it encodes and decodes in fp32
 }
