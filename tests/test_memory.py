@@ -135,6 +135,7 @@ def test_budget_and_compile_are_validated_config_keys(tmp_path):
     assert config(tmp_path, **{"train.compile": True}).train.compile is True
 
 
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_weights):
     out = tmp_path / "ball.safetensors"
     result = CliRunner().invoke(app, ["train", str(INSTANCES), "--class-word", "ball", "--out", str(out),
@@ -181,6 +182,7 @@ def test_encoders_leave_the_accelerator_after_caching_and_come_back_for_validati
     assert cpu.vae.device.type == "cpu"
 
 
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
 def test_estimate_in_gib_is_sane_for_sd15_fp16():
     from dreamlora.memory import ModelConfigs
 

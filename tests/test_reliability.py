@@ -359,6 +359,7 @@ def test_preflight_notes_and_token_warnings_reach_the_progress_callback(tmp_path
 # 4. Exact resume: Ctrl-C in process, SIGKILL from outside
 
 
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
 def test_ctrl_c_saves_the_step_the_weights_hold_and_resume_is_exact(tmp_path, monkeypatch):
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     settings = {"train.checkpoint_every": 2, "validation.every": 3}
@@ -518,6 +519,7 @@ def test_disk_full_while_writing_a_checkpoint_is_a_clear_error(tmp_path, monkeyp
     assert leftovers(tmp_path) == [] and not (tmp_path / "ball.safetensors").exists()
 
 
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
 def test_an_interrupted_save_leaves_no_partial_file_and_no_temp_files(tmp_path, monkeypatch):
     config = small_config(tmp_path, **{"train.steps": 2})
     with monkeypatch.context() as patch:

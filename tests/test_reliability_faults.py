@@ -117,6 +117,7 @@ def kohya_file(path: Path, tensors: dict | None = None, metadata: dict | None = 
 # 1. Full disks and file-size limits (safetensors raises its own SafetensorError)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
 def test_file_size_limit_while_writing_the_file_is_one_line_and_resume_writes_it(tmp_path, monkeypatch):
     out = tmp_path / "out" / "ball.safetensors"
     flags = ["train", INSTANCES, "--model", "builtin:tiny-sd", "--class-word", "ball", "--out", out, "--no-prior",

@@ -110,6 +110,7 @@ def test_training_rows_carry_each_images_real_size_and_crop(tmp_path, monkeypatc
         assert (class_size, geometry.crops[1]) in {((64, 96), (0, 16)), ((80, 64), (8, 0))}
 
 
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
 def test_random_crops_of_larger_photos_move_the_crop_condition(tmp_path, monkeypatch):
     photos = tmp_path / "photos"
     photos.mkdir()

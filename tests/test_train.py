@@ -109,6 +109,7 @@ def test_existing_output_is_not_overwritten(trained):
         train(config)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
 def test_sd2_v_prediction_model_trains_and_records_its_family(tmp_path):
     result = train(tiny_config(tmp_path, "v", **{"model.name": "builtin:tiny-sd2", "train.steps": 2}))
     meta = read_lora_file(result.output).metadata

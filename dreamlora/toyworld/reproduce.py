@@ -34,7 +34,7 @@ QUICK_ORACLE = {"world": 32, "red_balls": 8, "polka": 16, "textures": 4, "dotted
 
 def reproduce(out: Path, *, quick: bool = False, threads: int = 2, log=print) -> dict:
     """Run the three stages into `out`; returns the figures written to reproduce.json."""
-    from ..evaluate import base_model_accuracy
+    from ..evaluation import base_model_accuracy
     from . import pretrain, train_oracle
     from .oracle import ORACLE_DIR, OracleConfig, save_oracle
 
