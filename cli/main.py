@@ -81,11 +81,12 @@ def disk_failure(exc: Exception) -> str | None:
 
 
 def _register() -> None:
-    from . import check, check_images, convert, eval_cmd, extract, inspect_cmd, merge, priors, resize, sample, train
+    from . import (check, check_images, convert, eval_cmd, export, extract, inspect_cmd, merge, priors, resize,
+                   sample, train)
 
     for name, module in (("train", train), ("priors", priors), ("sample", sample), ("inspect", inspect_cmd),
                          ("check-images", check_images), ("eval", eval_cmd), ("check", check), ("convert", convert),
-                         ("merge", merge), ("resize", resize), ("extract", extract)):
+                         ("merge", merge), ("resize", resize), ("extract", extract), ("export", export)):
         app.command(name)(error_boundary(module.command))
 
 

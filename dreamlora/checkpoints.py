@@ -30,6 +30,8 @@ _NAME = re.compile(rf"{PREFIX}(\d+)")
 CHECKPOINT_FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
 _OWN_TEMPORARY = re.compile(rf"\.{PREFIX}\d+\..+")  # a checkpoint folder or grid a killed run left half-written
 _OWN_GRID = re.compile(rf"{PREFIX}\d+\.png")
+# --eval-every's files in <run>/eval (dreamlora.selection): adapter weights and renders of scored steps, the scores
+_OWN_SCORED = re.compile(rf"{PREFIX}\d+\.safetensors|scores\.json|scores\.png")
 
 
 @dataclass
@@ -123,7 +125,8 @@ def remove_checkpoint(path: Path) -> bool:
 
 
 def remove_run_files(run_dir: Path) -> list[Path]:
-    """Delete what earlier runs wrote in `run_dir` (checkpoints, validation grids, their half-written temporaries).
+    """Delete what earlier runs wrote in `run_dir` (checkpoints, validation grids, scored steps, report.html, and
+    their half-written temporaries).
 
     Anything else (a user's notes, other files in a --run-dir of the user's choosing) stays, and folders
     are removed only when that leaves them empty.
@@ -140,12 +143,15 @@ def remove_run_files(run_dir: Path) -> list[Path]:
                     kept.append(path)
             elif _OWN_TEMPORARY.fullmatch(path.name) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
-    grids = run_dir / "validation"
-    if grids.is_dir():
-        for path in grids.iterdir():
-            if (_OWN_GRID.fullmatch(path.name) or _OWN_TEMPORARY.fullmatch(path.name)) and path.is_file():
-                path.unlink(missing_ok=True)
-    for empty in (folder, grids):
+    grids, scored = run_dir / "validation", run_dir / "eval"
+    for own in (grids, scored):
+        if own.is_dir():
+            for path in own.iterdir():
+                if (_OWN_GRID.fullmatch(path.name) or _OWN_TEMPORARY.fullmatch(path.name)
+                        or _OWN_SCORED.fullmatch(path.name)) and path.is_file():
+                    path.unlink(missing_ok=True)
+    (run_dir / "report.html").unlink(missing_ok=True)
+    for empty in (folder, grids, scored):
         try:
             empty.rmdir()
         except OSError:

@@ -194,6 +194,18 @@ class ValidationConfig:
     final: bool = setting(True, flag="--final-grid/--no-final-grid",
                           help="Render a base-vs-LoRA grid at the end of the run (on a CPU it can take longer "
                                "than a short training).")
+    eval_every: int = setting(0, flag="--eval-every", low=0, recommended={TOY: 200},
+                              help="Steps between scored checkpoints (0: off). Each is rendered on the tuning "
+                                   "prompts and scored (the toy oracle on builtin:toy, else --eval-dino / "
+                                   "--eval-clip); the run folder gets the scores, a plot, report.html and the "
+                                   "recommended step, which `dreamlora export` writes.")
+    max_class_drift: float = setting(0.5, flag="--max-class-drift", low=0,
+                                     help="The recommended step has the best subject score among those whose "
+                                          "class drift (1 - cosine of class renders to the base's) is at most this.")
+    eval_dino: str | None = setting(None, flag="--eval-dino", path=True,
+                                    help="Local DINO/ViT transformers folder scoring --eval-every (any base model).")
+    eval_clip: str | None = setting(None, flag="--eval-clip", path=True,
+                                    help="Local CLIP transformers folder scoring --eval-every (any base model).")
 
 
 @dataclass
@@ -512,6 +524,9 @@ def validate(config: DreamLoraConfig) -> list[str]:
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
             problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
+    check(not c.validation.eval_every or c.model.name == TOY or bool(c.validation.eval_dino or c.validation.eval_clip),
+          "validation.eval_every", f"needs something to score the renders of '{c.model.name}': pass --eval-dino or "
+          "--eval-clip with a local model folder (the toy oracle reads builtin:toy only)")
     check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")
     check(not c.output.path or c.output.path.endswith(".safetensors"), "output.path",
@@ -723,10 +738,17 @@ class SampleSettings:
 class EvalSettings:
     """What `dreamlora eval` renders and how it scores the renders."""
 
-    seeds: list[int] = setting(flag="--seeds", factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7], low=0, high=2**64 - 1,
-                               help="Comma-separated seeds: one render per prompt and seed.")
-    backgrounds: list[str] = setting(flag="--backgrounds", factory=lambda: ["blue", "gray", "pink", "orange"],
-                                     help="Comma-separated backgrounds of the subject prompts.")
+    prompt_sets: list[Literal["tuning", "report"]] = setting(
+        flag="--prompt-sets", factory=lambda: ["tuning", "report"],
+        help="Prompt sets to render (comma-separated): tuning (what defaults and the best checkpoint are chosen "
+             "on) and report (other phrasings, backgrounds the photos do not show, other seeds; nothing is "
+             "chosen on it).")
+    seeds: list[int] | None = setting(None, flag="--seeds", low=0, high=2**64 - 1,
+                                      help="Comma-separated seeds replacing each set's own (tuning 0-7, report "
+                                           "1000-1007): one render per prompt and seed.")
+    backgrounds: list[str] | None = setting(None, flag="--backgrounds",
+                                            help="Comma-separated backgrounds replacing each set's own "
+                                                 "(tuning blue,gray,pink,orange; report white,pink,orange).")
     steps: int = setting(20, flag="--steps", low=0, low_open=True, help="Sampling steps.")
     guidance: float = setting(7.5, flag="--guidance", low=0, help="Classifier-free guidance scale.")
     sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--sampler", help="Sampler.")
@@ -745,9 +767,11 @@ class EvalSettings:
     def check(self) -> None:
         """Raises ConfigError listing every bad value, each naming its flag."""
         problems = range_problems(self)
-        if not self.seeds:
+        if not self.prompt_sets:
+            problems.append("--prompt-sets must name at least one set: tuning, report")
+        if self.seeds is not None and not self.seeds:
             problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
-        if not self.backgrounds or not all(b.strip() for b in self.backgrounds):
+        if self.backgrounds is not None and not all(b.strip() for b in self.backgrounds or [""]):
             problems.append(f"--backgrounds must list at least one background, e.g. blue,pink (got {self.backgrounds})")
         if problems:
             raise ConfigError("; ".join(problems))

@@ -1,31 +1,48 @@
 """Measure a LoRA the way the DreamBooth paper does, beside its base model.
 
-`evaluate(lora_path)` renders, with the LoRA (scale 1) and with the adapter off (the base model),
-the same prompts from the same seeds:
+`evaluate(lora_path)` renders, with the LoRA (scale 1) and with the adapter off (the base model), the
+same prompts from the same seeds, in two prompt sets that keep choices apart from reports:
 
-- subject prompts, "a photo of {token} {class} on a {bg} background" for a few backgrounds;
-- class prompts, "a photo of a {class}".
+- `tuning`: "a photo of sks ball on a {blue, gray, pink, orange} background", seeds 0-7. Defaults were
+  chosen on it, and a run's best checkpoint (`--eval-every`) is chosen on it;
+- `report`: other phrasings ("a sks ball on a ... background", "sks ball on a ... background"), the
+  backgrounds none of the sample photos shows (white, pink, orange) and seeds 1000-1007. Nothing is
+  chosen on it; the README reports it.
+
+Each set also renders its class prompt, "a photo of a {class}".
 
 On `builtin:toy` a small classifier trained on the toy world (toyworld/oracle.py) reads the renders:
 
 | metric | what it measures | paper's counterpart |
 |---|---|---|
-| subject_detected | subject renders in which the oracle finds the subject's polka dots | subject fidelity |
+| subject_detected | subject renders showing the subject as a person sees it: a red ball with white dots | subject fidelity |
+| dots_detected | subject renders in which the oracle's dot detector alone fires (a looser reading) | |
 | subject_similarity | mean cosine of oracle embeddings, subject renders x instance photos | DINO |
 | background_match | subject renders whose background is the one asked for | prompt fidelity (CLIP-T) |
 | class_shows_subject | class renders in which the subject appears | PRES (prior preservation) |
 | class_shift | 1 - mean cosine, class renders with vs without the LoRA, same seed | DIV's counterpart: drift of the class |
 
-For any base model, local DINO (`dino`) and CLIP (`clip`) folders add the paper's own metrics:
-DINO and CLIP-I (mean cosine, subject renders x instance photos) and CLIP-T (mean cosine, subject
-render x its prompt without the token, which CLIP does not know). Models load from local folders
-only and never run remote code.
+and, in the report set, what prior preservation does not cover (bleed):
+
+| metric | what it measures |
+|---|---|
+| other_classes_color_shift, other_classes_background_shift | total-variation distance between the colours (backgrounds) the oracle reads in renders of the world's other classes ("a photo of a cube"), LoRA vs base |
+| base_color_spread, base_background_spread | the same distance between two sets of the base model's own renders (other seeds): the noise floor the shifts are read against |
+| attributes_obeyed | class prompts with an asked colour and background ("a photo of a blue ball on a yellow background") rendered with both |
+| other_classes_show_subject | renders of other classes showing the subject's dots |
+
+For any base model, local DINO (`dino`) and CLIP (`clip`) folders add the paper's own metrics: DINO and
+CLIP-I (mean cosine, subject renders x instance photos) and CLIP-T (mean cosine, subject render x its
+prompt without the token, which CLIP does not know); with them, class_shift is read from DINO (else CLIP)
+embeddings where no oracle reads the model. Models load from local folders only and never run remote code.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,29 +57,77 @@ from .progress import ProgressCallback, ProgressEvent, ignore_progress
 if TYPE_CHECKING:
     from .toyworld.oracle import Oracle
 
-SUBJECT_PROMPT = "a photo of {token} {class} on {bg_article} {bg} background"
 CLASS_PROMPT = "a photo of {class_article} {class}"
 ORACLE_MODELS = ("builtin:toy",)  # base models the shipped oracle was trained to read
 ADAPTER_NAME = "dreamlora_eval"
+# Class prompts with asked attributes, (colour, background): each pair is one the toy world draws (contrast).
+ATTRIBUTE_PROMPTS = (("blue", "yellow"), ("green", "white"), ("yellow", "purple"))
+SPREAD_SEED_OFFSET = 10_000  # the base model's second seed set, for the noise floor of the bleed shifts
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Subject prompts (each phrasing x each background) and the seeds they are rendered from."""
+
+    name: str
+    phrasings: tuple[str, ...]  # templates: {token} {token_article} {class} {bg} {bg_article}
+    backgrounds: tuple[str, ...]
+    seeds: tuple[int, ...]
+    bleed: bool = False  # also render other classes and asked attributes (oracle only)
+
+
+PROMPT_SETS = {
+    "tuning": PromptSet("tuning", ("a photo of {token} {class} on {bg_article} {bg} background",),
+                        ("blue", "gray", "pink", "orange"), tuple(range(8))),
+    "report": PromptSet("report", ("{token_article} {token} {class} on {bg_article} {bg} background",
+                                   "{token} {class} on {bg_article} {bg} background"),
+                        ("white", "pink", "orange"), tuple(range(1000, 1008)), bleed=True),
+}
 
 
 @dataclass
 class Scores:
-    """One model's scores; None where a metric was not computed (no oracle, no DINO/CLIP folder)."""
+    """One model's scores; None where a metric was not computed (no oracle, no DINO/CLIP folder, no bleed prompts)."""
 
-    subject_detected: float | None = None  # fraction of subject renders showing the subject
+    subject_detected: float | None = None  # subject renders showing a red ball with white dots
+    dots_detected: float | None = None  # subject renders in which the dot detector alone fires
     subject_similarity: float | None = None  # mean oracle-embedding cosine, subject renders x instance photos
     background_match: float | None = None  # fraction of subject renders on the asked background
     class_shows_subject: float | None = None  # fraction of class renders showing the subject
-    class_shift: float | None = None  # 1 - mean oracle cosine to the base model's class render of the same seed
+    class_shift: float | None = None  # 1 - mean cosine to the base model's class render of the same seed
+    other_classes_color_shift: float | None = None  # TV distance of read colours, other classes, vs base
+    other_classes_background_shift: float | None = None  # the same for backgrounds
+    other_classes_show_subject: float | None = None  # other-class renders with the subject's dots
+    attributes_obeyed: float | None = None  # asked colour and background both rendered
+    base_color_spread: float | None = None  # base vs base (other seeds): the floor of the colour shift
+    base_background_spread: float | None = None  # the same for backgrounds
     dino: float | None = None  # mean DINO CLS cosine, subject renders x instance photos
     clip_i: float | None = None  # mean CLIP image cosine, subject renders x instance photos
     clip_t: float | None = None  # mean CLIP cosine, subject render x its prompt (token removed)
 
 
 @dataclass
+class SetReport:
+    """One prompt set's prompts and the scores of the LoRA and of the base model on them."""
+
+    name: str
+    subject_prompts: list[str]
+    class_prompts: list[str]
+    bleed_prompts: list[str]
+    seeds: list[int]
+    backgrounds: list[str]
+    lora: Scores
+    base: Scores
+    per_background: dict[str, dict[str, float | None]]  # background -> {"lora": detected, "base": detected}
+
+
+@dataclass
 class EvalReport:
-    """Scores of the LoRA and of its base model, and how they were measured."""
+    """Scores of the LoRA and of its base model, per prompt set, and how they were measured.
+
+    `lora`, `base`, `prompts`, `seeds` and `backgrounds` are those of the report set when it was rendered
+    (else of the one set rendered); `sets` holds every set.
+    """
 
     lora: Scores
     base: Scores
@@ -86,11 +151,28 @@ class EvalReport:
     clip_model: str | None
     grid: str | None  # the PNG of the renders, when asked for
     seconds: float
+    sets: list[SetReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready data: {"lora": {...}, "base": {...}, "prompts": [...], "seeds": [...], ...}."""
+        """Plain JSON-ready data: {"lora": {...}, "base": {...}, "sets": [...], "prompts": [...], ...}."""
         return asdict(self)
+
+
+@dataclass
+class Scorers:
+    """What reads the renders: the toy oracle, DINO, CLIP (each optional), and the instance photos."""
+
+    oracle: Oracle | None = None
+    dino: DinoScorer | None = None
+    clip: ClipScorer | None = None
+    instances: list[Image.Image] = field(default_factory=list)
+    subject_class: str = "ball"  # what a person requires to call a render the subject (toy oracle only)
+    subject_color: str = "red"
+
+
+# render(prompts, seeds, adapter_on) -> one image per prompt and seed, prompt-major (all seeds of prompt 0, ...)
+Render = Callable[[list[str], list[int], bool], list[Image.Image]]
 
 
 def evaluate(
@@ -102,17 +184,19 @@ def evaluate(
     progress: ProgressCallback = ignore_progress,
     **overrides,
 ) -> EvalReport:
-    """Render subject and class prompts with and without the LoRA and score both sets.
+    """Render the prompt sets with and without the LoRA and score both.
 
     Args:
         lora_path: A LoRA .safetensors file (dreamlora's, or any kohya/diffusers file).
-        settings: Seeds, backgrounds, sampling and scorers (dreamlora.config.EvalSettings; its defaults when None).
+        settings: Prompt sets, seeds, backgrounds, sampling and scorers (dreamlora.config.EvalSettings; its
+            defaults when None).
         model: The base model (--model); None: the one the file was trained on.
         single_file_config: For a single-file base model: the folder or hub id with its configs.
         progress: Receives ("eval", renders done, renders in all) events.
-        **overrides: Fields of EvalSettings to change, e.g. `seeds=[0, 1], steps=10`. The instance photos
-            (`instance_dir`) default to the folder named in the file's config if it exists (as given, then
-            under ./sample_instances/); the toy oracle (`oracle`) reads renders of the models it knows.
+        **overrides: Fields of EvalSettings to change, e.g. `seeds=[0, 1], steps=10`. `seeds` and `backgrounds`
+            replace those of every chosen set. The instance photos (`instance_dir`) default to the folder
+            named in the file's config if it exists (as given, then under ./sample_instances/); the toy
+            oracle (`oracle`) reads renders of the models it knows.
 
     Returns:
         The report; the base model's class_shift is 0 by definition.
@@ -121,10 +205,10 @@ def evaluate(
         ConfigError: bad settings or a missing --instance-dir/--dino/--clip folder.
         ModelLoadError: the LoRA file, the base model, or a DINO/CLIP/oracle folder cannot be loaded.
     """
+    from .atomic import check_writable
     from .lora import read_lora_file
     from .models import load_base_model
-    from .atomic import check_writable
-    from .sampling import attach_lora, model_for_lora
+    from .sampling import attach_lora, model_for_lora, render_images
 
     started = time.time()
     try:
@@ -132,12 +216,9 @@ def evaluate(
     except TypeError as exc:  # an override that is not a field of EvalSettings: a caller's bug
         raise ConfigError(f"evaluate(): {exc}") from None
     settings = settings_from(EvalSettings, {}, base=settings)  # validates and checks every value
-    seeds, backgrounds = [int(s) for s in settings.seeds], [str(b).strip() for b in settings.backgrounds]
-    steps, guidance, sampler, grid = settings.steps, settings.guidance, settings.sampler, settings.grid
-    oracle, dino, clip, instance_dir = settings.oracle, settings.dino, settings.clip, settings.instance_dir
-    if grid is not None:
+    if settings.grid is not None:
         try:
-            check_writable(grid, "--grid")  # refused now, not after every render
+            check_writable(settings.grid, "--grid")  # refused now, not after every render
         except DreamLoraError as exc:
             raise ConfigError(str(exc)) from None
     lora = read_lora_file(lora_path)  # ModelLoadError when it is not a LoRA, is malformed or holds NaN
@@ -147,73 +228,181 @@ def evaluate(
     if not class_word:
         raise ConfigError(f"'{Path(lora_path).name}' does not record its class word (not a dreamlora file?); "
                           "evaluation needs it for its prompts.")
-    instances, instance_folder, notes = _instance_images(instance_dir, data.get("instance_dir"))
-    dino_scorer = DinoScorer(dino) if dino is not None else None
-    clip_scorer = ClipScorer(clip) if clip is not None else None
-
+    instances, instance_folder, notes = _instance_images(settings.instance_dir, data.get("instance_dir"))
+    sets = chosen_sets(settings)
     model = model or model_for_lora(info, lora_path)
     base = load_base_model(model, single_file_config=single_file_config)
-    use_oracle = base.identity in ORACLE_MODELS if oracle is None else oracle
-    reader = _load_toy_oracle(backgrounds) if use_oracle else None
-    if reader is None:
+    use_oracle = base.identity in ORACLE_MODELS if settings.oracle is None else settings.oracle
+    scorers = load_scorers(settings, [b for s in sets for b in s.backgrounds], instances, use_oracle)
+    if scorers.oracle is None:
         notes.append(f"no oracle reads '{base.identity}' renders: oracle metrics are null "
                      "(pass --dino/--clip folders for model-independent ones)")
-    pipe = base.pipeline(sampler)
+    pipe = base.pipeline(settings.sampler)
     notes += attach_lora(pipe, base, lora_path, metadata, ADAPTER_NAME)
-
-    subject_prompts = [subject_prompt(token, class_word, bg) for bg in backgrounds]
-    class_prompts = [fill_prompt(CLASS_PROMPT.replace("{class_article}", _article(class_word)), token, class_word)]
     resolution = base.default_resolution
-    renders = _render_all(pipe, subject_prompts + class_prompts, seeds, steps=steps, guidance=guidance,
-                          resolution=resolution, progress=progress)
 
-    if grid is not None:
-        _save_grid(renders, subject_prompts + class_prompts, seeds, Path(grid), f"{Path(lora_path).name} on {base.identity}")
+    def render(prompts: list[str], seeds: list[int], adapter_on: bool) -> list[Image.Image]:
+        if adapter_on:
+            pipe.enable_lora()
+            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
+        else:
+            pipe.disable_lora()  # the adapter is skipped entirely: exactly the base model
+        return [image for prompt in prompts for image in render_images(
+            pipe, prompt, seeds, steps=settings.steps, guidance=settings.guidance, resolution=resolution)]
 
-    n_subject = len(subject_prompts) * len(seeds)
-    scores = {}
-    for tag in ("lora", "base"):
-        images = renders[tag]
-        subject_images, class_images = images[:n_subject], images[n_subject:]
-        asked = [bg for bg in backgrounds for _ in seeds]
-        score = Scores()
-        if reader is not None:
-            # class_shift compares with the base model's class renders; the base itself is 0 by definition.
-            base_class_images = renders["base"][n_subject:] if tag == "lora" else None
-            score = _oracle_scores(reader, subject_images, class_images, asked, instances, base_class_images)
-        if dino_scorer is not None and instances:
-            score.dino = _mean_cosine(dino_scorer.embed(subject_images), dino_scorer.embed(instances))
-        if clip_scorer is not None:
-            rendered = clip_scorer.embed_images(subject_images)  # (N, D), prompt-major like `asked`
-            if instances:
-                score.clip_i = _mean_cosine(rendered, clip_scorer.embed_images(instances))
-            texts = [strip_token(p, token) for p in subject_prompts for _ in seeds]
-            score.clip_t = float((rendered * clip_scorer.embed_texts(texts)).sum(1).mean())
-        scores[tag] = score
-    if (dino_scorer or clip_scorer) and not instances:
+    reports, renders = score_sets(render, sets, token, class_word, scorers, progress)
+    if settings.grid is not None:
+        save_eval_grid(renders, reports, Path(settings.grid), f"{Path(lora_path).name} on {base.identity}")
+    if (scorers.dino or scorers.clip) and not instances:
         notes.append("no instance photos: DINO and CLIP-I are null (pass --instance-dir)")
-
+    primary = next((r for r in reports if r.name == "report"), reports[0])
     return EvalReport(
-        lora=scores["lora"], base=scores["base"], lora_file=Path(lora_path).name, model=base.identity, token=token,
-        class_word=class_word, prompts=subject_prompts + class_prompts, subject_prompts=subject_prompts,
-        class_prompts=class_prompts, seeds=seeds, backgrounds=backgrounds, steps=steps, guidance=guidance,
-        sampler=sampler, resolution=resolution, instance_dir=str(instance_folder) if instance_folder else None,
-        instance_images=len(instances), oracle="toy oracle (dreamlora/builtin_models/toy_oracle)" if reader else None,
-        dino_model=Path(dino).name if dino is not None else None, clip_model=Path(clip).name if clip is not None else None,
-        grid=str(grid) if grid is not None else None, seconds=round(time.time() - started, 1), notes=notes,
+        lora=primary.lora, base=primary.base, lora_file=Path(lora_path).name, model=base.identity, token=token,
+        class_word=class_word, prompts=primary.subject_prompts + primary.class_prompts,
+        subject_prompts=primary.subject_prompts, class_prompts=primary.class_prompts, seeds=primary.seeds,
+        backgrounds=primary.backgrounds, steps=settings.steps, guidance=settings.guidance, sampler=settings.sampler,
+        resolution=resolution, instance_dir=str(instance_folder) if instance_folder else None,
+        instance_images=len(instances),
+        oracle="toy oracle (dreamlora/builtin_models/toy_oracle)" if scorers.oracle else None,
+        dino_model=Path(settings.dino).name if settings.dino is not None else None,
+        clip_model=Path(settings.clip).name if settings.clip is not None else None,
+        grid=str(settings.grid) if settings.grid is not None else None, seconds=round(time.time() - started, 1),
+        sets=reports, notes=notes,
     )
 
 
-def subject_prompt(token: str, class_word: str, background: str) -> str:
+def chosen_sets(settings: EvalSettings) -> list[PromptSet]:
+    """The prompt sets asked for, with --seeds / --backgrounds replacing each set's own where given."""
+    sets = []
+    for name in settings.prompt_sets:
+        chosen = PROMPT_SETS[name]
+        if settings.seeds:
+            chosen = replace(chosen, seeds=tuple(int(s) for s in settings.seeds))
+        if settings.backgrounds:
+            chosen = replace(chosen, backgrounds=tuple(str(b).strip() for b in settings.backgrounds))
+        sets.append(chosen)
+    return sets
+
+
+def load_scorers(settings, backgrounds: list[str], instances: list[Image.Image], use_oracle: bool) -> Scorers:
+    """The oracle (checked against the backgrounds asked for) and the DINO/CLIP folders the settings name."""
+    reader = _load_toy_oracle(backgrounds) if use_oracle else None
+    return Scorers(
+        oracle=reader,
+        dino=DinoScorer(settings.dino) if settings.dino is not None else None,
+        clip=ClipScorer(settings.clip) if settings.clip is not None else None,
+        instances=instances,
+        subject_class=reader.config.subject_class if reader else "",
+        subject_color=reader.config.subject_color if reader else "",
+    )
+
+
+def set_prompts(prompt_set: PromptSet, token: str, class_word: str, bleed: bool) -> dict[str, list]:
+    """The set's prompts: subject prompts with their asked backgrounds, class prompts, and bleed prompts."""
+    subject = [(fill_subject(phrasing, token, class_word, bg), bg)
+               for phrasing in prompt_set.phrasings for bg in prompt_set.backgrounds]
+    classes = [fill_prompt(CLASS_PROMPT.replace("{class_article}", _article(class_word)), token, class_word)]
+    others, attributes = [], []
+    if bleed and prompt_set.bleed:
+        from .toyworld.world import CLASSES
+
+        others = [f"a photo of {_article(c)} {c}" for c in CLASSES if c != class_word]
+        attributes = [(f"a photo of {_article(color)} {color} {class_word} on {_article(bg)} {bg} background", color, bg)
+                      for color, bg in ATTRIBUTE_PROMPTS]
+    return {"subject": subject, "class": classes, "others": others, "attributes": attributes}
+
+
+def score_sets(render: Render, sets: list[PromptSet], token: str, class_word: str, scorers: Scorers,
+               progress: ProgressCallback = ignore_progress) -> tuple[list[SetReport], dict]:
+    """Render every set's prompts (each prompt and seed list once, with and without the adapter) and score them.
+
+    Returns:
+        The per-set reports, and the renders by (prompt, seeds, adapter on).
+    """
+    plans = [(s, set_prompts(s, token, class_word, bleed=scorers.oracle is not None)) for s in sets]
+    jobs: dict[tuple, None] = {}  # ordered and without repeats: a prompt two sets share renders once
+    for prompt_set, prompts in plans:
+        seeds = tuple(prompt_set.seeds)
+        texts = [p for p, _ in prompts["subject"]] + prompts["class"] + prompts["others"] + \
+            [p for p, _, _ in prompts["attributes"]]
+        for adapter_on in (False, True):
+            jobs.update({(text, seeds, adapter_on): None for text in texts})
+        spread_seeds = tuple(s + SPREAD_SEED_OFFSET for s in seeds)
+        jobs.update({(text, spread_seeds, False): None for text in prompts["others"]})
+    total, done = sum(len(seeds) for _, seeds, _ in jobs), 0
+    renders = {}
+    for job in jobs:
+        text, seeds, adapter_on = job
+        renders[job] = render([text], list(seeds), adapter_on)
+        done += len(seeds)
+        progress(ProgressEvent("eval", done, total))
+    reports = [score_set(prompt_set, prompts, renders, scorers, token) for prompt_set, prompts in plans]
+    return reports, renders
+
+
+def score_set(prompt_set: PromptSet, prompts: dict[str, list], renders: dict, scorers: Scorers, token: str) -> SetReport:
+    seeds = tuple(prompt_set.seeds)
+
+    def images(texts: list[str], adapter_on: bool, use_seeds: tuple = seeds) -> list[Image.Image]:
+        return [image for text in texts for image in renders[(text, use_seeds, adapter_on)]]
+
+    subject_texts = [p for p, _ in prompts["subject"]]
+    asked = [bg for _, bg in prompts["subject"] for _ in seeds]
+    scores, per_background = {}, {bg: {} for bg in prompt_set.backgrounds}
+    for tag, adapter_on in (("lora", True), ("base", False)):
+        subject_images, class_images = images(subject_texts, adapter_on), images(prompts["class"], adapter_on)
+        score = Scores()
+        if scorers.oracle is not None:
+            # class_shift compares with the base model's class renders; the base itself is 0 by definition.
+            base_class = images(prompts["class"], False) if adapter_on else None
+            score, present = oracle_scores(scorers, subject_images, class_images, asked, base_class)
+            for bg in prompt_set.backgrounds:
+                flags = [p for p, want in zip(present, asked) if want == bg]
+                per_background[bg][tag] = _fraction(flags)
+            if prompts["others"]:
+                bleed_scores(score, scorers.oracle, images(prompts["others"], adapter_on),
+                             images(prompts["others"], False), images(prompts["others"], False, tuple(
+                                 s + SPREAD_SEED_OFFSET for s in seeds)),
+                             images([p for p, _, _ in prompts["attributes"]], adapter_on),
+                             [(color, bg) for _, color, bg in prompts["attributes"] for _ in seeds])
+        embedder = scorers.dino or scorers.clip
+        if scorers.oracle is None and embedder is not None:
+            score.class_shift = 0.0 if not adapter_on else pairwise_shift(
+                _embed(embedder, class_images), _embed(embedder, images(prompts["class"], False)))
+        if scorers.dino is not None and scorers.instances:
+            score.dino = _mean_cosine(scorers.dino.embed(subject_images), scorers.dino.embed(scorers.instances))
+        if scorers.clip is not None:
+            rendered = scorers.clip.embed_images(subject_images)  # (N, D), prompt-major like `asked`
+            if scorers.instances:
+                score.clip_i = _mean_cosine(rendered, scorers.clip.embed_images(scorers.instances))
+            texts = [strip_token(p, token) for p in subject_texts for _ in seeds]
+            score.clip_t = float((rendered * scorers.clip.embed_texts(texts)).sum(1).mean())
+        scores[tag] = score
+    return SetReport(name=prompt_set.name, subject_prompts=subject_texts, class_prompts=list(prompts["class"]),
+                     bleed_prompts=list(prompts["others"]) + [p for p, _, _ in prompts["attributes"]],
+                     seeds=list(seeds), backgrounds=list(prompt_set.backgrounds), lora=scores["lora"],
+                     base=scores["base"], per_background=per_background)
+
+
+def fill_subject(phrasing: str, token: str, class_word: str, background: str) -> str:
     """'a photo of sks ball on an orange background'."""
     # Filled in one pass: a background (a flag value) is text, never a template, whatever braces it holds.
-    values = {"{token}": token, "{class}": class_word, "{bg_article}": _article(background), "{bg}": background}
-    return re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], SUBJECT_PROMPT)
+    values = {"{token}": token, "{token_article}": _article(token), "{class}": class_word,
+              "{bg_article}": _article(background), "{bg}": background}
+    return re.sub("|".join(map(re.escape, values)), lambda m: values[m.group(0)], phrasing)
+
+
+def subject_prompt(token: str, class_word: str, background: str) -> str:
+    """The tuning set's subject prompt: 'a photo of sks ball on an orange background'."""
+    return fill_subject(PROMPT_SETS["tuning"].phrasings[0], token, class_word, background)
 
 
 def strip_token(prompt: str, token: str) -> str:
     """The prompt without the identifier token, for CLIP-T: 'a photo of sks ball' -> 'a photo of ball'."""
-    return " ".join(word for word in prompt.split() if word != token)
+    words = prompt.split()
+    kept = [w for i, w in enumerate(words)
+            if w != token and not (w in ("a", "an") and i + 1 < len(words) and words[i + 1] == token)]
+    return " ".join(kept)
 
 
 def _article(word: str) -> str:
@@ -242,63 +431,88 @@ def _load_toy_oracle(backgrounds: list[str]) -> Oracle:
     from .toyworld.oracle import load_oracle
 
     reader = load_oracle()
-    unknown = [b for b in backgrounds if b not in reader.config.backgrounds]
+    unknown = sorted({b for b in backgrounds if b not in reader.config.backgrounds})
     if unknown:
         raise ConfigError(f"--backgrounds {unknown} are not backgrounds the toy oracle knows; "
                           f"use some of: {', '.join(reader.config.backgrounds)}")
     return reader
 
 
-def _render_all(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, resolution: int,
-                progress: ProgressCallback) -> dict[str, list[Image.Image]]:
-    """{"lora": images, "base": images}, each prompt-major (all seeds of prompt 0, then prompt 1, ...)."""
-    from .sampling import render_images
-
-    total, done = 2 * len(prompts) * len(seeds), 0
-    renders: dict[str, list[Image.Image]] = {"lora": [], "base": []}
-    for tag in ("base", "lora"):
-        if tag == "base":
-            pipe.disable_lora()  # the adapter is skipped entirely: exactly the base model
-        else:
-            pipe.enable_lora()
-            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
-        for prompt in prompts:
-            renders[tag] += render_images(pipe, prompt, seeds, steps=steps, guidance=guidance, resolution=resolution)
-            done += len(seeds)
-            progress(ProgressEvent("eval", done, total))
-    return renders
-
-
-def _save_grid(renders: dict[str, list[Image.Image]], prompts: list[str], seeds: list[int], path: Path,
-               title: str) -> None:
+def save_eval_grid(renders: dict, reports: list[SetReport], path: Path, title: str) -> None:
+    """Subject and class prompts of every set, a LoRA row above a base row each; columns are seeds."""
     from .grid import make_grid
     from .sampling import save_png
 
     rows, labels = [], []
-    for i, prompt in enumerate(prompts):
-        for tag in ("lora", "base"):
-            rows.append(renders[tag][i * len(seeds):(i + 1) * len(seeds)])
-            labels.append(f"{prompt}\n({'LoRA' if tag == 'lora' else 'base'})")
-    save_png(make_grid(rows, labels, [f"seed {s}" for s in seeds], title=title), path)
+    widest = max(len(r.seeds) for r in reports)
+    for report in reports:
+        for prompt in report.subject_prompts + report.class_prompts:
+            for adapter_on, tag in ((True, "LoRA"), (False, "base")):
+                rows.append(renders[(prompt, tuple(report.seeds), adapter_on)])
+                labels.append(f"{prompt}\n({tag}, {report.name})")
+    columns = [f"seed {s}" for s in reports[0].seeds] if len({tuple(r.seeds) for r in reports}) == 1 \
+        else [f"#{i}" for i in range(widest)]
+    save_png(make_grid(rows, labels, columns, title=title), path)
 
 
-def _oracle_scores(reader: Oracle, subject_images: list[Image.Image], class_images: list[Image.Image],
-                   asked_backgrounds: list[str], instances: list[Image.Image],
-                   base_class_images: list[Image.Image] | None) -> Scores:
-    """The oracle's scores of one model; `base_class_images` None means this is the base model."""
+def oracle_scores(scorers: Scorers, subject_images: list[Image.Image], class_images: list[Image.Image],
+                  asked_backgrounds: list[str], base_class_images: list[Image.Image] | None) -> tuple[Scores, list[bool]]:
+    """The oracle's scores of one model (`base_class_images` None: this is the base model), and per subject
+    render whether the subject is there."""
+    reader = scorers.oracle
     subject, classes = reader.read(subject_images), reader.read(class_images)
-    similarity = _mean_cosine(subject.embeddings, reader.embed(instances)) if instances else None
+    present = subject_present(subject, scorers.subject_class, scorers.subject_color)
+    similarity = _mean_cosine(subject.embeddings, reader.embed(scorers.instances)) if scorers.instances else None
     shift = 0.0
     if base_class_images is not None:  # pairwise by seed: row i of both lists is the same prompt and seed
-        base_embeddings = reader.embed(base_class_images)
-        shift = max(0.0, 1.0 - float((classes.embeddings * base_embeddings).sum(1).mean()))
+        shift = pairwise_shift(classes.embeddings, reader.embed(base_class_images))
     return Scores(
-        subject_detected=_fraction(subject.subject_detected),
+        subject_detected=_fraction(present),
+        dots_detected=_fraction(subject.subject_detected),
         subject_similarity=similarity,
         background_match=_fraction([got == want for got, want in zip(subject.backgrounds, asked_backgrounds)]),
-        class_shows_subject=_fraction(classes.subject_detected),
+        class_shows_subject=_fraction(subject_present(classes, scorers.subject_class, scorers.subject_color)),
         class_shift=shift,
-    )
+    ), present
+
+
+def subject_present(reading, subject_class: str, subject_color: str) -> list[bool]:
+    """What a person requires to call a render the subject: the dots, on an object of the subject's class and
+    colour (a red-and-white crumpled shape or a white cube with dots is not the red polka-dot ball)."""
+    return [bool(dots and cls == subject_class and color == subject_color)
+            for dots, cls, color in zip(reading.subject_detected, reading.classes, reading.colors)]
+
+
+def pairwise_shift(embeddings: torch.Tensor, base_embeddings: torch.Tensor) -> float:
+    """1 - mean cosine of row i with row i (same prompt and seed, with and without the adapter), at least 0."""
+    a = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    b = torch.nn.functional.normalize(base_embeddings.float(), dim=1)
+    return max(0.0, 1.0 - float((a * b).sum(1).mean()))
+
+
+def bleed_scores(score: Scores, reader: Oracle, others: list[Image.Image], base_others: list[Image.Image],
+                 base_others_spread: list[Image.Image], attributes: list[Image.Image],
+                 asked_attributes: list[tuple[str, str]]) -> None:
+    """Fill the bleed metrics of `score`: how far renders of other classes and of asked attributes move."""
+    read, base, spread = reader.read(others), reader.read(base_others), reader.read(base_others_spread)
+    score.other_classes_color_shift = total_variation(read.colors, base.colors)
+    score.other_classes_background_shift = total_variation(read.backgrounds, base.backgrounds)
+    score.base_color_spread = total_variation(spread.colors, base.colors)
+    score.base_background_spread = total_variation(spread.backgrounds, base.backgrounds)
+    score.other_classes_show_subject = _fraction(read.subject_detected)
+    got = reader.read(attributes)
+    score.attributes_obeyed = _fraction([(c, b) == want for c, b, want in zip(got.colors, got.backgrounds,
+                                                                               asked_attributes)])
+
+
+def total_variation(a: list[str], b: list[str]) -> float:
+    """Half the L1 distance between the label frequencies of two equally long lists: 0 same, 1 disjoint."""
+    count_a, count_b = Counter(a), Counter(b)
+    return sum(abs(count_a[k] / len(a) - count_b[k] / len(b)) for k in set(a) | set(b)) / 2
+
+
+def _embed(embedder, images: list[Image.Image]) -> torch.Tensor:
+    return embedder.embed(images) if isinstance(embedder, DinoScorer) else embedder.embed_images(images)
 
 
 def _fraction(flags: list[bool]) -> float:

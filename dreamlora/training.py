@@ -36,12 +36,15 @@ from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .threads import cpu_threads
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import render_validation_grid
+from .selection import CheckpointScorer
 
 # Settings that may change between a run and its resume without changing what is learned.
 RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "output.overwrite", "output.path", "output.format", "output.save_dtype",
                      "validation.every", "validation.prompts", "validation.seeds", "validation.steps",
-                     "validation.guidance", "validation.sampler", "validation.final", "train.run_dir", "data.instance_dir",
+                     "validation.guidance", "validation.sampler", "validation.final", "validation.eval_every",
+                     "validation.max_class_drift", "validation.eval_dino", "validation.eval_clip",
+                     "train.run_dir", "data.instance_dir",
                      "prior.class_dir", "model.name", "model.single_file_config", "train.compile",
                      "train.memory_budget"}
 
@@ -132,6 +135,8 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
         [p for te in base.text_encoders for p in trainable_parameters(te)]
 
     t, cfg, objective = config.train, config, base.objective
+    scorer = CheckpointScorer(base, config, resolution, run_dir, start_step, accelerator.is_main_process) \
+        if cfg.validation.eval_every else None
     logged: LossParts | None = None
     running = torch.zeros(3, device=accelerator.device)  # summed (total, instance, prior) since the last log
     step = last_log = completed = start_step
@@ -172,6 +177,8 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                 save_step(run_dir, done, base, optimizer, lr_scheduler, config, record, accelerator)
             if cfg.validation.every and done % cfg.validation.every == 0 and done < t.steps:
                 validate(base, config, resolution, run_dir, done, accelerator, progress)
+            if scorer and (done % cfg.validation.eval_every == 0 or done == t.steps):
+                scorer(done, progress)  # renders and scores the adapters; keeps them for `dreamlora export`
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (stop_signals_interrupt)
         # Save the last whole step, labelled with the steps the weights really hold: an interrupt during
         # logging, a checkpoint or a validation grid comes after step `completed`; one between the optimizer

@@ -3,9 +3,12 @@
 tests/test_cli.py::test_the_readme_flag_table_is_the_declarations fails when the README and the declarations differ.
 """
 
+import sys
 from pathlib import Path
 
-from dreamlora.config import flag_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's dreamlora, not an installed one
+
+from dreamlora.config import flag_table  # noqa: E402
 
 START, END = "<!-- flags: start (scripts/update_readme_flags.py) -->", "<!-- flags: end -->"
 

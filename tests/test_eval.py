@@ -21,9 +21,11 @@ from dreamlora.evaluation import EvalReport, evaluate, strip_token, subject_prom
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
-SCORE_KEYS = {"subject_detected", "subject_similarity", "background_match", "class_shows_subject", "class_shift",
+SCORE_KEYS = {"subject_detected", "dots_detected", "subject_similarity", "background_match", "class_shows_subject",
+              "class_shift", "other_classes_color_shift", "other_classes_background_shift",
+              "other_classes_show_subject", "attributes_obeyed", "base_color_spread", "base_background_spread",
               "dino", "clip_i", "clip_t"}
-FRACTIONS = ("subject_detected", "background_match", "class_shows_subject")
+FRACTIONS = ("subject_detected", "dots_detected", "background_match", "class_shows_subject")
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +109,40 @@ def test_evaluate_reports_lora_and_base_side_by_side(report_and_events):
     data = json.loads(json.dumps(report.to_dict()))  # JSON-ready
     check_scores(data["lora"], oracle=True, base=False)
     check_scores(data["base"], oracle=True, base=True)
-    assert data["prompts"] == ["a photo of sks ball on a blue background", "a photo of sks ball on an orange background",
-                               "a photo of a ball"]
+    # the report set leads: other phrasings; --backgrounds and --seeds replaced each set's own
+    assert data["prompts"] == ["a sks ball on a blue background", "a sks ball on an orange background",
+                               "sks ball on a blue background", "sks ball on an orange background", "a photo of a ball"]
+    tuning, reported = data["sets"]
+    assert (tuning["name"], reported["name"]) == ("tuning", "report") and reported["lora"] == data["lora"]
+    assert tuning["subject_prompts"] == ["a photo of sks ball on a blue background",
+                                         "a photo of sks ball on an orange background"]
+    assert reported["bleed_prompts"] == ["a photo of a cube", "a photo of a cup", "a photo of a star",
+                                         "a photo of a blue ball on a yellow background",
+                                         "a photo of a green ball on a white background",
+                                         "a photo of a yellow ball on a purple background"]
+    assert set(tuning["per_background"]) == {"blue", "orange"} and not tuning["bleed_prompts"]
+    for scores in (data["lora"], data["base"]):  # bleed is measured on the report set only
+        assert all(0.0 <= scores[k] <= 1.0 for k in ("other_classes_color_shift", "attributes_obeyed"))
+    assert data["base"]["other_classes_color_shift"] == 0.0 and tuning["lora"]["attributes_obeyed"] is None
     assert data["seeds"] == [0, 1] and data["model"] == "builtin:tiny-sd" and data["token"] == "sks"
     assert data["instance_images"] == 5 and Path(data["instance_dir"]).name == "polkaball"
     assert data["lora"]["class_shift"] > 0  # the LoRA changed the class renders a little
-    assert [e.step for e in events] == [2, 4, 6, 8, 10, 12] and events[-1].total == 12
-    assert Path(data["grid"]).is_file()  # 3 prompts x (LoRA, base) rows, 2 seed columns
+    # each prompt and seed list renders once with and once without the LoRA (the shared class prompt once), and
+    # the base renders the other classes from a second seed list: (3 + 10) x 2 x 2 seeds + 3 x 2 seeds = 58
+    assert [e.step for e in events] == list(range(2, 60, 2)) and events[-1].total == 58
+    assert Path(data["grid"]).is_file()
+
+
+def test_subject_present_needs_the_dots_on_a_ball_of_the_subjects_colour():
+    from types import SimpleNamespace
+
+    from dreamlora.evaluation import subject_present, total_variation
+
+    reading = SimpleNamespace(subject_detected=[True, True, True, False], classes=["ball", "cube", "ball", "ball"],
+                              colors=["red", "red", "white", "red"])
+    assert subject_present(reading, "ball", "red") == [True, False, False, False]
+    assert total_variation(["red", "red", "blue", "blue"], ["red", "blue", "blue", "blue"]) == 0.25
+    assert total_variation(["red"] * 4, ["blue"] * 4) == 1.0 and total_variation(["a", "b"], ["b", "a"]) == 0.0
 
 
 def test_dino_and_clip_metrics_from_local_folders(report_and_events, dino_dir, clip_dir):
@@ -127,6 +156,7 @@ def test_dino_and_clip_metrics_from_local_folders(report_and_events, dino_dir, c
 def test_prompts_and_token_stripping():
     assert subject_prompt("sks", "ball", "orange") == "a photo of sks ball on an orange background"
     assert strip_token("a photo of sks ball on a blue background", "sks") == "a photo of ball on a blue background"
+    assert strip_token("a sks ball on a white background", "sks") == "ball on a white background"
 
 
 def test_bad_settings_and_folders_are_one_line_errors(lora_file, tmp_path):
@@ -147,7 +177,7 @@ def test_bad_settings_and_folders_are_one_line_errors(lora_file, tmp_path):
 def test_cli_json_is_one_parseable_object(lora_file):
     from cli.main import app
 
-    result = CliRunner().invoke(app, ["eval", str(lora_file), "--json", "--seeds", "0", "--steps", "1",
+    result = CliRunner().invoke(app, ["eval", str(lora_file), "--json", "--seeds", "0", "--steps", "1", "--prompt-sets", "tuning",
                                       "--backgrounds", "gray"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -44,6 +44,9 @@ class OracleConfig:
     colors: tuple[str, ...] = tuple(COLORS)
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     subject: str = "white polka dots on a ball"  # what the binary head detects
+    # What a person calls the subject: the dots on a ball of this class and colour (dreamlora.evaluation).
+    subject_class: str = "ball"
+    subject_color: str = "red"
     subject_threshold: float = 0.5  # probability above which the subject counts as detected
 
     @classmethod
