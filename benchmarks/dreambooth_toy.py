@@ -38,7 +38,7 @@ COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alon
 START, END = "<!-- toy-table: start (benchmarks/dreambooth_toy.py --readme) -->", "<!-- toy-table: end -->"
 
 
-def run(seed: int, variant: str, out: Path, grid: bool) -> dict:
+def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False) -> dict:
     from dreamlora import load_config, train
     from dreamlora.evaluation import evaluate
 
@@ -47,13 +47,15 @@ def run(seed: int, variant: str, out: Path, grid: bool) -> dict:
                                 "output.path": str(out / f"{tag}.safetensors"), "output.overwrite": True,
                                 "train.seed": seed, "validation.final": False, "validation.eval_every": 0,
                                 **VARIANTS[variant][1]})
-    started = time.time()
-    result = train(config)
-    seconds = time.time() - started
-    report = evaluate(result.output, instance_dir=INSTANCES, grid=out / f"{tag}-eval.png" if grid else None)
+    output, seconds = Path(config.output.path), None
+    if not (reuse and output.is_file()):  # --reuse: a file an interrupted benchmark trained is scored as it is
+        started = time.time()
+        output = train(config).output
+        seconds = round(time.time() - started, 1)
+    report = evaluate(output, instance_dir=INSTANCES, grid=out / f"{tag}-eval.png" if grid else None)
     sets = {s.name: {"lora": s.lora.__dict__, "base": s.base.__dict__, "per_background": s.per_background}
             for s in report.sets}
-    return {"seed": seed, "variant": variant, "train_s": round(seconds, 1), "sets": sets}
+    return {"seed": seed, "variant": variant, "train_s": seconds, "sets": sets}
 
 
 def commit() -> str:
@@ -79,8 +81,9 @@ def table(rows: list[dict], revision: str) -> str:
         for field, _ in COLUMNS:
             values = [r["sets"]["report"]["lora"][field] for r in chosen]
             cells.append("-" if None in values else f"{statistics.mean(values):.2f} [{min(values):.2f}–{max(values):.2f}]")
-        times = [r["train_s"] for r in chosen]
-        lines.append(f"| LoRA, {VARIANTS[variant][0]} | " + " | ".join(cells) + f" | {min(times):.0f}–{max(times):.0f} s |")
+        times = [r["train_s"] for r in chosen if r["train_s"] is not None]
+        timing = f"{min(times):.0f}–{max(times):.0f} s" if times else ""
+        lines.append(f"| LoRA, {VARIANTS[variant][0]} | " + " | ".join(cells) + f" | {timing} |")
     floor = [(r["sets"]["report"]["lora"]["base_color_spread"], r["sets"]["report"]["lora"]["base_background_spread"])
              for r in rows[:1]]
     lines += ["", f"The base model's own spread (its renders of the other classes from two seed sets): colour "
@@ -107,7 +110,14 @@ def main() -> None:
     parser.add_argument("--variants", default="prior,noprior", help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=None, help="keep the files here (default: a temporary folder)")
     parser.add_argument("--readme", action="store_true", help="rewrite the README's table with this run's")
+    parser.add_argument("--reuse", action="store_true", help="score files already in --out instead of training them")
+    parser.add_argument("--tables", type=Path, nargs="+", help="no runs: the table of these results.json files")
     args = parser.parse_args()
+    if args.tables:
+        loaded = [json.loads(path.read_text()) for path in args.tables]
+        revisions = sorted({data["commit"] for data in loaded})
+        write_table(table([r for data in loaded for r in data["runs"]], ", ".join(revisions)), args.readme)
+        return
     out = args.out or Path(tempfile.mkdtemp(prefix="dreambooth-toy-"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DREAMLORA_CACHE", str(out / "cache"))  # fresh: class images are part of the time
@@ -115,19 +125,22 @@ def main() -> None:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for variant in args.variants.split(","):
-            rows.append(run(seed, variant, out, grid=seed == 0))
+            rows.append(run(seed, variant, out, grid=seed == 0, reuse=args.reuse))
             (out / "results.json").write_text(json.dumps({"commit": revision, "runs": rows}, indent=1))
             print(f"seed {seed} {variant}: report {rows[-1]['sets']['report']['lora']['subject_detected']:.2f}, "
                   f"tuning {rows[-1]['sets']['tuning']['lora']['subject_detected']:.2f} ({rows[-1]['train_s']:.0f} s)",
                   flush=True)
-    text = table(rows, revision)
-    print(text)
     print(f"files, eval grids and results.json: {out}")
-    if args.readme:
-        readme = ROOT / "README.md"
-        head, _, rest = readme.read_text(encoding="utf-8").partition(START)
+    write_table(table(rows, revision), args.readme)
+
+
+def write_table(text: str, readme: bool) -> None:
+    print(text)
+    if readme:
+        path = ROOT / "README.md"
+        head, _, rest = path.read_text(encoding="utf-8").partition(START)
         _, _, tail = rest.partition(END)
-        readme.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+        path.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""The toy oracle checked against eyes: renders labelled by a person, and the oracle's precision and recall on them.
+
+`--make` renders a labelling set from LoRA files of several training seeds (with and without prior
+preservation): subject prompts of the report set, plain and red class prompts, each with the LoRA and
+with the base model. The renders are stored as they are (64 px) in contact sheets of 50,
+`benchmarks/oracle_labels/sheet-K.png`, listed in `renders.json`; enlarged, numbered copies for labelling
+go to --view. A person labels each render in `labels.json`: 1 when it shows the subject (a round red ball
+with separate white dots), 0 when not.
+
+`--score` (the default) reads the committed sheets and labels and prints, against those labels, the
+precision and recall of the oracle's "subject present" (what `dreamlora eval` counts) and of its dot
+detector alone.
+
+    python benchmarks/oracle_labels.py --make runs/toy-bench/seed{0,1,2}-{prior,noprior}.safetensors --view /tmp/view
+    python benchmarks/oracle_labels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+HERE = Path(__file__).resolve().parent / "oracle_labels"
+TILE, COLUMNS, PER_SHEET = 64, 10, 50
+SEEDS = (2000, 2001, 2002)  # seeds of neither prompt set
+
+
+def make(files: list[Path], view: Path | None) -> None:
+    import torch
+
+    from dreamlora.evaluation import PROMPT_SETS, fill_subject
+    from dreamlora.lora import read_lora_file
+    from dreamlora.models import load_base_model
+    from dreamlora.sampling import attach_lora, render_images
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = load_base_model("builtin:toy")
+    report = PROMPT_SETS["report"]
+    subject = [fill_subject(p, "sks", "ball", bg) for p in report.phrasings for bg in report.backgrounds]
+    classes = ["a photo of a ball", "a photo of a red ball"]
+    entries, images = [], []
+    for index, file in enumerate(files):
+        pipe = base.pipeline("dpm++2m")
+        attach_lora(pipe, base, file, read_lora_file(file).metadata, f"label{index}")
+        pipe.set_adapters([f"label{index}"], adapter_weights=[1.0])
+        for prompt in subject + classes:
+            seeds = list(SEEDS)
+            for seed, image in zip(seeds, render_images(pipe, prompt, seeds, steps=20, guidance=7.5, resolution=64)):
+                entries.append({"source": file.stem, "prompt": prompt, "seed": seed})
+                images.append(image)
+        pipe.unload_lora_weights()
+    pipe = base.pipeline("dpm++2m")  # the base model: the same prompts, never the subject
+    for prompt in subject + classes:
+        for seed, image in zip(SEEDS[:2], render_images(pipe, prompt, list(SEEDS[:2]), steps=20, guidance=7.5,
+                                                         resolution=64)):
+            entries.append({"source": "base", "prompt": prompt, "seed": seed})
+            images.append(image)
+    HERE.mkdir(parents=True, exist_ok=True)
+    for sheet in range(0, len(images), PER_SHEET):
+        chunk = images[sheet:sheet + PER_SHEET]
+        canvas = Image.new("RGB", (COLUMNS * TILE, -(-len(chunk) // COLUMNS) * TILE), "black")
+        for i, image in enumerate(chunk):
+            canvas.paste(image.convert("RGB").resize((TILE, TILE)), ((i % COLUMNS) * TILE, (i // COLUMNS) * TILE))
+        canvas.save(HERE / f"sheet-{sheet // PER_SHEET + 1}.png")
+        if view:
+            view.mkdir(parents=True, exist_ok=True)
+            big = canvas.resize((canvas.width * 3, canvas.height * 3), Image.Resampling.NEAREST)
+            draw = ImageDraw.Draw(big)
+            for i in range(len(chunk)):
+                draw.text(((i % COLUMNS) * TILE * 3 + 3, (i // COLUMNS) * TILE * 3 + 2), str(sheet + i), fill="black")
+            big.save(view / f"sheet-{sheet // PER_SHEET + 1}.png")
+    for i, entry in enumerate(entries):
+        entry["id"] = i
+    (HERE / "renders.json").write_text(json.dumps(entries, indent=0) + "\n")
+    print(f"{len(entries)} renders in {-(-len(entries) // PER_SHEET)} sheets: {HERE}")
+
+
+def load_renders() -> list[Image.Image]:
+    entries = json.loads((HERE / "renders.json").read_text())
+    renders = []
+    for entry in entries:
+        sheet, index = divmod(entry["id"], PER_SHEET)
+        canvas = Image.open(HERE / f"sheet-{sheet + 1}.png").convert("RGB")
+        x, y = (index % COLUMNS) * TILE, (index // COLUMNS) * TILE
+        renders.append(canvas.crop((x, y, x + TILE, y + TILE)))
+    return renders
+
+
+def score() -> dict:
+    from dreamlora.evaluation import subject_present
+    from dreamlora.toyworld.oracle import load_oracle
+
+    labels = {int(k): v for k, v in json.loads((HERE / "labels.json").read_text())["labels"].items()}
+    renders = load_renders()
+    oracle = load_oracle()
+    reading = oracle.read(renders)
+    present = subject_present(reading, oracle.config.subject_class, oracle.config.subject_color)
+    figures = {}
+    for name, predicted in (("subject present", present), ("dots alone", reading.subject_detected)):
+        pairs = [(bool(predicted[i]), bool(label)) for i, label in labels.items()]
+        tp = sum(p and t for p, t in pairs)
+        fp = sum(p and not t for p, t in pairs)
+        fn = sum(t and not p for p, t in pairs)
+        figures[name] = {"precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None,
+                         "tp": tp, "fp": fp, "fn": fn, "tn": len(pairs) - tp - fp - fn}
+    figures["labelled"] = len(labels)
+    figures["subject in labels"] = sum(labels.values())
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make", type=Path, nargs="+", help="LoRA files to render the labelling set from")
+    parser.add_argument("--view", type=Path, help="with --make: enlarged, numbered sheets for labelling")
+    args = parser.parse_args()
+    if args.make:
+        make(args.make, args.view)
+        return
+    figures = score()
+    print(f"{figures['labelled']} renders labelled by eye, {figures['subject in labels']} showing the subject")
+    for name in ("subject present", "dots alone"):
+        f = figures[name]
+        print(f"oracle '{name}': precision {f['precision']:.2f}, recall {f['recall']:.2f} "
+              f"(tp {f['tp']}, fp {f['fp']}, fn {f['fn']}, tn {f['tn']})")
+
+
+if __name__ == "__main__":
+    main()
