@@ -178,3 +178,29 @@ def test_overwrite_removes_the_scored_steps_and_the_report_but_not_a_users_files
     (tmp_path / "report.html").write_text("<html></html>")
     remove_run_files(tmp_path)
     assert sorted(p.name for p in scored.iterdir()) == ["notes.txt"] and not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.slow  # trains builtin:tiny-sd and scores it with a tiny DINO: run by .ci/run with -m slow
+def test_eval_every_scores_any_model_with_a_local_dino_folder(tmp_path):
+    """No oracle reads builtin:tiny-sd: fidelity is DINO's cosine to the photos, drift 1 - DINO cosine of the
+    class renders to the base's, and the pick and export work the same."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    dino = tmp_path / "dino"
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
+                       patch_size=8), add_pooling_layer=False).save_pretrained(dino)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino)
+    config = load_config(None, {
+        "model.name": "builtin:tiny-sd", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+        "output.path": str(tmp_path / "ball.safetensors"), "train.steps": 2, "train.checkpoint_every": 0,
+        "train.learning_rate": 5e-3, "prior.enabled": False, "validation.final": False, "validation.eval_every": 1,
+        "validation.steps": 1, "validation.eval_dino": str(dino),
+    })
+    result = train(config)
+    rows = read_scores(result.run_dir)
+    assert [r.step for r in rows] == [1, 2]
+    assert all(r.fidelity == r.scores["dino"] and r.drift == r.scores["class_shift"] for r in rows)
+    assert all(r.scores["subject_detected"] is None for r in rows) and rows[-1].drift > 0
+    exported = export(result.run_dir, tmp_path / "best.safetensors", "best")
+    assert exported.step in (1, 2) and exported.output.is_file()
