@@ -89,6 +89,22 @@ class DataConfig:
                                                 help="Square crop of each photo: center, or random (redrawn every step).")
     random_flip: bool = setting(False, flag="--random-flip/--no-random-flip",
                                 help="Random horizontal flips, redrawn every step.")
+    job: Literal["dreambooth", "finetune"] = setting(
+        "dreambooth", help="What is learnt: a subject from photos with a token (dreambooth: `dreamlora train`), or a "
+                           "style or domain from captioned images (finetune: `dreamlora finetune`); set by the command.")
+    image_column: str = setting("image", flag="--image-column",
+                                help="finetune: the image column of a datasets dataset.")
+    caption_column: str = setting("text", flag="--caption-column",
+                                  help="finetune: the caption column of a datasets dataset or metadata file.")
+    caption_prefix: str = setting("", flag="--caption-prefix",
+                                  help="Put in front of every caption (e.g. a trigger word), before the tags shuffle.")
+    caption_dropout: float = setting(0.0, flag="--caption-dropout", low=0, high=1,
+                                     help="Share of captions replaced by the empty one each step (for "
+                                          "classifier-free guidance), drawn from (seed, step).")
+    shuffle_tags: bool = setting(False, flag="--shuffle-tags/--no-shuffle-tags",
+                                 help="Shuffle the comma-separated tags of each caption every step, from (seed, step).")
+    keep_tags: int = setting(0, flag="--keep-tags", low=0,
+                             help="With --shuffle-tags: the first N tags (the prefix counts as one) stay in place.")
 
 
 @dataclass
@@ -327,6 +343,8 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
         if value is not None:
             values[key] = value
     # Then what the base model recommends (builtin:toy), for the keys neither the file nor a flag set.
+    if values.get("data.job") == "finetune":  # a fine-tune regularises only with the user's own class images
+        values.setdefault("prior.enabled", bool(values.get("prior.class_dir")))
     model = values.get("model.name", DEFAULT_MODEL)
     for key, value in recommended_settings(model if isinstance(model, str) else "").items():
         values.setdefault(key, value)
@@ -508,11 +526,21 @@ def validate(config: DreamLoraConfig) -> list[str]:
                and Path(c.prior.class_dir).resolve() == Path(c.data.instance_dir).resolve()), "prior.class_dir",
           f"must not be the instance folder (both '{c.prior.class_dir}'): class images show other "
           f"{c.data.class_word or 'class'} pictures")
-    problems.extend(_prompt_problems(c.data))
+    if c.data.job == "dreambooth":
+        problems.extend(_prompt_problems(c.data))
+    else:  # captions name what each image shows; only regularisation images take a class prompt
+        check(not c.prior.enabled or bool(c.prior.class_dir), "prior.enabled",
+              "needs --class-dir in a fine-tune: regularisation images are the user's (none are generated)")
+        check(not (c.prior.enabled and c.prior.class_dir) or bool(c.data.class_word.strip())
+              or "{class}" not in c.data.class_prompt, "data.class_word",
+              "is required with --class-dir: the class prompt of the regularisation images names it")
+        check(_fills(c.data.class_prompt), "data.class_prompt", f"{prompt_problem(c.data.class_prompt)}")
+    check(c.data.keep_tags == 0 or c.data.shuffle_tags, "data.keep_tags", "only applies with --shuffle-tags")
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
             problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
-    check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos")
+    check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos"
+          if c.data.job == "dreambooth" else "is required: the captioned images (DATA)")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")
     check(not c.output.path or c.output.path.endswith(".safetensors"), "output.path",
           f"must end in .safetensors (got '{c.output.path}')")
@@ -668,7 +696,11 @@ def check_paths(config: DreamLoraConfig) -> None:
         ConfigError: naming each missing path and its key and flag.
     """
     problems = []
-    folders = [("data.instance_dir", config.data.instance_dir)]
+    data = config.data
+    folders = [("data.instance_dir", data.instance_dir)] if data.job == "dreambooth" else []
+    if data.job == "finetune" and not Path(data.instance_dir).expanduser().exists() \
+            and not _hub_or_builtin("model.name", data.instance_dir):  # DATA: a folder, a parquet file or a hub id
+        problems.append(f"DATA '{data.instance_dir}' does not exist. Check the path (or give a hub id 'user/name')")
     if config.prior.enabled and config.prior.class_dir:
         folders.append(("prior.class_dir", config.prior.class_dir))
     for key, folder in folders:

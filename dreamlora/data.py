@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .captioned import CaptionedImage
 from .config import DataConfig, fill_prompt
+from .identity import images_fingerprint
 from .preflight import list_image_files, load_rgb, read_caption  # noqa: F401  (files are read in preflight)
 
 
@@ -27,9 +29,54 @@ from .preflight import list_image_files, load_rgb, read_caption  # noqa: F401  (
 class ImageSet:
     """Images of one role ("instance" or "class") with the prompt each one is trained with."""
 
-    paths: list[Path]
+    paths: list[Path]  # the image files; for a fine-tune's dataset rows, their names ('row 17')
     prompts: list[str]
     skipped: list[str]  # notes on files passed over
+    rows: list[CaptionedImage] | None = None  # a fine-tune's rows, whose images need not be files
+
+    def open(self, i: int) -> Image.Image:
+        """Image i as RGB (decoded as the preflight decoded it)."""
+        return self.rows[i].open() if self.rows is not None else load_rgb(self.paths[i])
+
+    def fingerprint(self) -> str:
+        """Each image's bytes and prompt, in order (dreamlora.identity.images_fingerprint): what a resume must match."""
+        if self.rows is None:
+            return images_fingerprint(self.paths, self.prompts)
+        h = hashlib.sha256()
+        for row, prompt in zip(self.rows, self.prompts):
+            h.update(row.digest().encode() + b"\0" + prompt.encode("utf-8") + b"\n")
+        return h.hexdigest()[:16]
+
+
+def captioned_set(data: DataConfig, rows: list[CaptionedImage]) -> ImageSet:
+    """A fine-tune's images, each trained with its own caption (after --caption-prefix); no token is added."""
+    prompts = [with_prefix(fill_prompt(row.caption, data.token, data.class_word), data.caption_prefix)
+               for row in rows]
+    return ImageSet([row.path or Path(row.name) for row in rows], prompts, [], rows)
+
+
+def with_prefix(caption: str, prefix: str) -> str:
+    """'sks style' + 'a cat, grass' -> 'sks style, a cat, grass': the prefix becomes the caption's first tag."""
+    prefix = prefix.strip().rstrip(",").strip()
+    return f"{prefix}, {caption}" if prefix else caption
+
+
+def step_caption(caption: str, seed: int, *, dropout: float, shuffle: bool, keep: int) -> str:
+    """The caption one row of one step is trained with: dropped (empty) with probability `dropout`, else with its
+    comma-separated tags after the first `keep` shuffled. A pure function of (caption, seed): the caller derives
+    `seed` from (run seed, step, micro-batch, process, row), so a resumed run draws the same captions.
+    """
+    if not dropout and not shuffle:
+        return caption
+    generator = torch.Generator().manual_seed(seed)
+    if dropout and float(torch.rand((), generator=generator)) < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    order = torch.randperm(len(tail), generator=generator).tolist()
+    return ", ".join(head + [tail[i] for i in order])
 
 
 def caption_for(image_path: Path) -> str | None:
@@ -71,8 +118,16 @@ def instance_set(data: DataConfig, paths: list[Path] | None = None) -> ImageSet:
     prompts = []
     for path in paths:
         caption = caption_for(path)
-        prompts.append(prompt_from_caption(caption, data.token, data.class_word) if caption else default_prompt)
+        prompt = prompt_from_caption(caption, data.token, data.class_word) if caption else default_prompt
+        prompts.append(with_prefix(prompt, data.caption_prefix))
     return ImageSet(paths, prompts, skipped)
+
+
+def training_set(data: DataConfig, report) -> ImageSet:
+    """The images a run trains on, from the preflight's report of DATA: a fine-tune's captioned rows or the photos."""
+    if data.job == "finetune":
+        return captioned_set(data, report.usable_rows)
+    return instance_set(data, report.usable)
 
 
 def class_set(folder: str | Path, data: DataConfig, paths: list[Path] | None = None) -> ImageSet:

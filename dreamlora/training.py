@@ -19,10 +19,10 @@ import torch
 
 from . import checkpoints
 from .atomic import RunLock, as_os_error, check_writable, write_bytes_atomic, write_error, write_text_atomic
-from .config import DreamLoraConfig, describe, fill_prompt, format_problems, to_portable_json
+from .config import DreamLoraConfig, ValidationConfig, describe, fill_prompt, format_problems, to_portable_json
 from .config import validate as validate_config
 from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, draw_latents_and_crops, encode_latents,
-                   instance_set, load_rgb, pick_indices, resize_for_training)
+                   pick_indices, resize_for_training, step_caption, training_set)
 from .errors import ConfigError, DreamLoraError, NumericalError, TrainingError
 from .losses import LossParts, offset_noise, prior_preservation_loss
 from .memory import CACHE_BATCH, GIB, apply_memory_budget
@@ -31,7 +31,7 @@ from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dic
 from .models import BaseModel, load_base_model
 from .models.family import ImageGeometry, PromptEmbeddings
 from .preflight import preflight_training_data, prompt_length_warnings, token_warnings
-from .identity import ModelIdentity, images_fingerprint
+from .identity import ModelIdentity
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .threads import cpu_threads
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
@@ -107,11 +107,13 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
         note(progress, message)
     resolution = config.data.resolution or base.default_resolution
     images.finish(resolution, progress)  # size checks need the resolution; warnings become notes
-    for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]):
+    for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]) \
+            if config.data.job == "dreambooth" else []:
         note(progress, message)
-    instances = instance_set(config.data, images.instance.usable)
+    instances = training_set(config.data, images.instance)
     for message in prompt_length_warnings(training_prompts(config, instances), base.tokenizers[0]):
         note(progress, message)
+    grid_prompts = validation_prompts(config, instances)
     place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision))
     use_channels_last(base, accelerator.device, config)
     classes = class_images(config, base, resolution, accelerator, progress,
@@ -171,7 +173,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                 mean_over_processes(running, done, run_dir, config, accelerator)  # never checkpoint a NaN step
                 save_step(run_dir, done, base, optimizer, lr_scheduler, config, record, accelerator)
             if cfg.validation.every and done % cfg.validation.every == 0 and done < t.steps:
-                validate(base, config, resolution, run_dir, done, accelerator, progress)
+                validate(base, config, resolution, run_dir, done, accelerator, progress, grid_prompts)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (stop_signals_interrupt)
         # Save the last whole step, labelled with the steps the weights really hold: an interrupt during
         # logging, a checkpoint or a validation grid comes after step `completed`; one between the optimizer
@@ -193,7 +195,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
         save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, record, accelerator)
     kept = f"The trained weights are kept in '{run_dir}': run the same command with --resume to write the file."
     try:
-        grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress) \
+        grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress, grid_prompts) \
             if config.validation.final else None
         if accelerator.is_main_process:
             with disk_errors(output, then=f" {kept}"):
@@ -309,13 +311,25 @@ def training_prompts(config: DreamLoraConfig, instances: ImageSet) -> dict[str, 
     prompts = {}
     for path, prompt in zip(instances.paths, instances.prompts):
         caption = path.with_suffix(".txt")
-        prompts[f"the prompt of '{path.name}' (caption '{caption.name}')" if caption.is_file() else
-                describe("data.instance_prompt")] = prompt
+        if instances.rows is not None:
+            prompts[f"the caption of '{path.name}'"] = prompt
+        else:
+            prompts[f"the prompt of '{path.name}' (caption '{caption.name}')" if caption.is_file() else
+                    describe("data.instance_prompt")] = prompt
     if config.prior.enabled:
         prompts[describe("data.class_prompt")] = fill_prompt(data.class_prompt, data.token, data.class_word)
-    for i, prompt in enumerate(config.validation.prompts):
-        prompts[f"{describe('validation.prompts')} {i + 1}"] = fill_prompt(prompt, data.token, data.class_word)
+    for i, prompt in enumerate(validation_prompts(config, instances)):
+        prompts[f"{describe('validation.prompts')} {i + 1}"] = prompt
     return prompts
+
+
+def validation_prompts(config: DreamLoraConfig, instances: ImageSet) -> list[str]:
+    """The grids' prompts, filled. A fine-tune left with the DreamBooth defaults (which name a token and a class
+    it does not have) renders its first two distinct captions instead."""
+    data, given = config.data, config.validation.prompts
+    if data.job == "finetune" and given == ValidationConfig().prompts:
+        return list(dict.fromkeys(instances.prompts))[:2]
+    return [fill_prompt(p, data.token, data.class_word) for p in given]
 
 
 def output_paths(config: DreamLoraConfig) -> tuple[Path, Path]:
@@ -500,7 +514,9 @@ def offload_encoders(base: BaseModel, config: DreamLoraConfig, device: torch.dev
     """After caching, the VAE and the frozen text encoders leave the accelerator until a validation grid."""
     if device.type == "cpu":
         return
-    for module in (base.vae, *([] if config.lora.train_text_encoder else base.text_encoders)):
+    # Frozen text encoders stay where shuffled tags are encoded every step.
+    keep_text = config.lora.train_text_encoder or config.data.shuffle_tags
+    for module in (base.vae, *([] if keep_text else base.text_encoders)):
         module.to("cpu")
 
 
@@ -596,7 +612,8 @@ class BatchSource:
         self.prompts = instances.prompts + (classes.prompts if classes else [])
         self.train_text = config.lora.train_text_encoder
         if not self.train_text:
-            unique = sorted(set(self.prompts))
+            # Dropped captions are the empty prompt; shuffled tag orders are encoded when drawn (_frozen_embedding).
+            unique = sorted(set(self.prompts) | ({""} if data.caption_dropout else set()))
             with torch.no_grad():
                 embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
             self.cached = {p: embedded.index([i]) for i, p in enumerate(unique)}
@@ -605,7 +622,7 @@ class BatchSource:
 
     def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:
         factor = self.base.vae_scale_factor
-        loaded = [load_rgb(p) for p in images.paths]
+        loaded = [images.open(i) for i in range(len(images.paths))]
         pixels = [resize_for_training(image, resolution, crop, factor) for image in loaded]
         # One image a VAE call: the fp32 VAE at 512 px needs ~0.6 GiB of activations an image (dreamlora.memory).
         cache = encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip,
@@ -620,6 +637,13 @@ class BatchSource:
         cache.factor = factor
         return cache
 
+    def _frozen_embedding(self, prompt: str) -> PromptEmbeddings:
+        """A prompt's embedding from the frozen text encoders: cached, or (a shuffled tag order) encoded now."""
+        if prompt not in self.cached:
+            with torch.no_grad():
+                return self.base.family.encode_prompts(self.base.tokenizers, self.base.text_encoders, [prompt])
+        return self.cached[prompt]
+
     def draw(self, step: int, micro: int, text_encoders) -> Batch:
         t, data = self.config.train, self.config.data
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -629,7 +653,10 @@ class BatchSource:
         latents, crops = draw_latents_and_crops(self.instance, inst_idx, generator, random_crop=data.crop == "random",
                                                 random_flip=data.random_flip)
         rows, sizes = [latents], [self.instance.original_sizes[i] for i in inst_idx]
-        prompts = [self.prompts[i] for i in inst_idx]
+        # Caption dropout and tag shuffling: drawn per row from (seed, step, micro, rank, row), so a resume redraws them.
+        prompts = [step_caption(self.prompts[i], derive_seed(t.seed, "caption", step, micro, rank, row),
+                                dropout=data.caption_dropout, shuffle=data.shuffle_tags, keep=data.keep_tags)
+                   for row, i in enumerate(inst_idx)]
         if self.classes is not None:
             class_idx = pick_indices(len(self.classes), derive_seed(t.seed, "class"), first, t.batch_size)
             class_latents, class_crops = draw_latents_and_crops(self.classes, class_idx, generator, random_crop=False,
@@ -644,7 +671,7 @@ class BatchSource:
         if self.train_text:
             embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
         else:
-            embeddings = PromptEmbeddings.cat([self.cached[p] for p in prompts])
+            embeddings = PromptEmbeddings.cat([self._frozen_embedding(p) for p in prompts])
         geometry = ImageGeometry(sizes, crops, (self.resolution, self.resolution))
         conditions = {k: to_device(v, device, dtype) for k, v in self.base.family.image_conditions(geometry).items()}
         return Batch(to_device(x0, device, dtype), to_device(noise, device, dtype), to_device(timesteps, device),
@@ -680,8 +707,8 @@ def run_record(base: BaseModel, config: DreamLoraConfig, instances: ImageSet, cl
     """What a checkpoint must match to be continued: the weights and images it was trained on, the number of
     processes (it decides which images each step draws) and the learning-rate schedule's length."""
     t = config.train
-    return {"model": base.fingerprint, "instances": images_fingerprint(instances.paths, instances.prompts),
-            "classes": images_fingerprint(classes.paths, classes.prompts) if classes else None,
+    return {"model": base.fingerprint, "instances": instances.fingerprint(),
+            "classes": classes.fingerprint() if classes else None,
             "processes": processes, "schedule": {"name": t.lr_scheduler, "steps": t.steps}}
 
 
@@ -801,14 +828,13 @@ def likely_causes(config: DreamLoraConfig) -> str:
 
 
 def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir: Path, step: int, accelerator,
-             progress: ProgressCallback) -> Path | None:
+             progress: ProgressCallback, prompts: list[str]) -> Path | None:
     """A small base-vs-LoRA grid in the run folder, written by the main process.
 
     Every process renders it (the same pictures): the others would otherwise wait for the main one inside
     the next collective, which times out on a slow grid.
     """
     v = config.validation
-    prompts = [fill_prompt(p, config.data.token, config.data.class_word) for p in v.prompts]
     path = run_dir / "validation" / f"step-{step:06d}.png"
     progress(ProgressEvent("validate", 0, 1, message=f"validation grid at step {step}"))
     with encoders_on(base, accelerator.device):
@@ -825,10 +851,9 @@ def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resoluti
     from .interop.thumbnail import thumbnail_data_url
 
     config_json = to_portable_json(config)
-    data = config.data
     metadata = lora_metadata(family=base.family, rank=config.lora.rank, alpha=config.lora.resolved_alpha,
                              resolution=resolution, output_name=output.stem,
-                             trigger_phrase=f"{data.token} {data.class_word}", title=output.stem,
+                             trigger_phrase=trigger_phrase(config.data), title=output.stem,
                              config_json=config_json, train_text_encoder=config.lora.train_text_encoder,
                              date=started, thumbnail=thumbnail_data_url(grid) if grid else None)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_dtype]
@@ -839,6 +864,13 @@ def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resoluti
         raise CompatibilityError(f"{exc}. '{output}' was not written; the trained weights are kept in the run folder: "
                                  "run the same command with --resume and another --format to write them") from None
     sort_safetensors_header(output)
+
+
+def trigger_phrase(data) -> str:
+    """What a prompt names to call the LoRA up: 'sks dog' for a subject, the caption prefix (if any) for a fine-tune."""
+    if data.job == "dreambooth":
+        return f"{data.token} {data.class_word}"
+    return data.caption_prefix.strip().rstrip(",").strip()
 
 
 def sort_safetensors_header(path: Path) -> None:
