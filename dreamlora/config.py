@@ -105,6 +105,14 @@ class DataConfig:
                                  help="Shuffle the comma-separated tags of each caption every step, from (seed, step).")
     keep_tags: int = setting(0, flag="--keep-tags", low=0,
                              help="With --shuffle-tags: the first N tags (the prefix counts as one) stay in place.")
+    buckets: bool = setting(False, flag="--buckets/--no-buckets",
+                            help="Aspect-ratio buckets instead of square crops: each image whole at about "
+                                 "resolution² pixels, each batch from one bucket.")
+    bucket_step: int = setting(64, flag="--bucket-step", low=8, help="With --buckets: bucket sides in steps of this "
+                                                                     "many pixels (a multiple of 8).")
+    bucket_max_upscale: float = setting(1.0, flag="--bucket-max-upscale", low=1,
+                                        help="With --buckets: an image its bucket would enlarge more than this gets a "
+                                             "bucket of its own size instead.")
 
 
 @dataclass
@@ -536,6 +544,12 @@ def validate(config: DreamLoraConfig) -> list[str]:
               "is required with --class-dir: the class prompt of the regularisation images names it")
         check(_fills(c.data.class_prompt), "data.class_prompt", f"{prompt_problem(c.data.class_prompt)}")
     check(c.data.keep_tags == 0 or c.data.shuffle_tags, "data.keep_tags", "only applies with --shuffle-tags")
+    check(c.data.bucket_step % 8 == 0, "data.bucket_step", f"must be a multiple of 8 (got {c.data.bucket_step})")
+    check(not (c.data.buckets and c.data.crop == "random"), "data.buckets",
+          "trains on whole images, --crop random on square crops: choose one")
+    # Class images are square crops, and a batch is one tensor: they cannot join a bucket's batch.
+    check(not (c.data.buckets and c.prior.enabled), "data.buckets", "cannot be combined with prior preservation "
+          "(class images are square crops and a batch holds one size): pass --no-prior or --no-buckets")
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
             problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")

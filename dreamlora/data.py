@@ -183,7 +183,7 @@ class LatentCache:
     stds: list[torch.Tensor]
     flipped_means: list[torch.Tensor] | None  # same for the mirrored images (random flip)
     flipped_stds: list[torch.Tensor] | None
-    size: int  # latent side of a training crop: resolution // vae_scale_factor
+    size: int | None  # latent side of a training crop: resolution // vae_scale_factor; None: latents used whole
     original_sizes: list[tuple[int, int]] | None = None  # (height, width) of each source image
     origins: list[tuple[int, int]] | None = None  # (top, left) px of each cached window in the resized image
     factor: int = 8  # pixels per latent cell: a latent crop offset times this is its pixel offset
@@ -193,7 +193,7 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: list[torch.Tensor], *, size: int, with_flips: bool, batch_size: int = 8) -> LatentCache:
+def encode_latents(vae, images: list[torch.Tensor], *, size: int | None, with_flips: bool, batch_size: int = 8) -> LatentCache:
     """Run the VAE encoder once over `images` ((3, H, W) each), batching images of equal size."""
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -250,13 +250,14 @@ def draw_latents_and_crops(cache: LatentCache, indices: list[int], generator: to
         mean = cache.flipped_means[i] if flip else cache.means[i]
         std = cache.flipped_stds[i] if flip else cache.stds[i]
         _, h, w = mean.shape
+        side_h, side_w = (h, w) if cache.size is None else (cache.size, cache.size)
         top = left = 0
         if random_crop:
-            top = int(torch.randint(0, h - cache.size + 1, (), generator=generator))
-            left = int(torch.randint(0, w - cache.size + 1, (), generator=generator))
+            top = int(torch.randint(0, h - side_h + 1, (), generator=generator))
+            left = int(torch.randint(0, w - side_w + 1, (), generator=generator))
         else:
-            top, left = (h - cache.size) // 2, (w - cache.size) // 2
-        window = (slice(None), slice(top, top + cache.size), slice(left, left + cache.size))
+            top, left = (h - side_h) // 2, (w - side_w) // 2
+        window = (slice(None), slice(top, top + side_h), slice(left, left + side_w))
         eps = torch.randn(mean[window].shape, generator=generator)
         rows.append(mean[window] + std[window] * eps)
         origin = cache.origins[i] if cache.origins else (0, 0)

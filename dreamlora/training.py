@@ -23,6 +23,7 @@ from .config import DreamLoraConfig, ValidationConfig, describe, fill_prompt, fo
 from .config import validate as validate_config
 from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, draw_latents_and_crops, encode_latents,
                    pick_indices, resize_for_training, step_caption, training_set)
+from .buckets import assign_bucket, batch_at, bucket_sizes, group_by_bucket, resize_to_bucket
 from .errors import ConfigError, DreamLoraError, NumericalError, TrainingError
 from .losses import LossParts, offset_noise, prior_preservation_loss
 from .memory import CACHE_BATCH, GIB, apply_memory_budget
@@ -606,6 +607,8 @@ class BatchSource:
         data = config.data
         factor = base.vae_scale_factor
         size = resolution // factor
+        self.groups: tuple[tuple[int, ...], ...] | None = None  # aspect buckets: the images of each
+        self.buckets: list[tuple[int, int]] = []  # (width, height) of each instance image's bucket
         progress(ProgressEvent("cache", 0, 1, message="encoding images and prompts once"))
         self.instance = self._encode(instances, resolution, data.crop, size)
         self.classes = self._encode(classes, resolution, "center", size) if classes else None
@@ -623,7 +626,17 @@ class BatchSource:
     def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:
         factor = self.base.vae_scale_factor
         loaded = [images.open(i) for i in range(len(images.paths))]
-        pixels = [resize_for_training(image, resolution, crop, factor) for image in loaded]
+        data = self.config.data
+        if data.buckets:  # each image at its aspect bucket's size, whole: no crop is cut from the latents
+            self.buckets = [assign_bucket(image.size, bucket_sizes(resolution, data.bucket_step), data.bucket_step,
+                                          data.bucket_max_upscale) for image in loaded]
+            self.groups = tuple(tuple(members) for members in group_by_bucket(self.buckets).values())
+            pixels, origins = map(list, zip(*(resize_to_bucket(image, bucket)
+                                              for image, bucket in zip(loaded, self.buckets))))
+            size = None
+        else:
+            pixels = [resize_for_training(image, resolution, crop, factor) for image in loaded]
+            origins = [crop_origin(image.size, resolution, crop, factor) for image in loaded]
         # One image a VAE call: the fp32 VAE at 512 px needs ~0.6 GiB of activations an image (dreamlora.memory).
         cache = encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip,
                                batch_size=CACHE_BATCH)
@@ -633,7 +646,7 @@ class BatchSource:
                                      "overflows in half precision? Use an fp32 VAE or pass --vae with an "
                                      "fp16-fixed one.")
         cache.original_sizes = [(image.height, image.width) for image in loaded]
-        cache.origins = [crop_origin(image.size, resolution, crop, factor) for image in loaded]
+        cache.origins = origins
         cache.factor = factor
         return cache
 
@@ -649,7 +662,12 @@ class BatchSource:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         first = ((step * t.gradient_accumulation_steps + micro) * world + rank) * t.batch_size
         generator = torch.Generator().manual_seed(derive_seed(t.seed, "step", step, micro, rank))
-        inst_idx = pick_indices(len(self.instance), derive_seed(t.seed, "instance"), first, t.batch_size)
+        if self.groups is not None:  # a batch of one aspect bucket; its size is the training target
+            inst_idx = list(batch_at(self.groups, t.batch_size, derive_seed(t.seed, "instance"), first // t.batch_size))
+            width, height = self.buckets[inst_idx[0]]
+        else:
+            inst_idx = pick_indices(len(self.instance), derive_seed(t.seed, "instance"), first, t.batch_size)
+            width = height = self.resolution
         latents, crops = draw_latents_and_crops(self.instance, inst_idx, generator, random_crop=data.crop == "random",
                                                 random_flip=data.random_flip)
         rows, sizes = [latents], [self.instance.original_sizes[i] for i in inst_idx]
@@ -672,7 +690,7 @@ class BatchSource:
             embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
         else:
             embeddings = PromptEmbeddings.cat([self._frozen_embedding(p) for p in prompts])
-        geometry = ImageGeometry(sizes, crops, (self.resolution, self.resolution))
+        geometry = ImageGeometry(sizes, crops, (height, width))
         conditions = {k: to_device(v, device, dtype) for k, v in self.base.family.image_conditions(geometry).items()}
         return Batch(to_device(x0, device, dtype), to_device(noise, device, dtype), to_device(timesteps, device),
                      embeddings.to(device, dtype), len(inst_idx), conditions)

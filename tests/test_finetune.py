@@ -205,3 +205,104 @@ def test_cli_finetune_bad_data_path_is_one_line(tmp_path):
     missing = CliRunner().invoke(app, ["finetune", str(tmp_path / "nope"), "--out", str(tmp_path / "s.safetensors")])
     assert missing.exit_code == 1 and "DATA" in missing.output and "nope' does not exist" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
+
+
+# --- aspect-ratio buckets ---------------------------------------------------------------------------------------
+
+from dreamlora.buckets import assign_bucket, batch_at, bucket_sizes, epoch_batches, group_by_bucket  # noqa: E402
+
+
+def test_buckets_hold_about_the_pixel_budget_in_steps():
+    sizes = bucket_sizes(512, 64)
+    assert (512, 512) in sizes and (768, 320) in sizes and (320, 768) in sizes
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in sizes)
+    assert all((h, w) in sizes for w, h in sizes)
+    assert sizes[0][0] > sizes[0][1] and sizes[-1][0] < sizes[-1][1]  # widest first
+
+
+def test_each_image_goes_to_its_nearest_bucket_and_is_not_upscaled_beyond_the_factor():
+    sizes = bucket_sizes(512, 64)
+    assert assign_bucket((1024, 1024), sizes, 64, 1.0) == (512, 512)
+    assert assign_bucket((1600, 900), sizes, 64, 1.0) == (640, 384)  # 16:9 -> the nearest ratio, 1.67
+    assert assign_bucket((900, 1600), sizes, 64, 1.0) == (384, 640)
+    assert assign_bucket((300, 300), sizes, 64, 1.0) == (256, 256)  # its own size, rounded down: no upscaling
+    assert assign_bucket((300, 300), sizes, 64, 2.0) == (512, 512)  # 1.7x is allowed
+
+
+def test_batches_never_mix_buckets_and_cover_each_image_once_an_epoch():
+    assigned = [(64, 64), (80, 48), (64, 64), (48, 80), (80, 48), (64, 64), (80, 48)]
+    groups = tuple(tuple(m) for m in group_by_bucket(assigned).values())
+    for epoch in range(3):
+        batches = epoch_batches(groups, 2, 7, epoch)
+        assert sorted(i for batch in batches for i in batch) == list(range(7))
+        assert all(len({assigned[i] for i in batch}) == 1 for batch in batches)
+        assert len(batches) == 5  # 3 images -> 2 batches, 3 -> 2, 1 -> 1
+    assert [batch_at(groups, 2, 7, p) for p in range(10)] == list(epoch_batches(groups, 2, 7, 0) +
+                                                                   epoch_batches(groups, 2, 7, 1))
+    assert epoch_batches(groups, 2, 7, 0) != epoch_batches(groups, 2, 7, 1)  # reshuffled every epoch
+
+
+def test_buckets_refuse_random_crops_and_class_images(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.buckets .* --crop random"):
+        finetune_config(tmp_path, tmp_path / "x.safetensors", **{"data.buckets": True, "data.crop": "random"})
+    with pytest.raises(ConfigError, match=r"data.buckets .* prior preservation"):
+        load_config(None, {"data.instance_dir": str(tmp_path), "data.class_word": "dog", "data.buckets": True,
+                           "output.path": str(tmp_path / "x.safetensors")})
+
+
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
+def test_a_bucketed_finetune_on_mixed_aspect_ratios_writes_a_file_diffusers_loads(tmp_path):
+    from dreamlora.models import load_base_model
+
+    data = caption_folder(tmp_path)  # 64x64, 96x64, 64x80
+    config = finetune_config(data, tmp_path / "style.safetensors", **{"data.buckets": True, "data.bucket_step": 16,
+                                                                        "train.batch_size": 2, "train.steps": 3})
+    seen = []
+    import dreamlora.training as training
+
+    original = training.BatchSource.draw
+
+    def draw(self, step, micro, text_encoders):
+        batch = original(self, step, micro, text_encoders)
+        seen.append(tuple(batch.latents.shape))
+        return batch
+
+    training.BatchSource.draw = draw
+    try:
+        result = train(config)
+    finally:
+        training.BatchSource.draw = original
+    # 96x64 -> the 80x48 bucket (ratio 1.67, nearest 1.5); 64x64 and 64x80 -> 64x64 (no 48x64 bucket: each width
+    # takes its largest height within 64²). tiny-sd's VAE halves each side.
+    assert {shape[2:] for shape in seen} == {(32, 32), (24, 40)}
+    assert all(shape[0] in (1, 2) for shape in seen)
+    pipe = load_base_model("builtin:tiny-sd").pipeline()
+    pipe.load_lora_weights(str(result.output))
+    assert any("lora" in name for name, _ in pipe.unet.named_modules())
+
+
+@pytest.mark.slow  # over 3 s on 2 cores: run by .ci/run with -m slow
+def test_sdxl_time_ids_name_each_buckets_size_and_crop(tmp_path):
+    from dreamlora.models.sdxl import StableDiffusionXLFamily
+
+    data = caption_folder(tmp_path)  # 64x64, 96x64, 64x80 at the tiny SDXL's 64 px
+    config = finetune_config(data, tmp_path / "x.safetensors", **{
+        "model.name": "builtin:tiny-sdxl", "data.buckets": True, "data.bucket_step": 16, "train.steps": 6,
+        "train.checkpoint_every": 0})
+    seen = []
+    original = StableDiffusionXLFamily.image_conditions
+
+    def record(self, geometry):
+        seen.append(original(self, geometry)["time_ids"].tolist())
+        return original(self, geometry)
+
+    StableDiffusionXLFamily.image_conditions = record
+    try:
+        train(config)
+    finally:
+        StableDiffusionXLFamily.image_conditions = original
+    rows = {tuple(row) for batch in seen for row in batch}
+    # (original h, w, crop top, left, target h, w): 96x64 goes to the 80x48 bucket (resized to 80x53, cut 2 px
+    # from the top); 64x64 to 64x64; 64x80 to 64x64 too (cut 8 px from the top): each row names its own bucket.
+    assert rows == {(64.0, 96.0, 2.0, 0.0, 48.0, 80.0), (64.0, 64.0, 0.0, 0.0, 64.0, 64.0),
+                    (80.0, 64.0, 8.0, 0.0, 64.0, 64.0)}
