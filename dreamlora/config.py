@@ -198,6 +198,10 @@ class TrainConfig:
     threads: int | None = setting(None, flag="--threads", low=1, run_control=True,
                                   help="CPU threads (default: the cores other jobs leave free when the run starts; "
                                        "OMP_NUM_THREADS also sets it).")
+    report_to: Literal["none", "tensorboard", "wandb"] = setting(
+        "none", flag="--report-to", run_control=True,
+        help="Log losses, learning rate, validation grids and the config to TensorBoard (<run folder>/logs) or "
+             "Weights & Biases.")
     memory_budget: float | None = setting(None, flag="--memory-budget", low=0, low_open=True,
                                           help="GiB the run may use (e.g. 8, 12, 24): memory savers are turned on "
                                                "until the estimate fits.")

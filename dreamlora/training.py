@@ -35,6 +35,7 @@ from .preflight import preflight_training_data, prompt_length_warnings, token_wa
 from .identity import ModelIdentity
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .threads import cpu_threads
+from .tracking import log_grid, start_tracking, tracker_names
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import render_validation_grid
 
@@ -90,11 +91,14 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     # adapters without gradients, which DDP must be told to expect.
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+                              log_with=tracker_names(config.train.report_to) or None, project_dir=str(run_dir / "logs"),
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=config.lora.train_text_encoder)])
     held.enter_context(run_locks(output, run_dir, accelerator))  # before anything in the run folder changes
     start_step = prepare_run_dir(config, run_dir, accelerator)
     started = run_started(run_dir, start_step, accelerator.is_main_process)
+    start_tracking(accelerator, to_portable_json(config))
+    held.callback(accelerator.end_training)  # closes the trackers' files, also after an error
     # CPU threads: the cores other jobs leave free, fixed for the run (a resumed run keeps its count, so it sums
     # in the same order and writes the same bytes).
     threads = held.enter_context(cpu_threads(config.train.threads or resumed_threads(run_dir, start_step)))
@@ -169,6 +173,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                 last_log = done
                 metrics = {"loss": logged.total, "instance_loss": logged.instance, "prior_loss": logged.prior,
                            "lr": lr_scheduler.get_last_lr()[0]}
+                accelerator.log(metrics, step=done)
             progress(ProgressEvent("train", done, t.steps, metrics))
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
                 mean_over_processes(running, done, run_dir, config, accelerator)  # never checkpoint a NaN step
@@ -858,6 +863,7 @@ def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir:
     with encoders_on(base, accelerator.device):
         render_validation_grid(base, prompts, v.seeds, path, steps=v.steps, guidance=v.guidance, sampler=v.sampler,
                                resolution=resolution, title=f"step {step}", write=accelerator.is_main_process)
+    log_grid(accelerator, path, step)
     progress(ProgressEvent("validate", 1, 1, message=f"validation grid: {path}"))
     return path if accelerator.is_main_process else None
 
