@@ -51,3 +51,9 @@ def run(settings: dict, config: Path | None, dry_run: bool, job: str) -> None:
     typer.echo(f"wrote {result.output} ({result.output.stat().st_size / 1e6:.2f} MB) after {result.steps} steps{loss}")
     if result.validation_grid:
         typer.echo(f"validation grid: {result.validation_grid}")
+    if resolved.output.push_to_hub:  # after the file is written: a failed upload keeps it (one line, exit 1)
+        from dreamlora.sharing import push_lora
+
+        url = push_lora(result.output, resolved.output.push_to_hub, private=resolved.output.hub_private,
+                        grid=result.validation_grid)
+        typer.echo(f"uploaded to {url}")

@@ -232,6 +232,11 @@ class OutputConfig:
     save_dtype: Literal["fp16", "bf16", "fp32"] = setting("fp16", flag="--save-dtype", help="Weight dtype in the file.")
     overwrite: bool = setting(False, flag="--overwrite/--no-overwrite", run_control=True,
                               help="Replace an existing output and start its run folder over.")
+    push_to_hub: str | None = setting(None, flag="--push-to-hub", run_control=True,
+                                      help="At the end, upload the file with a model card to this hub repo "
+                                           "(user/name); the card is written beside the file either way.")
+    hub_private: bool = setting(False, flag="--hub-private/--no-hub-private", run_control=True,
+                                help="With --push-to-hub: create the repo private.")
 
 
 @dataclass
