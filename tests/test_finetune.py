@@ -306,3 +306,18 @@ def test_sdxl_time_ids_name_each_buckets_size_and_crop(tmp_path):
     # from the top); 64x64 to 64x64; 64x80 to 64x64 too (cut 8 px from the top): each row names its own bucket.
     assert rows == {(64.0, 96.0, 2.0, 0.0, 48.0, 80.0), (64.0, 64.0, 0.0, 0.0, 64.0, 64.0),
                     (80.0, 64.0, 8.0, 0.0, 64.0, 64.0)}
+
+
+# --- the built-in captioned example ------------------------------------------------------------------------------
+
+
+def test_the_striped_toy_set_is_a_captioned_folder_and_its_style_is_measurable(tmp_path):
+    from dreamlora.toyworld.style import STRIPED, stripe_strength, stylise, write_style_set
+    from dreamlora.toyworld.world import dataset
+
+    rows = read_captioned(write_style_set(tmp_path / "data", n=4, seed=3))
+    drawn = dataset(4, 3)
+    assert [row.caption for row in rows] == [text for _, text, _ in drawn]
+    assert all(stripe_strength(row.open()) >= 3 * STRIPED for row in rows)
+    assert all(stripe_strength(image) < STRIPED / 2 for image, _, _ in drawn)  # the world has no stripes
+    assert [row.open().tobytes() for row in rows] == [stylise(image).tobytes() for image, _, _ in drawn]
