@@ -84,7 +84,8 @@ def _register() -> None:
     from . import (check, check_images, convert, eval_cmd, extract, finetune, inspect_cmd, merge, priors, push, resize,
                    sample, train)
 
-    for name, module in (("train", train), ("finetune", finetune), ("priors", priors), ("sample", sample), ("inspect", inspect_cmd),
+    for name, module in (("train", train), ("finetune", finetune), ("priors", priors), ("sample", sample),
+                         ("inspect", inspect_cmd),
                          ("check-images", check_images), ("eval", eval_cmd), ("check", check), ("convert", convert),
                          ("merge", merge), ("push", push), ("resize", resize), ("extract", extract)):
         app.command(name)(error_boundary(module.command))

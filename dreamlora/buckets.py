@@ -75,7 +75,8 @@ def group_by_bucket(assigned: list[tuple[int, int]]) -> dict[tuple[int, int], li
 
 
 @functools.lru_cache(maxsize=16)
-def epoch_batches(groups: tuple[tuple[int, ...], ...], batch_size: int, seed: int, epoch: int) -> tuple[tuple[int, ...], ...]:
+def epoch_batches(groups: tuple[tuple[int, ...], ...], batch_size: int, seed: int,
+                  epoch: int) -> tuple[tuple[int, ...], ...]:
     """The batches of one epoch: each group's images shuffled and cut into batches of `batch_size` (the last of a
     group may be smaller), then all batches shuffled. Every image appears once; no batch mixes groups."""
     from .data import derive_seed

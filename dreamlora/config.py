@@ -90,8 +90,9 @@ class DataConfig:
     random_flip: bool = setting(False, flag="--random-flip/--no-random-flip",
                                 help="Random horizontal flips, redrawn every step.")
     job: Literal["dreambooth", "finetune"] = setting(
-        "dreambooth", help="What is learnt: a subject from photos with a token (dreambooth: `dreamlora train`), or a "
-                           "style or domain from captioned images (finetune: `dreamlora finetune`); set by the command.")
+        "dreambooth", help="What is learnt: a subject from photos with a token (dreambooth: `dreamlora train`), or "
+                           "a style or domain from captioned images (finetune: `dreamlora finetune`); set by the "
+                           "command.")
     image_column: str = setting("image", flag="--image-column",
                                 help="finetune: the image column of a datasets dataset.")
     caption_column: str = setting("text", flag="--caption-column",
@@ -161,6 +162,8 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     steps: int = setting(500, flag="--steps", low=0, low_open=True, recommended={TOY: 1000}, help="Optimizer steps.")
+    epochs: float | None = setting(None, flag="--epochs", low=0, low_open=True,
+                                   help="Passes over the images instead of --steps (rounded up to whole steps).")
     batch_size: int = setting(1, flag="--batch-size", low=0, low_open=True,
                               help="Instance images a step (as many class images join them).")
     learning_rate: float = setting(1e-4, flag="--lr", low=0, low_open=True, recommended={TOY: 1e-3},
@@ -372,6 +375,17 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
     if problems:
         raise ConfigError(format_problems(problems))
     return config
+
+
+def with_epochs(config: DreamLoraConfig, images: int, processes: int) -> DreamLoraConfig:
+    """The config with train.steps set from train.epochs (if given): enough steps to show every image that many
+    times, `images` being the usable training images and each step drawing batch x grad-accum x processes."""
+    t = config.train
+    if t.epochs is None:
+        return config
+    per_step = t.batch_size * t.gradient_accumulation_steps * processes
+    steps = max(1, math.ceil(round(t.epochs * images / per_step, 9)))
+    return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
 
 
 def format_problems(problems: list[str]) -> str:

@@ -193,7 +193,8 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: list[torch.Tensor], *, size: int | None, with_flips: bool, batch_size: int = 8) -> LatentCache:
+def encode_latents(vae, images: list[torch.Tensor], *, size: int | None, with_flips: bool,
+                   batch_size: int = 8) -> LatentCache:
     """Run the VAE encoder once over `images` ((3, H, W) each), batching images of equal size."""
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0

@@ -19,7 +19,8 @@ import torch
 
 from . import checkpoints
 from .atomic import RunLock, as_os_error, check_writable, write_bytes_atomic, write_error, write_text_atomic
-from .config import DreamLoraConfig, ValidationConfig, describe, fill_prompt, format_problems, to_portable_json
+from .config import (DreamLoraConfig, ValidationConfig, describe, fill_prompt, format_problems, to_portable_json,
+                     with_epochs)
 from .config import validate as validate_config
 from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, draw_latents_and_crops, encode_latents,
                    pick_indices, resize_for_training, step_caption, training_set)
@@ -40,12 +41,12 @@ from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import render_validation_grid
 
 # Settings that may change between a run and its resume without changing what is learned.
-RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
+RESUMABLE_CHANGES = {"train.steps", "train.epochs", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "output.overwrite", "output.path", "output.format", "output.save_dtype",
                      "validation.every", "validation.prompts", "validation.seeds", "validation.steps",
                      "validation.guidance", "validation.sampler", "validation.final", "train.run_dir", "data.instance_dir",
                      "prior.class_dir", "model.name", "model.single_file_config", "train.compile",
-                     "train.memory_budget"}
+                     "train.memory_budget", "data.image_column", "data.caption_column"}  # DATA: by content
 
 
 @dataclass
@@ -94,6 +95,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                               log_with=tracker_names(config.train.report_to) or None, project_dir=str(run_dir / "logs"),
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=config.lora.train_text_encoder)])
+    config = with_epochs(config, len(images.instance.usable), accelerator.num_processes)  # --epochs: the steps
     held.enter_context(run_locks(output, run_dir, accelerator))  # before anything in the run folder changes
     start_step = prepare_run_dir(config, run_dir, accelerator)
     started = run_started(run_dir, start_step, accelerator.is_main_process)
@@ -676,7 +678,7 @@ class BatchSource:
         latents, crops = draw_latents_and_crops(self.instance, inst_idx, generator, random_crop=data.crop == "random",
                                                 random_flip=data.random_flip)
         rows, sizes = [latents], [self.instance.original_sizes[i] for i in inst_idx]
-        # Caption dropout and tag shuffling: drawn per row from (seed, step, micro, rank, row), so a resume redraws them.
+        # Caption dropout and tag shuffling: drawn per row from (seed, step, micro, rank, row): a resume redraws them.
         prompts = [step_caption(self.prompts[i], derive_seed(t.seed, "caption", step, micro, rank, row),
                                 dropout=data.caption_dropout, shuffle=data.shuffle_tags, keep=data.keep_tags)
                    for row, i in enumerate(inst_idx)]

@@ -190,8 +190,9 @@ def test_cli_finetune_dry_run_plans_on_the_captioned_rows(tmp_path):
 
     from cli.main import app
 
-    planned = CliRunner().invoke(app, ["finetune", str(jsonl_folder(tmp_path)), "--out", str(tmp_path / "s.safetensors"),
-                                       "--model", "builtin:tiny-sd", "--steps", "6", "--dry-run"])
+    planned = CliRunner().invoke(app, ["finetune", str(jsonl_folder(tmp_path)), "--out",
+                                       str(tmp_path / "s.safetensors"), "--model", "builtin:tiny-sd", "--steps", "6",
+                                       "--dry-run"])
     assert planned.exit_code == 0, planned.output
     assert "epochs: 2.0 over 3 instance images" in planned.output, planned.output
     assert "class images: none (prior preservation off)" in planned.output
@@ -321,3 +322,15 @@ def test_the_striped_toy_set_is_a_captioned_folder_and_its_style_is_measurable(t
     assert all(stripe_strength(row.open()) >= 3 * STRIPED for row in rows)
     assert all(stripe_strength(image) < STRIPED / 2 for image, _, _ in drawn)  # the world has no stripes
     assert [row.open().tobytes() for row in rows] == [stylise(image).tobytes() for image, _, _ in drawn]
+
+
+def test_epochs_set_the_steps_from_the_images_and_the_batch(tmp_path):
+    from dreamlora.config import with_epochs
+
+    config = finetune_config(tmp_path, tmp_path / "x.safetensors", **{"train.epochs": 2.5, "train.batch_size": 2,
+                                                                       "train.gradient_accumulation_steps": 4})
+    assert with_epochs(config, 833, 1).train.steps == 261  # 2.5 x 833 images / 8 a step = 260.3, rounded up
+    assert with_epochs(config, 16, 2).train.steps == 3  # 40 images / 16 a step (2 processes)
+    assert with_epochs(config, 8, 1).train.epochs == 2.5 and config.train.steps == 4  # the input is not changed
+    plain = finetune_config(tmp_path, tmp_path / "x.safetensors")
+    assert with_epochs(plain, 833, 1) is plain

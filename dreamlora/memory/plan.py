@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DreamLoraConfig, describe
+from ..config import DreamLoraConfig, describe, with_epochs
 from ..errors import ConfigError
 from ..models.configs import ModelConfigs, read_model_configs
 from .estimate import GIB, MemoryEstimate, MemorySettings, estimate_memory
@@ -112,6 +112,7 @@ def plan(config: DreamLoraConfig, *, device_type: str | None = None, num_process
     processes = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
     models = read_model_configs(config.model.name, config.model.single_file_config)
     images = len(training_rows(config.data))
+    config = with_epochs(config, images, processes)
     resolution = config.data.resolution or models.default_resolution
     class_images, to_generate = 0, 0
     if config.prior.enabled and config.prior.class_dir:

@@ -97,7 +97,8 @@ def render(model: str, prompts: list[str], lora: str | Path | None, *, seed: int
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         with torch.no_grad():
             latents = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                           width=resolution, generator=generators, latents=initial_latents(pipe, generators, resolution),
+                           width=resolution, generator=generators,
+                           latents=initial_latents(pipe, generators, resolution),
                            output_type="latent").images
         images += decode_latents(pipe.vae, pipe.image_processor, latents)
     return images
