@@ -81,12 +81,13 @@ def disk_failure(exc: Exception) -> str | None:
 
 
 def _register() -> None:
-    from . import (check, check_images, convert, eval_cmd, export, extract, inspect_cmd, merge, priors, resize,
-                   sample, train)
+    from . import (check, check_images, convert, eval_cmd, export, extract, finetune, inspect_cmd, merge, priors,
+                   push, resize, sample, train)
 
-    for name, module in (("train", train), ("priors", priors), ("sample", sample), ("inspect", inspect_cmd),
+    for name, module in (("train", train), ("finetune", finetune), ("priors", priors), ("sample", sample),
+                         ("inspect", inspect_cmd),
                          ("check-images", check_images), ("eval", eval_cmd), ("check", check), ("convert", convert),
-                         ("merge", merge), ("resize", resize), ("extract", extract), ("export", export)):
+                         ("merge", merge), ("push", push), ("resize", resize), ("extract", extract), ("export", export)):
         app.command(name)(error_boundary(module.command))
 
 

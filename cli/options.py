@@ -57,7 +57,7 @@ def _param_name(key: Key) -> str:
     return "opt_" + key.dotted.replace(".", "__")
 
 
-def _annotation(key: Key) -> Any:
+def _annotation(key: Key, argument: tuple[str, str] | None = None) -> Any:
     """The Typer annotation of a declared key: every option defaults to None (not given)."""
     hint = key.hint
     origin = typing.get_origin(hint)
@@ -70,7 +70,8 @@ def _annotation(key: Key) -> Any:
     common = {"help": key.help + (f" [default: {default}]" if default else ""), "show_default": False,
               "rich_help_panel": panel}
     if key.flag == ARGUMENT:
-        return Annotated[Optional[Path], typer.Argument(metavar=ARGUMENT, help=key.help, show_default=False)]
+        metavar, text = argument or (ARGUMENT, key.help)
+        return Annotated[Optional[Path], typer.Argument(metavar=metavar, help=text, show_default=False)]
     if origin is list:
         item = typing.get_args(hint)[0]
         if key.meta["repeatable"]:
@@ -83,10 +84,11 @@ def _annotation(key: Key) -> Any:
     return Annotated[Optional[hint], typer.Option(key.flag, **common)]
 
 
-def with_settings(settings_type: type, skip: tuple[str, ...] = ()):
+def with_settings(settings_type: type, skip: tuple[str, ...] = (), argument: tuple[str, str] | None = None):
     """Decorate a command so that every declared key of `settings_type` with a flag becomes one of its options.
 
-    The command gets `settings`: {dotted key: value given or None}; paths arrive as strings.
+    The command gets `settings`: {dotted key: value given or None}; paths arrive as strings. `argument`:
+    (metavar, help) of the positional argument where the command names it otherwise (finetune's DATA).
     """
     declared = [k for k in keys(settings_type) if k.flag and k.dotted not in skip]
 
@@ -95,7 +97,7 @@ def with_settings(settings_type: type, skip: tuple[str, ...] = ()):
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
                for p in inspect.signature(command).parameters.values() if p.name != "settings"]
         generated = [inspect.Parameter(_param_name(k), inspect.Parameter.KEYWORD_ONLY, default=None,
-                                       annotation=_annotation(k)) for k in declared]
+                                       annotation=_annotation(k, argument)) for k in declared]
         arguments = [p for p in generated if typing.get_args(p.annotation)[1].__class__.__name__ == "ArgumentInfo"]
         options = [p for p in generated if p not in arguments]
 

@@ -89,6 +89,31 @@ class DataConfig:
                                                 help="Square crop of each photo: center, or random (redrawn every step).")
     random_flip: bool = setting(False, flag="--random-flip/--no-random-flip",
                                 help="Random horizontal flips, redrawn every step.")
+    job: Literal["dreambooth", "finetune"] = setting(
+        "dreambooth", help="What is learnt: a subject from photos with a token (dreambooth: `dreamlora train`), or "
+                           "a style or domain from captioned images (finetune: `dreamlora finetune`); set by the "
+                           "command.")
+    image_column: str = setting("image", flag="--image-column",
+                                help="finetune: the image column of a datasets dataset.")
+    caption_column: str = setting("text", flag="--caption-column",
+                                  help="finetune: the caption column of a datasets dataset or metadata file.")
+    caption_prefix: str = setting("", flag="--caption-prefix",
+                                  help="Put in front of every caption (e.g. a trigger word), before the tags shuffle.")
+    caption_dropout: float = setting(0.0, flag="--caption-dropout", low=0, high=1,
+                                     help="Share of captions replaced by the empty one each step (for "
+                                          "classifier-free guidance), drawn from (seed, step).")
+    shuffle_tags: bool = setting(False, flag="--shuffle-tags/--no-shuffle-tags",
+                                 help="Shuffle the comma-separated tags of each caption every step, from (seed, step).")
+    keep_tags: int = setting(0, flag="--keep-tags", low=0,
+                             help="With --shuffle-tags: the first N tags (the prefix counts as one) stay in place.")
+    buckets: bool = setting(False, flag="--buckets/--no-buckets",
+                            help="Aspect-ratio buckets instead of square crops: each image whole at about "
+                                 "resolution² pixels, each batch from one bucket.")
+    bucket_step: int = setting(64, flag="--bucket-step", low=8, help="With --buckets: bucket sides in steps of this "
+                                                                     "many pixels (a multiple of 8).")
+    bucket_max_upscale: float = setting(1.0, flag="--bucket-max-upscale", low=1,
+                                        help="With --buckets: an image its bucket would enlarge more than this gets a "
+                                             "bucket of its own size instead.")
 
 
 @dataclass
@@ -137,6 +162,8 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     steps: int = setting(500, flag="--steps", low=0, low_open=True, recommended={TOY: 1000}, help="Optimizer steps.")
+    epochs: float | None = setting(None, flag="--epochs", low=0, low_open=True,
+                                   help="Passes over the images instead of --steps (rounded up to whole steps).")
     batch_size: int = setting(1, flag="--batch-size", low=0, low_open=True,
                               help="Instance images a step (as many class images join them).")
     learning_rate: float = setting(1e-4, flag="--lr", low=0, low_open=True, recommended={TOY: 1e-3},
@@ -174,6 +201,10 @@ class TrainConfig:
     threads: int | None = setting(None, flag="--threads", low=1, run_control=True,
                                   help="CPU threads (default: the cores other jobs leave free when the run starts; "
                                        "OMP_NUM_THREADS also sets it).")
+    report_to: Literal["none", "tensorboard", "wandb"] = setting(
+        "none", flag="--report-to", run_control=True,
+        help="Log losses, learning rate, validation grids and the config to TensorBoard (<run folder>/logs) or "
+             "Weights & Biases.")
     memory_budget: float | None = setting(None, flag="--memory-budget", low=0, low_open=True,
                                           help="GiB the run may use (e.g. 8, 12, 24): memory savers are turned on "
                                                "until the estimate fits.")
@@ -216,6 +247,11 @@ class OutputConfig:
     save_dtype: Literal["fp16", "bf16", "fp32"] = setting("fp16", flag="--save-dtype", help="Weight dtype in the file.")
     overwrite: bool = setting(False, flag="--overwrite/--no-overwrite", run_control=True,
                               help="Replace an existing output and start its run folder over.")
+    push_to_hub: str | None = setting(None, flag="--push-to-hub", run_control=True,
+                                      help="At the end, upload the file with a model card to this hub repo "
+                                           "(user/name); the card is written beside the file either way.")
+    hub_private: bool = setting(False, flag="--hub-private/--no-hub-private", run_control=True,
+                                help="With --push-to-hub: create the repo private.")
 
 
 @dataclass
@@ -339,6 +375,8 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
         if value is not None:
             values[key] = value
     # Then what the base model recommends (builtin:toy), for the keys neither the file nor a flag set.
+    if values.get("data.job") == "finetune":  # a fine-tune regularises only with the user's own class images
+        values.setdefault("prior.enabled", bool(values.get("prior.class_dir")))
     model = values.get("model.name", DEFAULT_MODEL)
     for key, value in recommended_settings(model if isinstance(model, str) else "").items():
         values.setdefault(key, value)
@@ -349,6 +387,17 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
     if problems:
         raise ConfigError(format_problems(problems))
     return config
+
+
+def with_epochs(config: DreamLoraConfig, images: int, processes: int) -> DreamLoraConfig:
+    """The config with train.steps set from train.epochs (if given): enough steps to show every image that many
+    times, `images` being the usable training images and each step drawing batch x grad-accum x processes."""
+    t = config.train
+    if t.epochs is None:
+        return config
+    per_step = t.batch_size * t.gradient_accumulation_steps * processes
+    steps = max(1, math.ceil(round(t.epochs * images / per_step, 9)))
+    return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
 
 
 def format_problems(problems: list[str]) -> str:
@@ -520,14 +569,31 @@ def validate(config: DreamLoraConfig) -> list[str]:
                and Path(c.prior.class_dir).resolve() == Path(c.data.instance_dir).resolve()), "prior.class_dir",
           f"must not be the instance folder (both '{c.prior.class_dir}'): class images show other "
           f"{c.data.class_word or 'class'} pictures")
-    problems.extend(_prompt_problems(c.data))
+    if c.data.job == "dreambooth":
+        problems.extend(_prompt_problems(c.data))
+    else:  # captions name what each image shows; only regularisation images take a class prompt
+        check(not c.prior.enabled or bool(c.prior.class_dir), "prior.enabled",
+              "needs --class-dir in a fine-tune: regularisation images are the user's (none are generated)")
+        check(not (c.prior.enabled and c.prior.class_dir) or bool(c.data.class_word.strip())
+              or "{class}" not in c.data.class_prompt, "data.class_word",
+              "is required with --class-dir: the class prompt of the regularisation images names it")
+        check(_fills(c.data.class_prompt), "data.class_prompt", f"{prompt_problem(c.data.class_prompt)}")
+    check(c.data.keep_tags == 0 or c.data.shuffle_tags, "data.keep_tags", "only applies with --shuffle-tags")
+    check(c.data.bucket_step % 8 == 0, "data.bucket_step", f"must be a multiple of 8 (got {c.data.bucket_step})")
+    check(not (c.data.buckets and c.data.crop == "random"), "data.buckets",
+          "trains on whole images, --crop random on square crops: choose one")
+    # Class images are square crops, and a batch is one tensor: they cannot join a bucket's batch.
+    check(not (c.data.buckets and c.prior.enabled), "data.buckets", "cannot be combined with prior preservation "
+          "(class images are square crops and a batch holds one size): pass --no-prior or --no-buckets")
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
             problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
-    check(not c.validation.eval_every or c.model.name == TOY or bool(c.validation.eval_dino or c.validation.eval_clip),
+    check(not c.validation.eval_every or c.data.job != "dreambooth" or c.model.name == TOY
+          or bool(c.validation.eval_dino or c.validation.eval_clip),
           "validation.eval_every", f"needs something to score the renders of '{c.model.name}': pass --eval-dino or "
           "--eval-clip with a local model folder (the toy oracle reads builtin:toy only)")
-    check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos")
+    check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos"
+          if c.data.job == "dreambooth" else "is required: the captioned images (DATA)")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")
     check(not c.output.path or c.output.path.endswith(".safetensors"), "output.path",
           f"must end in .safetensors (got '{c.output.path}')")
@@ -683,7 +749,11 @@ def check_paths(config: DreamLoraConfig) -> None:
         ConfigError: naming each missing path and its key and flag.
     """
     problems = []
-    folders = [("data.instance_dir", config.data.instance_dir)]
+    data = config.data
+    folders = [("data.instance_dir", data.instance_dir)] if data.job == "dreambooth" else []
+    if data.job == "finetune" and not Path(data.instance_dir).expanduser().exists() \
+            and not _hub_or_builtin("model.name", data.instance_dir):  # DATA: a folder, a parquet file or a hub id
+        problems.append(f"DATA '{data.instance_dir}' does not exist. Check the path (or give a hub id 'user/name')")
     if config.prior.enabled and config.prior.class_dir:
         folders.append(("prior.class_dir", config.prior.class_dir))
     for key, folder in folders:

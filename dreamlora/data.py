@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .captioned import CaptionedImage
 from .config import DataConfig, fill_prompt
+from .identity import images_fingerprint
 from .preflight import list_image_files, load_rgb, read_caption  # noqa: F401  (files are read in preflight)
 
 
@@ -27,9 +29,54 @@ from .preflight import list_image_files, load_rgb, read_caption  # noqa: F401  (
 class ImageSet:
     """Images of one role ("instance" or "class") with the prompt each one is trained with."""
 
-    paths: list[Path]
+    paths: list[Path]  # the image files; for a fine-tune's dataset rows, their names ('row 17')
     prompts: list[str]
     skipped: list[str]  # notes on files passed over
+    rows: list[CaptionedImage] | None = None  # a fine-tune's rows, whose images need not be files
+
+    def open(self, i: int) -> Image.Image:
+        """Image i as RGB (decoded as the preflight decoded it)."""
+        return self.rows[i].open() if self.rows is not None else load_rgb(self.paths[i])
+
+    def fingerprint(self) -> str:
+        """Each image's bytes and prompt, in order (dreamlora.identity.images_fingerprint): what a resume must match."""
+        if self.rows is None:
+            return images_fingerprint(self.paths, self.prompts)
+        h = hashlib.sha256()
+        for row, prompt in zip(self.rows, self.prompts):
+            h.update(row.digest().encode() + b"\0" + prompt.encode("utf-8") + b"\n")
+        return h.hexdigest()[:16]
+
+
+def captioned_set(data: DataConfig, rows: list[CaptionedImage]) -> ImageSet:
+    """A fine-tune's images, each trained with its own caption (after --caption-prefix); no token is added."""
+    prompts = [with_prefix(fill_prompt(row.caption, data.token, data.class_word), data.caption_prefix)
+               for row in rows]
+    return ImageSet([row.path or Path(row.name) for row in rows], prompts, [], rows)
+
+
+def with_prefix(caption: str, prefix: str) -> str:
+    """'sks style' + 'a cat, grass' -> 'sks style, a cat, grass': the prefix becomes the caption's first tag."""
+    prefix = prefix.strip().rstrip(",").strip()
+    return f"{prefix}, {caption}" if prefix else caption
+
+
+def step_caption(caption: str, seed: int, *, dropout: float, shuffle: bool, keep: int) -> str:
+    """The caption one row of one step is trained with: dropped (empty) with probability `dropout`, else with its
+    comma-separated tags after the first `keep` shuffled. A pure function of (caption, seed): the caller derives
+    `seed` from (run seed, step, micro-batch, process, row), so a resumed run draws the same captions.
+    """
+    if not dropout and not shuffle:
+        return caption
+    generator = torch.Generator().manual_seed(seed)
+    if dropout and float(torch.rand((), generator=generator)) < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    order = torch.randperm(len(tail), generator=generator).tolist()
+    return ", ".join(head + [tail[i] for i in order])
 
 
 def caption_for(image_path: Path) -> str | None:
@@ -71,8 +118,16 @@ def instance_set(data: DataConfig, paths: list[Path] | None = None) -> ImageSet:
     prompts = []
     for path in paths:
         caption = caption_for(path)
-        prompts.append(prompt_from_caption(caption, data.token, data.class_word) if caption else default_prompt)
+        prompt = prompt_from_caption(caption, data.token, data.class_word) if caption else default_prompt
+        prompts.append(with_prefix(prompt, data.caption_prefix))
     return ImageSet(paths, prompts, skipped)
+
+
+def training_set(data: DataConfig, report) -> ImageSet:
+    """The images a run trains on, from the preflight's report of DATA: a fine-tune's captioned rows or the photos."""
+    if data.job == "finetune":
+        return captioned_set(data, report.usable_rows)
+    return instance_set(data, report.usable)
 
 
 def class_set(folder: str | Path, data: DataConfig, paths: list[Path] | None = None) -> ImageSet:
@@ -128,7 +183,7 @@ class LatentCache:
     stds: list[torch.Tensor]
     flipped_means: list[torch.Tensor] | None  # same for the mirrored images (random flip)
     flipped_stds: list[torch.Tensor] | None
-    size: int  # latent side of a training crop: resolution // vae_scale_factor
+    size: int | None  # latent side of a training crop: resolution // vae_scale_factor; None: latents used whole
     original_sizes: list[tuple[int, int]] | None = None  # (height, width) of each source image
     origins: list[tuple[int, int]] | None = None  # (top, left) px of each cached window in the resized image
     factor: int = 8  # pixels per latent cell: a latent crop offset times this is its pixel offset
@@ -138,7 +193,8 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: list[torch.Tensor], *, size: int, with_flips: bool, batch_size: int = 8) -> LatentCache:
+def encode_latents(vae, images: list[torch.Tensor], *, size: int | None, with_flips: bool,
+                   batch_size: int = 8) -> LatentCache:
     """Run the VAE encoder once over `images` ((3, H, W) each), batching images of equal size."""
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -195,13 +251,14 @@ def draw_latents_and_crops(cache: LatentCache, indices: list[int], generator: to
         mean = cache.flipped_means[i] if flip else cache.means[i]
         std = cache.flipped_stds[i] if flip else cache.stds[i]
         _, h, w = mean.shape
+        side_h, side_w = (h, w) if cache.size is None else (cache.size, cache.size)
         top = left = 0
         if random_crop:
-            top = int(torch.randint(0, h - cache.size + 1, (), generator=generator))
-            left = int(torch.randint(0, w - cache.size + 1, (), generator=generator))
+            top = int(torch.randint(0, h - side_h + 1, (), generator=generator))
+            left = int(torch.randint(0, w - side_w + 1, (), generator=generator))
         else:
-            top, left = (h - cache.size) // 2, (w - cache.size) // 2
-        window = (slice(None), slice(top, top + cache.size), slice(left, left + cache.size))
+            top, left = (h - side_h) // 2, (w - side_w) // 2
+        window = (slice(None), slice(top, top + side_h), slice(left, left + side_w))
         eps = torch.randn(mean[window].shape, generator=generator)
         rows.append(mean[window] + std[window] * eps)
         origin = cache.origins[i] if cache.origins else (0, 0)

@@ -25,3 +25,7 @@ class TrainingError(DreamLoraError):
 
 class NumericalError(DreamLoraError):
     """A model produced NaN or inf (a latent, an image, a loss): never a black picture or a silent NaN file."""
+
+
+class PushError(DreamLoraError):
+    """An upload to the hub that did not happen (no network, no token, no permission); the local files stay."""

@@ -252,17 +252,20 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"image '{path}' {exc}. {exc.advice}") from exc
 
 
-def _decode(path: Path) -> tuple[Image.Image, list[str]]:
-    """(RGB image, notes on the conversions applied)."""
+def _decode(path: Path, data: bytes | None = None) -> tuple[Image.Image, list[str]]:
+    """(RGB image, notes on the conversions applied). `data`: the encoded image itself (a dataset row's bytes),
+    `path` then only names it."""
+    import io
+
     info: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says it better
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(data) if data is not None else path)
     except Image.DecompressionBombError as exc:
         raise _Unreadable(f"is too large to decode safely ({_reason(exc, path)})", "Downscale it.") from exc
     except Exception as exc:  # noqa: BLE001  (PIL raises many kinds for malformed files: all mean "unreadable")
-        if path.is_file() and path.stat().st_size == 0:
+        if (len(data) == 0) if data is not None else (path.is_file() and path.stat().st_size == 0):
             raise _Unreadable("cannot be read: the file is empty (0 bytes)",
                               "Remove it or copy the photo again.") from exc
         if isinstance(exc, UnidentifiedImageError):
@@ -400,15 +403,15 @@ def prompt_length_warnings(prompts: dict[str, str], tokenizer) -> list[str]:
 # Checks
 
 
-def _check_file(path: Path, resolution: int | None, captions: bool = True) -> FileCheck:
+def _check_file(path: Path, resolution: int | None, captions: bool = True, data: bytes | None = None) -> FileCheck:
     check = FileCheck(path, "ok")
-    if captions:
+    if captions and data is None:
         try:
             read_caption(path.with_suffix(".txt"))
         except DataError as exc:
             check.add("error", f"has a caption that cannot be used: {str(exc).rstrip('.')}")
     try:
-        image, check.info = _decode(path)
+        image, check.info = _decode(path, data)
     except _Unreadable as exc:
         check.add("error", str(exc))
         return check
@@ -524,7 +527,13 @@ def preflight_training_data(data: DataConfig, prior: PriorConfig) -> TrainingIma
     Raises:
         DataError: a missing or empty folder, or every unreadable file of both folders in one message.
     """
-    instance = preflight(data.instance_dir, "instance", data.resolution)
+    if data.job == "finetune":  # captioned rows in any of the DATA forms (dreamlora.captioned)
+        from .captioned import preflight_captioned, read_captioned
+
+        rows = read_captioned(data.instance_dir, image_column=data.image_column, caption_column=data.caption_column)
+        instance = preflight_captioned(data.instance_dir, rows, data.resolution)
+    else:
+        instance = preflight(data.instance_dir, "instance", data.resolution)
     classes = preflight(prior.class_dir, "class", data.resolution) if prior.enabled and prior.class_dir else None
     images = TrainingImages(instance, classes)
     images.raise_for_errors()

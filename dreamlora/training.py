@@ -19,10 +19,12 @@ import torch
 
 from . import checkpoints
 from .atomic import RunLock, as_os_error, check_writable, write_bytes_atomic, write_error, write_text_atomic
-from .config import DreamLoraConfig, describe, fill_prompt, format_problems, to_portable_json
+from .config import (DreamLoraConfig, ValidationConfig, describe, fill_prompt, format_problems, to_portable_json,
+                     with_epochs)
 from .config import validate as validate_config
 from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, draw_latents_and_crops, encode_latents,
-                   instance_set, load_rgb, pick_indices, resize_for_training)
+                   pick_indices, resize_for_training, step_caption, training_set)
+from .buckets import assign_bucket, batch_at, bucket_sizes, group_by_bucket, resize_to_bucket
 from .errors import ConfigError, DreamLoraError, NumericalError, TrainingError
 from .losses import LossParts, offset_noise, prior_preservation_loss
 from .memory import CACHE_BATCH, GIB, apply_memory_budget
@@ -31,22 +33,23 @@ from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dic
 from .models import BaseModel, load_base_model
 from .models.family import ImageGeometry, PromptEmbeddings
 from .preflight import preflight_training_data, prompt_length_warnings, token_warnings
-from .identity import ModelIdentity, images_fingerprint
+from .identity import ModelIdentity
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .threads import cpu_threads
+from .tracking import log_grid, start_tracking, tracker_names
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import render_validation_grid
 from .selection import CheckpointScorer
 
 # Settings that may change between a run and its resume without changing what is learned.
-RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
+RESUMABLE_CHANGES = {"train.steps", "train.epochs", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "output.overwrite", "output.path", "output.format", "output.save_dtype",
                      "validation.every", "validation.prompts", "validation.seeds", "validation.steps",
                      "validation.guidance", "validation.sampler", "validation.final", "validation.eval_every",
                      "validation.max_class_drift", "validation.eval_dino", "validation.eval_clip",
                      "train.run_dir", "data.instance_dir",
                      "prior.class_dir", "model.name", "model.single_file_config", "train.compile",
-                     "train.memory_budget"}
+                     "train.memory_budget", "data.image_column", "data.caption_column"}  # DATA: by content
 
 
 @dataclass
@@ -92,11 +95,15 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     # adapters without gradients, which DDP must be told to expect.
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+                              log_with=tracker_names(config.train.report_to) or None, project_dir=str(run_dir / "logs"),
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=config.lora.train_text_encoder)])
+    config = with_epochs(config, len(images.instance.usable), accelerator.num_processes)  # --epochs: the steps
     held.enter_context(run_locks(output, run_dir, accelerator))  # before anything in the run folder changes
     start_step = prepare_run_dir(config, run_dir, accelerator)
     started = run_started(run_dir, start_step, accelerator.is_main_process)
+    start_tracking(accelerator, to_portable_json(config))
+    held.callback(accelerator.end_training)  # closes the trackers' files, also after an error
     # CPU threads: the cores other jobs leave free, fixed for the run (a resumed run keeps its count, so it sums
     # in the same order and writes the same bytes).
     threads = held.enter_context(cpu_threads(config.train.threads or resumed_threads(run_dir, start_step)))
@@ -110,11 +117,13 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
         note(progress, message)
     resolution = config.data.resolution or base.default_resolution
     images.finish(resolution, progress)  # size checks need the resolution; warnings become notes
-    for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]):
+    for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]) \
+            if config.data.job == "dreambooth" else []:
         note(progress, message)
-    instances = instance_set(config.data, images.instance.usable)
+    instances = training_set(config.data, images.instance)
     for message in prompt_length_warnings(training_prompts(config, instances), base.tokenizers[0]):
         note(progress, message)
+    grid_prompts = validation_prompts(config, instances)
     place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision))
     use_channels_last(base, accelerator.device, config)
     classes = class_images(config, base, resolution, accelerator, progress,
@@ -136,7 +145,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
 
     t, cfg, objective = config.train, config, base.objective
     scorer = CheckpointScorer(base, config, resolution, run_dir, start_step, accelerator.is_main_process) \
-        if cfg.validation.eval_every else None
+        if cfg.validation.eval_every and config.data.job == "dreambooth" else None  # scores a subject's renders
     logged: LossParts | None = None
     running = torch.zeros(3, device=accelerator.device)  # summed (total, instance, prior) since the last log
     step = last_log = completed = start_step
@@ -171,12 +180,13 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                 last_log = done
                 metrics = {"loss": logged.total, "instance_loss": logged.instance, "prior_loss": logged.prior,
                            "lr": lr_scheduler.get_last_lr()[0]}
+                accelerator.log(metrics, step=done)
             progress(ProgressEvent("train", done, t.steps, metrics))
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
                 mean_over_processes(running, done, run_dir, config, accelerator)  # never checkpoint a NaN step
                 save_step(run_dir, done, base, optimizer, lr_scheduler, config, record, accelerator)
             if cfg.validation.every and done % cfg.validation.every == 0 and done < t.steps:
-                validate(base, config, resolution, run_dir, done, accelerator, progress)
+                validate(base, config, resolution, run_dir, done, accelerator, progress, grid_prompts)
             if scorer and (done % cfg.validation.eval_every == 0 or done == t.steps):
                 scorer(done, progress)  # renders and scores the adapters; keeps them for `dreamlora export`
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (stop_signals_interrupt)
@@ -200,7 +210,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
         save_step(run_dir, t.steps, base, optimizer, lr_scheduler, config, record, accelerator)
     kept = f"The trained weights are kept in '{run_dir}': run the same command with --resume to write the file."
     try:
-        grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress) \
+        grid = validate(base, config, resolution, run_dir, t.steps, accelerator, progress, grid_prompts) \
             if config.validation.final else None
         if accelerator.is_main_process:
             with disk_errors(output, then=f" {kept}"):
@@ -316,13 +326,25 @@ def training_prompts(config: DreamLoraConfig, instances: ImageSet) -> dict[str, 
     prompts = {}
     for path, prompt in zip(instances.paths, instances.prompts):
         caption = path.with_suffix(".txt")
-        prompts[f"the prompt of '{path.name}' (caption '{caption.name}')" if caption.is_file() else
-                describe("data.instance_prompt")] = prompt
+        if instances.rows is not None:
+            prompts[f"the caption of '{path.name}'"] = prompt
+        else:
+            prompts[f"the prompt of '{path.name}' (caption '{caption.name}')" if caption.is_file() else
+                    describe("data.instance_prompt")] = prompt
     if config.prior.enabled:
         prompts[describe("data.class_prompt")] = fill_prompt(data.class_prompt, data.token, data.class_word)
-    for i, prompt in enumerate(config.validation.prompts):
-        prompts[f"{describe('validation.prompts')} {i + 1}"] = fill_prompt(prompt, data.token, data.class_word)
+    for i, prompt in enumerate(validation_prompts(config, instances)):
+        prompts[f"{describe('validation.prompts')} {i + 1}"] = prompt
     return prompts
+
+
+def validation_prompts(config: DreamLoraConfig, instances: ImageSet) -> list[str]:
+    """The grids' prompts, filled. A fine-tune left with the DreamBooth defaults (which name a token and a class
+    it does not have) renders its first two distinct captions instead."""
+    data, given = config.data, config.validation.prompts
+    if data.job == "finetune" and given == ValidationConfig().prompts:
+        return list(dict.fromkeys(instances.prompts))[:2]
+    return [fill_prompt(p, data.token, data.class_word) for p in given]
 
 
 def output_paths(config: DreamLoraConfig) -> tuple[Path, Path]:
@@ -507,7 +529,9 @@ def offload_encoders(base: BaseModel, config: DreamLoraConfig, device: torch.dev
     """After caching, the VAE and the frozen text encoders leave the accelerator until a validation grid."""
     if device.type == "cpu":
         return
-    for module in (base.vae, *([] if config.lora.train_text_encoder else base.text_encoders)):
+    # Frozen text encoders stay where shuffled tags are encoded every step.
+    keep_text = config.lora.train_text_encoder or config.data.shuffle_tags
+    for module in (base.vae, *([] if keep_text else base.text_encoders)):
         module.to("cpu")
 
 
@@ -597,13 +621,16 @@ class BatchSource:
         data = config.data
         factor = base.vae_scale_factor
         size = resolution // factor
+        self.groups: tuple[tuple[int, ...], ...] | None = None  # aspect buckets: the images of each
+        self.buckets: list[tuple[int, int]] = []  # (width, height) of each instance image's bucket
         progress(ProgressEvent("cache", 0, 1, message="encoding images and prompts once"))
         self.instance = self._encode(instances, resolution, data.crop, size)
         self.classes = self._encode(classes, resolution, "center", size) if classes else None
         self.prompts = instances.prompts + (classes.prompts if classes else [])
         self.train_text = config.lora.train_text_encoder
         if not self.train_text:
-            unique = sorted(set(self.prompts))
+            # Dropped captions are the empty prompt; shuffled tag orders are encoded when drawn (_frozen_embedding).
+            unique = sorted(set(self.prompts) | ({""} if data.caption_dropout else set()))
             with torch.no_grad():
                 embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
             self.cached = {p: embedded.index([i]) for i, p in enumerate(unique)}
@@ -612,8 +639,18 @@ class BatchSource:
 
     def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:
         factor = self.base.vae_scale_factor
-        loaded = [load_rgb(p) for p in images.paths]
-        pixels = [resize_for_training(image, resolution, crop, factor) for image in loaded]
+        loaded = [images.open(i) for i in range(len(images.paths))]
+        data = self.config.data
+        if data.buckets:  # each image at its aspect bucket's size, whole: no crop is cut from the latents
+            self.buckets = [assign_bucket(image.size, bucket_sizes(resolution, data.bucket_step), data.bucket_step,
+                                          data.bucket_max_upscale) for image in loaded]
+            self.groups = tuple(tuple(members) for members in group_by_bucket(self.buckets).values())
+            pixels, origins = map(list, zip(*(resize_to_bucket(image, bucket)
+                                              for image, bucket in zip(loaded, self.buckets))))
+            size = None
+        else:
+            pixels = [resize_for_training(image, resolution, crop, factor) for image in loaded]
+            origins = [crop_origin(image.size, resolution, crop, factor) for image in loaded]
         # One image a VAE call: the fp32 VAE at 512 px needs ~0.6 GiB of activations an image (dreamlora.memory).
         cache = encode_latents(self.base.vae, pixels, size=size, with_flips=self.config.data.random_flip,
                                batch_size=CACHE_BATCH)
@@ -623,20 +660,35 @@ class BatchSource:
                                      "overflows in half precision? Use an fp32 VAE or pass --vae with an "
                                      "fp16-fixed one.")
         cache.original_sizes = [(image.height, image.width) for image in loaded]
-        cache.origins = [crop_origin(image.size, resolution, crop, factor) for image in loaded]
+        cache.origins = origins
         cache.factor = factor
         return cache
+
+    def _frozen_embedding(self, prompt: str) -> PromptEmbeddings:
+        """A prompt's embedding from the frozen text encoders: cached, or (a shuffled tag order) encoded now."""
+        if prompt not in self.cached:
+            with torch.no_grad():
+                return self.base.family.encode_prompts(self.base.tokenizers, self.base.text_encoders, [prompt])
+        return self.cached[prompt]
 
     def draw(self, step: int, micro: int, text_encoders) -> Batch:
         t, data = self.config.train, self.config.data
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         first = ((step * t.gradient_accumulation_steps + micro) * world + rank) * t.batch_size
         generator = torch.Generator().manual_seed(derive_seed(t.seed, "step", step, micro, rank))
-        inst_idx = pick_indices(len(self.instance), derive_seed(t.seed, "instance"), first, t.batch_size)
+        if self.groups is not None:  # a batch of one aspect bucket; its size is the training target
+            inst_idx = list(batch_at(self.groups, t.batch_size, derive_seed(t.seed, "instance"), first // t.batch_size))
+            width, height = self.buckets[inst_idx[0]]
+        else:
+            inst_idx = pick_indices(len(self.instance), derive_seed(t.seed, "instance"), first, t.batch_size)
+            width = height = self.resolution
         latents, crops = draw_latents_and_crops(self.instance, inst_idx, generator, random_crop=data.crop == "random",
                                                 random_flip=data.random_flip)
         rows, sizes = [latents], [self.instance.original_sizes[i] for i in inst_idx]
-        prompts = [self.prompts[i] for i in inst_idx]
+        # Caption dropout and tag shuffling: drawn per row from (seed, step, micro, rank, row): a resume redraws them.
+        prompts = [step_caption(self.prompts[i], derive_seed(t.seed, "caption", step, micro, rank, row),
+                                dropout=data.caption_dropout, shuffle=data.shuffle_tags, keep=data.keep_tags)
+                   for row, i in enumerate(inst_idx)]
         if self.classes is not None:
             class_idx = pick_indices(len(self.classes), derive_seed(t.seed, "class"), first, t.batch_size)
             class_latents, class_crops = draw_latents_and_crops(self.classes, class_idx, generator, random_crop=False,
@@ -651,8 +703,8 @@ class BatchSource:
         if self.train_text:
             embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
         else:
-            embeddings = PromptEmbeddings.cat([self.cached[p] for p in prompts])
-        geometry = ImageGeometry(sizes, crops, (self.resolution, self.resolution))
+            embeddings = PromptEmbeddings.cat([self._frozen_embedding(p) for p in prompts])
+        geometry = ImageGeometry(sizes, crops, (height, width))
         conditions = {k: to_device(v, device, dtype) for k, v in self.base.family.image_conditions(geometry).items()}
         return Batch(to_device(x0, device, dtype), to_device(noise, device, dtype), to_device(timesteps, device),
                      embeddings.to(device, dtype), len(inst_idx), conditions)
@@ -687,8 +739,8 @@ def run_record(base: BaseModel, config: DreamLoraConfig, instances: ImageSet, cl
     """What a checkpoint must match to be continued: the weights and images it was trained on, the number of
     processes (it decides which images each step draws) and the learning-rate schedule's length."""
     t = config.train
-    return {"model": base.fingerprint, "instances": images_fingerprint(instances.paths, instances.prompts),
-            "classes": images_fingerprint(classes.paths, classes.prompts) if classes else None,
+    return {"model": base.fingerprint, "instances": instances.fingerprint(),
+            "classes": classes.fingerprint() if classes else None,
             "processes": processes, "schedule": {"name": t.lr_scheduler, "steps": t.steps}}
 
 
@@ -808,19 +860,19 @@ def likely_causes(config: DreamLoraConfig) -> str:
 
 
 def validate(base: BaseModel, config: DreamLoraConfig, resolution: int, run_dir: Path, step: int, accelerator,
-             progress: ProgressCallback) -> Path | None:
+             progress: ProgressCallback, prompts: list[str]) -> Path | None:
     """A small base-vs-LoRA grid in the run folder, written by the main process.
 
     Every process renders it (the same pictures): the others would otherwise wait for the main one inside
     the next collective, which times out on a slow grid.
     """
     v = config.validation
-    prompts = [fill_prompt(p, config.data.token, config.data.class_word) for p in v.prompts]
     path = run_dir / "validation" / f"step-{step:06d}.png"
     progress(ProgressEvent("validate", 0, 1, message=f"validation grid at step {step}"))
     with encoders_on(base, accelerator.device):
         render_validation_grid(base, prompts, v.seeds, path, steps=v.steps, guidance=v.guidance, sampler=v.sampler,
                                resolution=resolution, title=f"step {step}", write=accelerator.is_main_process)
+    log_grid(accelerator, path, step)
     progress(ProgressEvent("validate", 1, 1, message=f"validation grid: {path}"))
     return path if accelerator.is_main_process else None
 
@@ -832,10 +884,9 @@ def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resoluti
     from .interop.thumbnail import thumbnail_data_url
 
     config_json = to_portable_json(config)
-    data = config.data
     metadata = lora_metadata(family=base.family, rank=config.lora.rank, alpha=config.lora.resolved_alpha,
                              resolution=resolution, output_name=output.stem,
-                             trigger_phrase=f"{data.token} {data.class_word}", title=output.stem,
+                             trigger_phrase=trigger_phrase(config.data), title=output.stem,
                              config_json=config_json, train_text_encoder=config.lora.train_text_encoder,
                              date=started, thumbnail=thumbnail_data_url(grid) if grid else None)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_dtype]
@@ -846,6 +897,13 @@ def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resoluti
         raise CompatibilityError(f"{exc}. '{output}' was not written; the trained weights are kept in the run folder: "
                                  "run the same command with --resume and another --format to write them") from None
     sort_safetensors_header(output)
+
+
+def trigger_phrase(data) -> str:
+    """What a prompt names to call the LoRA up: 'sks dog' for a subject, the caption prefix (if any) for a fine-tune."""
+    if data.job == "dreambooth":
+        return f"{data.token} {data.class_word}"
+    return data.caption_prefix.strip().rstrip(",").strip()
 
 
 def sort_safetensors_header(path: Path) -> None:

@@ -134,6 +134,7 @@ def test_every_declared_key_has_help_and_every_flag_reaches_its_key(tmp_path):
     declared = keys(DreamLoraConfig)
     assert all(k.help.strip() for k in declared)
     help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    help_text += runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "400"}).output  # its data columns
     for k in declared:
         if k.flag and k.flag != "INSTANCE_DIR":
             assert k.flag.split("/")[0] in help_text, k.dotted

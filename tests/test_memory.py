@@ -167,15 +167,20 @@ def test_encoders_leave_the_accelerator_after_caching_and_come_back_for_validati
             return self
 
     base = SimpleNamespace(vae=Module(), text_encoders=[Module()])
-    c = SimpleNamespace(lora=SimpleNamespace(train_text_encoder=False))
+    c = SimpleNamespace(lora=SimpleNamespace(train_text_encoder=False), data=SimpleNamespace(shuffle_tags=False))
     offload_encoders(base, c, torch.device("cuda"))
     assert base.vae.device.type == "cpu" and base.text_encoders[0].device.type == "cpu"
     with encoders_on(base, torch.device("cuda")):
         assert base.vae.device.type == "cuda" and base.text_encoders[0].device.type == "cuda"
     assert base.vae.device.type == "cpu" and base.text_encoders[0].device.type == "cpu"
     trained = SimpleNamespace(vae=Module(), text_encoders=[Module()])
-    offload_encoders(trained, SimpleNamespace(lora=SimpleNamespace(train_text_encoder=True)), torch.device("cuda"))
+    offload_encoders(trained, SimpleNamespace(lora=SimpleNamespace(train_text_encoder=True), data=c.data),
+                     torch.device("cuda"))
     assert trained.text_encoders[0].device.type == "cuda"  # a trained encoder stays
+    shuffled = SimpleNamespace(vae=Module(), text_encoders=[Module()])
+    offload_encoders(shuffled, SimpleNamespace(lora=c.lora, data=SimpleNamespace(shuffle_tags=True)),
+                     torch.device("cuda"))
+    assert shuffled.text_encoders[0].device.type == "cuda"  # shuffled tags are encoded every step
     cpu = SimpleNamespace(vae=Module(), text_encoders=[])
     cpu.vae.device = torch.device("cpu")
     offload_encoders(cpu, c, torch.device("cpu"))  # nothing to do on the CPU

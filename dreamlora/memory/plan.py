@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DreamLoraConfig, describe
+from ..config import DreamLoraConfig, describe, with_epochs
 from ..errors import ConfigError
 from ..models.configs import ModelConfigs, read_model_configs
 from .estimate import GIB, MemoryEstimate, MemorySettings, estimate_memory
@@ -81,6 +81,17 @@ def accelerator_type() -> str:
     return "cpu"
 
 
+def training_rows(data) -> list:
+    """The images a run trains on, unchecked: a fine-tune's captioned rows, or the instance folder's photos."""
+    if data.job == "finetune":
+        from ..captioned import read_captioned
+
+        return read_captioned(data.instance_dir, image_column=data.image_column, caption_column=data.caption_column)
+    from ..data import list_image_files
+
+    return list_image_files(data.instance_dir, "instance")[0]
+
+
 def plan(config: DreamLoraConfig, *, device_type: str | None = None, num_processes: int | None = None) -> TrainingPlan:
     """Plan a run of `config` without loading any weights: counts, epochs and a memory estimate.
 
@@ -95,12 +106,13 @@ def plan(config: DreamLoraConfig, *, device_type: str | None = None, num_process
         DataError: the instance or class folder is unusable; ModelLoadError: the model's configs are missing;
         ConfigError: no settings fit the memory budget.
     """
-    from ..data import instance_set, list_image_files
+    from ..data import list_image_files
 
     device_type = device_type or accelerator_type()
     processes = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
     models = read_model_configs(config.model.name, config.model.single_file_config)
-    instances = instance_set(config.data)
+    images = len(training_rows(config.data))
+    config = with_epochs(config, images, processes)
     resolution = config.data.resolution or models.default_resolution
     class_images, to_generate = 0, 0
     if config.prior.enabled and config.prior.class_dir:
@@ -110,7 +122,7 @@ def plan(config: DreamLoraConfig, *, device_type: str | None = None, num_process
         to_generate = _class_images_to_generate(config, resolution, device_type)
 
     def settings_for(c: DreamLoraConfig) -> MemorySettings:
-        return MemorySettings.from_config(c, device_type=device_type, instance_images=len(instances.paths),
+        return MemorySettings.from_config(c, device_type=device_type, instance_images=images,
                                           generate_class_images=to_generate != 0, resolution=resolution)
 
     changes: list[str] = []
@@ -122,8 +134,8 @@ def plan(config: DreamLoraConfig, *, device_type: str | None = None, num_process
     per_step = t.batch_size * t.gradient_accumulation_steps * processes
     return TrainingPlan(config=config, model=config.model.name if config.model.name.startswith("builtin:")
                         else Path(config.model.name).name or config.model.name, device=device_type,
-                        processes=processes, resolution=resolution, instance_images=len(instances.paths),
-                        images_per_step=per_step, epochs=t.steps * per_step / len(instances.paths),
+                        processes=processes, resolution=resolution, instance_images=images,
+                        images_per_step=per_step, epochs=t.steps * per_step / images,
                         class_images=class_images, class_images_to_generate=to_generate, memory=estimate,
                         budget_gib=config.train.memory_budget, changes=changes)
 
