@@ -63,7 +63,9 @@ def commit() -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # what decides the figures: the library, the CLI and the photos (this script's own edits do not)
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "dreamlora", "cli", "sample_instances")
+    return head + ("+changes" if changed else "")
 
 
 def table(rows: list[dict], revision: str) -> str:
@@ -123,12 +125,17 @@ def main() -> None:
     os.environ.setdefault("DREAMLORA_CACHE", str(out / "cache"))  # fresh: class images are part of the time
     revision = commit()
     rows = []
+    results = out / "results.json"
+    # --reuse: rows an interrupted benchmark of the same commit finished are kept as they are
+    previous = json.loads(results.read_text())["runs"] if args.reuse and results.is_file() and \
+        json.loads(results.read_text())["commit"] == revision else []
     for seed in (int(s) for s in args.seeds.split(",")):
         for variant in args.variants.split(","):
-            rows.append(run(seed, variant, out, grid=seed == 0, reuse=args.reuse))
+            done = [r for r in previous if (r["seed"], r["variant"]) == (seed, variant)]
+            rows.append(done[0] if done else run(seed, variant, out, grid=seed == 0, reuse=args.reuse))
             (out / "results.json").write_text(json.dumps({"commit": revision, "runs": rows}, indent=1))
             print(f"seed {seed} {variant}: report {rows[-1]['sets']['report']['lora']['subject_detected']:.2f}, "
-                  f"tuning {rows[-1]['sets']['tuning']['lora']['subject_detected']:.2f} ({rows[-1]['train_s']:.0f} s)",
+                  f"tuning {rows[-1]['sets']['tuning']['lora']['subject_detected']:.2f} (trained in {rows[-1]['train_s']} s)",
                   flush=True)
     print(f"files, eval grids and results.json: {out}")
     write_table(table(rows, revision), args.readme)

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent / "oracle_labels"
 TILE, COLUMNS, PER_SHEET = 64, 10, 50
-SEEDS = (2000, 2001, 2002)  # seeds of neither prompt set
+SEEDS = (2000, 2001, 2002, 2003)  # seeds of neither prompt set
 
 
 def make(files: list[Path], view: Path | None) -> None:
@@ -54,7 +54,7 @@ def make(files: list[Path], view: Path | None) -> None:
         pipe.unload_lora_weights()
     pipe = base.pipeline("dpm++2m")  # the base model: the same prompts, never the subject
     for prompt in subject + classes:
-        for seed, image in zip(SEEDS[:2], render_images(pipe, prompt, list(SEEDS[:2]), steps=20, guidance=7.5,
+        for seed, image in zip(SEEDS[:3], render_images(pipe, prompt, list(SEEDS[:3]), steps=20, guidance=7.5,
                                                          resolution=64)):
             entries.append({"source": "base", "prompt": prompt, "seed": seed})
             images.append(image)
