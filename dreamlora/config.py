@@ -149,6 +149,18 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, flag="--max-grad-norm", low=0, help="Gradient clipping norm (0: off).")
     snr_gamma: float | None = setting(None, flag="--snr-gamma", low=0, low_open=True,
                                       help="Min-SNR-γ loss weighting, e.g. 5 (default: plain MSE).")
+    timestep_sampling: Literal["logit_normal", "uniform", "mode"] = setting(
+        "logit_normal", flag="--timestep-sampling",
+        help="Flow-matching models (SD3, Flux): the density σ is drawn from (the SD3 paper's schemes).")
+    logit_mean: float = setting(0.0, flag="--logit-mean", help="Flow matching, logit_normal: mean of the normal.")
+    logit_std: float = setting(1.0, flag="--logit-std", low=0, low_open=True,
+                               help="Flow matching, logit_normal: std of the normal.")
+    mode_scale: float = setting(1.29, flag="--mode-scale", help="Flow matching, mode sampling: its scale.")
+    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = setting(
+        "none", flag="--flow-weighting", help="Flow matching: loss weighting by σ (the SD3 paper's schemes).")
+    flow_shift: float | None = setting(None, flag="--flow-shift", low=0, low_open=True,
+                                       help="Flow matching: shift σ towards noise by this factor (default: the "
+                                            "model's own: SD3's scheduler shift, Flux's by image size).")
     noise_offset: float = setting(0.0, flag="--noise-offset", low=0, high=1,
                                   help="Offset noise, e.g. 0.05: lets the model make darker or brighter pictures.")
     optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", flag="--optimizer",

@@ -105,6 +105,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                                vae=config.model.vae)
     for message in base.notes:
         note(progress, message)
+    base.objective = training_objective(base, config)
     resolution = config.data.resolution or base.default_resolution
     images.finish(resolution, progress)  # size checks need the resolution; warnings become notes
     for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]):
@@ -453,6 +454,24 @@ def class_images(config: DreamLoraConfig, base: BaseModel, resolution: int, acce
     return images
 
 
+def training_objective(base: BaseModel, config: DreamLoraConfig):
+    """The family's objective with this run's flow-matching settings (DDPM families ignore them).
+
+    Raises:
+        ConfigError: --snr-gamma on a flow-matching model (its weighting is --flow-weighting).
+    """
+    from .objectives import FlowSettings
+
+    t = config.train
+    settings = FlowSettings(sampling=t.timestep_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                            mode_scale=t.mode_scale, weighting=t.flow_weighting, shift=t.flow_shift)
+    objective = base.family.objective(base.scheduler_config, settings)
+    if t.snr_gamma is not None and objective.prediction_type == "flow":
+        raise ConfigError(f"{describe('train.snr_gamma')} is min-SNR weighting of DDPM models; "
+                          f"'{base.identity}' is trained with flow matching: use --flow-weighting instead.")
+    return objective
+
+
 def frozen_dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
@@ -639,7 +658,7 @@ class BatchSource:
             prompts += [self.prompts[len(self.instance) + i] for i in class_idx]
         x0 = torch.cat(rows)
         noise = offset_noise(torch.randn(x0.shape, generator=generator), t.noise_offset, generator)
-        timesteps = self.base.objective.sample_timesteps(x0.shape[0], generator)
+        timesteps = self.base.objective.sample_timesteps(x0.shape[0], generator, tuple(x0.shape[-2:]))
         device, dtype = self.accelerator.device, frozen_dtype(self.config.train.mixed_precision)
         if self.train_text:
             embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)

@@ -141,8 +141,10 @@ class ModelFamily(Protocol):
     def denoiser_kwargs(self, embeddings: PromptEmbeddings, conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Keyword arguments of the denoiser's forward besides the noisy latents and the timesteps."""
 
-    def objective(self, scheduler_config: dict) -> Any:
-        """The training objective (objectives.Objective): timesteps, noising, target and loss weights."""
+    def objective(self, scheduler_config: dict, settings: Any = None) -> Any:
+        """The training objective (objectives.Objective): timesteps, noising, target and loss weights.
+
+        `settings` (objectives.FlowSettings) are a run's flow-matching flags; DDPM families ignore them."""
 
     def original_state_dict(self, base: Any) -> dict[str, torch.Tensor]:
         """Every weight under its original single-file name (what AUTOMATIC1111 and ComfyUI load)."""

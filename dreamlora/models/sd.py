@@ -113,7 +113,7 @@ class StableDiffusionFamily:
     def denoiser_kwargs(self, embeddings: PromptEmbeddings, conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": embeddings.hidden_states}
 
-    def objective(self, scheduler_config: dict) -> Any:
+    def objective(self, scheduler_config: dict, settings: Any = None) -> Any:  # flow settings do not apply
         from ..objectives import DiffusionObjective
 
         return DiffusionObjective(scheduler_config)

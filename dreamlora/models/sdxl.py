@@ -116,7 +116,7 @@ class StableDiffusionXLFamily:
                 "added_cond_kwargs": {"text_embeds": embeddings.added_conditions["text_embeds"],
                                       "time_ids": conditions["time_ids"]}}
 
-    def objective(self, scheduler_config: dict) -> Any:
+    def objective(self, scheduler_config: dict, settings: Any = None) -> Any:  # flow settings do not apply
         from ..objectives import DiffusionObjective
 
         return DiffusionObjective(scheduler_config)
