@@ -125,8 +125,9 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     if start_step:
         restore(run_dir, start_step, base, optimizer, lr_scheduler, config, record, accelerator, progress)
     unet = accelerator.prepare(base.unet)
-    text_encoders = [accelerator.prepare(te) for te in base.text_encoders] if config.lora.train_text_encoder \
-        else base.text_encoders
+    adapted = adapted_encoders(base)
+    text_encoders = [accelerator.prepare(te) if te in adapted else te for te in base.text_encoders] \
+        if config.lora.train_text_encoder else base.text_encoders
     optimizer = accelerator.prepare(optimizer)
     forward = torch.compile(unet) if config.train.compile else unet  # same parameters; compiled on first call
     trained = [p for p in trainable_parameters(base.unet)] + \
@@ -145,7 +146,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                     torch.manual_seed(derive_seed(t.seed, "dropout", step, micro, accelerator.process_index))
                     noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
                     conditioning = base.family.denoiser_kwargs(batch.embeddings, batch.conditions)
-                    pred = forward(noisy, batch.timesteps, **conditioning).sample
+                    pred = base.family.predict(forward, noisy, batch.timesteps, conditioning)
                     target = objective.target(batch.latents, batch.noise, batch.timesteps)
                     parts = prior_preservation_loss(pred, target, batch.num_instance, cfg.prior.loss_weight,
                                                     objective.loss_weights(batch.timesteps, t.snr_gamma))
@@ -489,7 +490,10 @@ def place_frozen(base: BaseModel, device: torch.device, dtype: torch.dtype) -> N
     """
     for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
-        module.to(device=device, dtype=dtype if module is not base.vae else torch.float32)
+        wanted = dtype if module is not base.vae else torch.float32
+        module.to(device=device)
+        if module.dtype != wanted:  # diffusers warns about every dtype cast of a model with fp32-kept modules
+            module.to(dtype=wanted)
 
 
 def fit_memory_budget(config: DreamLoraConfig, progress: ProgressCallback) -> DreamLoraConfig:
@@ -543,10 +547,15 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
     function of its settings and not of what the process did before (the caller's RNG is left as it was).
     """
     lora = config.lora
+    if config.output.format == "kohya" and not base.family.kohya_files:
+        raise ConfigError(f"{describe('output.format')}: {base.family.name} LoRA files are written in diffusers "
+                          "naming only (what its pipeline's load_lora_weights and ComfyUI read); pass --format diffusers.")
+    for module in base.text_encoders:
+        module.requires_grad_(False)  # T5 stays frozen; add_lora_adapters freezes the ones it is given
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(config.train.seed, "lora-init"))
-        add_lora_adapters(base.unet, base.text_encoders, rank=lora.rank, alpha=lora.resolved_alpha,
-                          dropout=lora.dropout, unet_targets=lora.target_modules,
+        add_lora_adapters(base.unet, adapted_encoders(base), rank=lora.rank, alpha=lora.resolved_alpha,
+                          dropout=lora.dropout, unet_targets=denoiser_targets(base, config),
                           train_text_encoder=lora.train_text_encoder, text_targets=lora.text_target_modules,
                           dora=lora.dora)
     for module in (base.unet, *base.text_encoders):
@@ -556,10 +565,26 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
     if config.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     if lora.train_text_encoder:
-        for te in base.text_encoders:
+        for te in adapted_encoders(base):
             te.train()
             if config.train.gradient_checkpointing:
                 te.gradient_checkpointing_enable()
+
+
+def adapted_encoders(base: BaseModel) -> list:
+    """The text encoders --train-text-encoder gives adapters: all, or the family's first few (never T5)."""
+    count = base.family.adapted_text_encoders
+    return base.text_encoders if count is None else base.text_encoders[:count]
+
+
+def denoiser_targets(base: BaseModel, config: DreamLoraConfig) -> list[str]:
+    """--lora-targets, or the family's own targets when it is left at the (UNet) default: a transformer's
+    attention has a second stream (add_q_proj, ..., to_add_out) that the UNet names do not reach."""
+    from .config import LoraConfig
+
+    if config.lora.target_modules == LoraConfig().target_modules:
+        return list(base.family.default_targets)
+    return list(config.lora.target_modules)
 
 
 def make_optimizer(base: BaseModel, config: DreamLoraConfig):
@@ -619,7 +644,8 @@ class BatchSource:
             with torch.no_grad():
                 embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
             self.cached = {p: embedded.index([i]) for i, p in enumerate(unique)}
-        base.vae.to(dtype=vae_dtype(base, config.train.mixed_precision))
+        if base.vae.dtype != vae_dtype(base, config.train.mixed_precision):
+            base.vae.to(dtype=vae_dtype(base, config.train.mixed_precision))
         progress(ProgressEvent("cache", 1, 1))
 
     def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..paths import cache_dir
-from .tokenizer import load_tokenizer, write_tokenizer_files
+from .tokenizer import load_tokenizer, write_t5_tokenizer_files, write_tokenizer_files
 
 # Bump when anything below changes the built weights or configs, so old cache folders are not reused.
 BUILDER_VERSION = "1"
@@ -70,7 +70,7 @@ class BuiltinModel:
 
     name: str
     description: str
-    layout: Literal["sd1", "sd2", "sdxl"]  # sd2: gelu text encoder, linear attention projections, v-prediction
+    layout: Literal["sd1", "sd2", "sdxl", "sd3"]  # sd2: gelu text encoder, linear attention projections, v-prediction
     shipped: bool = False  # trained weights in SHIPPED_DIR/<name>/, loaded as they are (never built)
 
     @property
@@ -88,6 +88,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-sd2": BuiltinModel("tiny-sd2", "random-weight SD 2.x layout, v-prediction, 64 px", "sd2"),
     "tiny-sdxl": BuiltinModel("tiny-sdxl", "random-weight SDXL layout (two text encoders, size conditions), "
                               "epsilon prediction, 64 px", "sdxl"),
+    "tiny-sd3": BuiltinModel("tiny-sd3", "random-weight SD3 layout (MMDiT, CLIP-L + CLIP-G + T5, 16-channel VAE), "
+                             "rectified flow, 64 px", "sd3"),
     "toy": BuiltinModel("toy", "SD 1.x layout pretrained on the toy world (balls, cubes, cups, stars), "
                         "epsilon prediction, 64 px", "sd1", shipped=True),
 }
@@ -143,6 +145,9 @@ def builtin_model_dir(name: str) -> Path:
             if (tmp / folder).is_dir():
                 shutil.rmtree(tmp / folder)
                 write_tokenizer_files(tmp / folder)
+        if (tmp / "tokenizer_3").is_dir():  # T5's: its tokenizer.json is the format every version reads
+            shutil.rmtree(tmp / "tokenizer_3")
+            write_t5_tokenizer_files(tmp / "tokenizer_3")
         try:
             os.rename(tmp, target)
         except OSError:
@@ -173,6 +178,10 @@ def builtin_config_values(spec: BuiltinModel) -> dict:
     from .tokenizer import DEFAULT_WORDS, build_merges, build_vocab
 
     vocab = len(build_vocab(build_merges(DEFAULT_WORDS)))
+    if spec.layout == "sd3":
+        from .tiny_transformers import tiny_sd3_config_values
+
+        return tiny_sd3_config_values(vocab)
     if spec.layout == "sdxl":
         from .sdxl_layout import SDXL_SCHEDULER, TINY_SDXL_TEXT_1, TINY_SDXL_TEXT_2, TINY_SDXL_UNET, TINY_SDXL_VAE
 
@@ -196,6 +205,10 @@ def _build_pipeline(spec: BuiltinModel, tokenizer_dir: Path):
         from .sdxl_layout import build_tiny_sdxl_pipeline
 
         return build_tiny_sdxl_pipeline(tokenizer_dir)
+    if spec.layout == "sd3":
+        from .tiny_transformers import build_tiny_sd3_pipeline
+
+        return build_tiny_sd3_pipeline(tokenizer_dir)
     write_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     # fork_rng: seeding must not disturb the caller's random state.

@@ -100,6 +100,11 @@ class ModelFamily(Protocol):
     prediction_type: str  # the denoiser's target: "epsilon" or "v_prediction"
     pipeline_class: str  # the diffusers pipeline that loads and samples this family
     kohya_text_prefixes: tuple[str, ...]  # kohya key prefix of each text encoder, in pipeline order
+    denoiser_prefix: str  # the pipeline's name of the denoiser, diffusers' key prefix: unet, transformer
+    adapted_text_encoders: int | None  # how many encoders (from the first) take adapters; None: all (T5 never does)
+    default_targets: tuple[str, ...]  # denoiser modules adapted when --lora-targets is left at its default
+    kohya_files: bool  # whether LoRA files can be written in kohya naming (else --format diffusers only)
+    named_samplers: bool  # whether --sampler applies (flow-matching families sample with their own scheduler)
 
     @property
     def kohya_base_model_version(self) -> str:
@@ -140,6 +145,11 @@ class ModelFamily(Protocol):
 
     def denoiser_kwargs(self, embeddings: PromptEmbeddings, conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Keyword arguments of the denoiser's forward besides the noisy latents and the timesteps."""
+
+    def predict(self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor,
+                kwargs: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction, shaped as `noisy`: the one call the training loop makes (Flux packs the
+        latents into 2x2 patches and unpacks the prediction here)."""
 
     def objective(self, scheduler_config: dict, settings: Any = None) -> Any:
         """The training objective (objectives.Objective): timesteps, noising, target and loss weights.

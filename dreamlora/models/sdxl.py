@@ -34,6 +34,11 @@ class StableDiffusionXLFamily:
     v2: bool = False  # kohya's ss_v2 is about SD 2's text encoder; SDXL files say False
     kohya_text_prefixes: tuple[str, ...] = ("lora_te1", "lora_te2")
     pipeline_class: str = "StableDiffusionXLPipeline"
+    denoiser_prefix: str = "unet"
+    adapted_text_encoders: int | None = None  # every encoder gets adapters with --train-text-encoder
+    default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    kohya_files: bool = True
+    named_samplers: bool = True  # --sampler picks any of SAMPLERS over the model's DDPM schedule
 
     @classmethod
     def detect(cls, configs: ModelConfigs) -> StableDiffusionXLFamily | None:
@@ -115,6 +120,9 @@ class StableDiffusionXLFamily:
         return {"encoder_hidden_states": embeddings.hidden_states,
                 "added_cond_kwargs": {"text_embeds": embeddings.added_conditions["text_embeds"],
                                       "time_ids": conditions["time_ids"]}}
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return denoiser(noisy, timesteps, **kwargs).sample
 
     def objective(self, scheduler_config: dict, settings: Any = None) -> Any:  # flow settings do not apply
         from ..objectives import DiffusionObjective
