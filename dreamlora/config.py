@@ -161,6 +161,9 @@ class TrainConfig:
     flow_shift: float | None = setting(None, flag="--flow-shift", low=0, low_open=True,
                                        help="Flow matching: shift σ towards noise by this factor (default: the "
                                             "model's own: SD3's scheduler shift, Flux's by image size).")
+    flux_guidance: float = setting(1.0, flag="--flux-guidance", low=0,
+                                   help="Flux dev: the value its guidance embedding gets while training (kohya's "
+                                        "recommendation 1.0; diffusers' script uses 3.5).")
     noise_offset: float = setting(0.0, flag="--noise-offset", low=0, high=1,
                                   help="Offset noise, e.g. 0.05: lets the model make darker or brighter pictures.")
     optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", flag="--optimizer",

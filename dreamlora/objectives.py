@@ -79,6 +79,7 @@ class FlowSettings:
     mode_scale: float = 1.29  # the paper's mode(1.29)
     weighting: FlowWeighting = "none"  # the density already weighs the timesteps; sigma_sqrt / cosmap on top
     shift: float | None = None  # None: the model's own (SD3: its scheduler's shift; Flux: by image size)
+    guidance: float = 1.0  # Flux dev: the guidance embedding's value while training (--flux-guidance)
 
 
 def flow_density(rows: int, generator: torch.Generator, settings: FlowSettings) -> torch.Tensor:

@@ -456,7 +456,8 @@ def class_images(config: DreamLoraConfig, base: BaseModel, resolution: int, acce
 
 
 def training_objective(base: BaseModel, config: DreamLoraConfig):
-    """The family's objective with this run's flow-matching settings (DDPM families ignore them).
+    """The family's objective with this run's flow-matching settings (DDPM families ignore them); the family
+    takes the settings it runs the denoiser with (Flux dev's guidance).
 
     Raises:
         ConfigError: --snr-gamma on a flow-matching model (its weighting is --flow-weighting).
@@ -465,7 +466,9 @@ def training_objective(base: BaseModel, config: DreamLoraConfig):
 
     t = config.train
     settings = FlowSettings(sampling=t.timestep_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                            mode_scale=t.mode_scale, weighting=t.flow_weighting, shift=t.flow_shift)
+                            mode_scale=t.mode_scale, weighting=t.flow_weighting, shift=t.flow_shift,
+                            guidance=t.flux_guidance)
+    base.family = base.family.for_training(settings)
     objective = base.family.objective(base.scheduler_config, settings)
     if t.snr_gamma is not None and objective.prediction_type == "flow":
         raise ConfigError(f"{describe('train.snr_gamma')} is min-SNR weighting of DDPM models; "

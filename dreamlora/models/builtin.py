@@ -70,7 +70,7 @@ class BuiltinModel:
 
     name: str
     description: str
-    layout: Literal["sd1", "sd2", "sdxl", "sd3"]  # sd2: gelu text encoder, linear attention projections, v-prediction
+    layout: Literal["sd1", "sd2", "sdxl", "sd3", "flux"]  # sd2: gelu text encoder, linear attention projections, v-prediction
     shipped: bool = False  # trained weights in SHIPPED_DIR/<name>/, loaded as they are (never built)
 
     @property
@@ -90,6 +90,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                               "epsilon prediction, 64 px", "sdxl"),
     "tiny-sd3": BuiltinModel("tiny-sd3", "random-weight SD3 layout (MMDiT, CLIP-L + CLIP-G + T5, 16-channel VAE), "
                              "rectified flow, 64 px", "sd3"),
+    "tiny-flux": BuiltinModel("tiny-flux", "random-weight Flux.1 [dev] layout (double and single blocks, guidance "
+                              "embedding, CLIP-L + T5, 2x2 latent patches), rectified flow, 64 px", "flux"),
     "toy": BuiltinModel("toy", "SD 1.x layout pretrained on the toy world (balls, cubes, cups, stars), "
                         "epsilon prediction, 64 px", "sd1", shipped=True),
 }
@@ -141,13 +143,12 @@ def builtin_model_dir(name: str) -> Path:
         shutil.rmtree(tmp / "_tokenizer")
         # Replace what the tokenizers' save_pretrained wrote (a tokenizer.json and a config naming
         # load-time options) with the plain CLIP files, which every transformers version reads.
-        for folder in ("tokenizer", "tokenizer_2"):
+        # T5's tokenizer (SD3's third, Flux's second) is rewritten as a plain tokenizer.json folder too.
+        t5_folder = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}.get(spec.layout)
+        for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             if (tmp / folder).is_dir():
                 shutil.rmtree(tmp / folder)
-                write_tokenizer_files(tmp / folder)
-        if (tmp / "tokenizer_3").is_dir():  # T5's: its tokenizer.json is the format every version reads
-            shutil.rmtree(tmp / "tokenizer_3")
-            write_t5_tokenizer_files(tmp / "tokenizer_3")
+                (write_t5_tokenizer_files if folder == t5_folder else write_tokenizer_files)(tmp / folder)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -182,6 +183,10 @@ def builtin_config_values(spec: BuiltinModel) -> dict:
         from .tiny_transformers import tiny_sd3_config_values
 
         return tiny_sd3_config_values(vocab)
+    if spec.layout == "flux":
+        from .tiny_transformers import tiny_flux_config_values
+
+        return tiny_flux_config_values(vocab)
     if spec.layout == "sdxl":
         from .sdxl_layout import SDXL_SCHEDULER, TINY_SDXL_TEXT_1, TINY_SDXL_TEXT_2, TINY_SDXL_UNET, TINY_SDXL_VAE
 
@@ -209,6 +214,10 @@ def _build_pipeline(spec: BuiltinModel, tokenizer_dir: Path):
         from .tiny_transformers import build_tiny_sd3_pipeline
 
         return build_tiny_sd3_pipeline(tokenizer_dir)
+    if spec.layout == "flux":
+        from .tiny_transformers import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline(tokenizer_dir)
     write_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     # fork_rng: seeding must not disturb the caller's random state.

@@ -33,6 +33,8 @@ class ModelConfigs:
 
     @property
     def default_resolution(self) -> int:
+        if "sample_size" not in self.unet and "sample_size" in self.vae:  # Flux's transformer has no size
+            return int(self.vae["sample_size"])
         return int(self.unet.get("sample_size", 64)) * self.vae_scale_factor
 
 

@@ -151,6 +151,10 @@ class ModelFamily(Protocol):
         """The denoiser's prediction, shaped as `noisy`: the one call the training loop makes (Flux packs the
         latents into 2x2 patches and unpacks the prediction here)."""
 
+    def for_training(self, settings: Any) -> ModelFamily:
+        """The family with a run's settings (objectives.FlowSettings) it needs to run the denoiser: Flux dev's
+        guidance value; the others return themselves."""
+
     def objective(self, scheduler_config: dict, settings: Any = None) -> Any:
         """The training objective (objectives.Objective): timesteps, noising, target and loss weights.
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # diffusers takes seconds to import; only the type checker ne
     from ..objectives import Objective
 
 ACCEPTED_FORMS = (
-    "builtin:<name> (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3), "
+    "builtin:<name> (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, "
+    "builtin:tiny-flux), "
     "a diffusers model folder, "
     "a single-file checkpoint (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id (org/name)"
 )
@@ -69,8 +70,9 @@ class BaseModel:
 
     @property
     def default_resolution(self) -> int:
-        """The image size the UNet was built for, in pixels."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        """The image size the denoiser was built for, in pixels (Flux's transformer has no size: its VAE's)."""
+        size = getattr(self.unet.config, "sample_size", None)
+        return size * self.vae_scale_factor if size else int(self.vae.config.sample_size)
 
     def pipeline(self, scheduler: str | None = None):
         """A diffusers pipeline of the family over these very modules (no copies), safety checker off.

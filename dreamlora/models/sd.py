@@ -121,6 +121,9 @@ class StableDiffusionFamily:
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         return denoiser(noisy, timesteps, **kwargs).sample
 
+    def for_training(self, settings: Any) -> Any:
+        return self  # nothing of a run's settings changes how this family runs its denoiser
+
     def objective(self, scheduler_config: dict, settings: Any = None) -> Any:  # flow settings do not apply
         from ..objectives import DiffusionObjective
 

@@ -150,6 +150,9 @@ class StableDiffusion3Family:
         """The velocity for (B, 16, h, w) latents at timesteps σ·1000 (what the pipeline passes)."""
         return denoiser(hidden_states=noisy, timestep=timesteps.to(noisy.dtype), **kwargs).sample
 
+    def for_training(self, settings: Any) -> Any:
+        return self  # nothing of a run's settings changes how this family runs its denoiser
+
     def objective(self, scheduler_config: dict, settings: Any = None) -> Any:
         from ..objectives import FlowMatchingObjective
 
