@@ -118,3 +118,126 @@ def test_trained_file_loads_in_the_flux_pipeline_key_for_key_and_scale_zero_is_t
     pipe.set_adapters(["subject"], adapter_weights=[0.0])
     assert np.abs(with_lora - base).max() > 1e-3
     np.testing.assert_allclose(render(), base, atol=1e-6)
+
+
+# --- BFL / kohya names --------------------------------------------------------------------------------------------
+
+
+def synthetic_flux_adapters(rank=2, width=8, seed=0) -> dict:
+    """A double block's both streams and a single block's q/k/v, as diffusers names them, with random weights."""
+    from dreamlora.interop.formats import LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+
+    def module(out=width, inp=width):
+        return LoraModule(down=torch.randn(rank, inp, generator=g), up=torch.randn(out, rank, generator=g),
+                          alpha=float(rank))
+
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+             "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.attn.to_out.0",
+             "transformer_blocks.0.attn.to_add_out", "single_transformer_blocks.0.attn.to_q",
+             "single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_v"]
+    modules = {f"transformer.{n}": module() for n in names}
+    modules["transformer.single_transformer_blocks.0.proj_out"] = module(width, 5 * width)
+    modules["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"] = module()
+    return modules
+
+
+def test_bfl_names_fuse_qkv_and_the_fused_update_is_the_split_ones_stacked():
+    from dreamlora.interop.bfl import to_bfl
+
+    split = synthetic_flux_adapters()
+    fused, header = to_bfl(split)
+    assert set(fused) == {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+                          "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_attn_proj",
+                          "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2",
+                          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"}
+    qkv = fused["lora_unet_double_blocks_0_img_attn_qkv"]
+    assert qkv.rank == 6 and qkv.alpha == 6.0  # three rank-2 parts, strength alpha / rank kept at 1
+    stacked = torch.cat([split[f"transformer.transformer_blocks.0.attn.to_{p}"].delta() for p in "qkv"])
+    torch.testing.assert_close(qkv.delta(), stacked)
+    linear1 = fused["lora_unet_single_blocks_0_linear1"]
+    assert linear1.up.shape == (8 * 3 + 4 * 8, 6)  # q, k, v and the MLP's input (not adapted: zero rows)
+    single = [split[f"transformer.single_transformer_blocks.0.attn.to_{p}"].delta() for p in "qkv"]
+    torch.testing.assert_close(linear1.delta(), torch.cat(single + [torch.zeros(32, 8)]))
+    assert "dreamlora.bfl_split" in header
+
+
+def test_bfl_conversion_is_bit_exact_both_ways():
+    from dreamlora.interop.bfl import from_bfl, to_bfl
+
+    split = synthetic_flux_adapters()
+    fused, header = to_bfl(split)
+    back = from_bfl(fused, header)
+    assert set(back) == set(split)
+    for stem, module in split.items():
+        assert torch.equal(back[stem].down, module.down) and torch.equal(back[stem].up, module.up), stem
+        assert back[stem].alpha == module.alpha
+    again, header_again = to_bfl(back)
+    assert header_again == header
+    for stem, module in fused.items():
+        assert torch.equal(again[stem].down, module.down) and torch.equal(again[stem].up, module.up)
+
+
+def test_a_fused_adapter_trained_elsewhere_splits_into_the_same_update():
+    from dreamlora.interop.bfl import from_bfl
+    from dreamlora.interop.formats import LoraModule
+
+    g = torch.Generator().manual_seed(3)
+    fused = {"lora_unet_single_blocks_1_linear1": LoraModule(down=torch.randn(4, 8, generator=g),
+                                                             up=torch.randn(56, 4, generator=g), alpha=2.0)}
+    parts = from_bfl(fused, {})  # no dreamlora.bfl_split: sd-scripts trained it fused
+    names = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    assert set(parts) == {f"transformer.single_transformer_blocks.1.{n}" for n in names}
+    stacked = torch.cat([parts[f"transformer.single_transformer_blocks.1.{n}"].delta() for n in names])
+    torch.testing.assert_close(stacked, fused["lora_unet_single_blocks_1_linear1"].delta())
+
+
+@pytest.mark.slow  # over 3 s on 2 cores (trains tiny-flux): run by .ci/run with -m slow
+def test_convert_to_bfl_and_back_is_exact_and_diffusers_loads_the_bfl_file_as_the_same_lora(trained, tmp_path):
+    from diffusers import FluxPipeline
+
+    from dreamlora.interop.convert import convert_lora
+
+    result, _ = trained
+    bfl = convert_lora(result.output, tmp_path / "bfl.safetensors", "kohya").out
+    back = convert_lora(bfl, tmp_path / "back.safetensors", "diffusers").out
+    with safe_open(str(result.output), "pt") as a, safe_open(str(bfl), "pt") as b, safe_open(str(back), "pt") as c:
+        assert set(a.keys()) == set(c.keys())
+        assert all(torch.equal(a.get_tensor(k), c.get_tensor(k)) for k in a.keys())  # bit for bit
+        keys, meta = set(b.keys()), b.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in keys
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in keys)
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["ss_network_module"] == "networks.lora_flux"
+    again = convert_lora(back, tmp_path / "bfl2.safetensors", "kohya").out
+    with safe_open(str(bfl), "pt") as b, safe_open(str(again), "pt") as d:
+        assert set(b.keys()) == set(d.keys()) and all(torch.equal(b.get_tensor(k), d.get_tensor(k)) for k in b.keys())
+
+    # diffusers reads BFL files too; its reader splits linear1 at FLUX.1's own widths (3 x 3072 + 12288), so the
+    # tiny model's single blocks are left out of this comparison: both files hold the double blocks and CLIP-L.
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(result.output), "pt") as f:
+        header = f.metadata()
+    doubles = {k: v for k, v in load_file(str(result.output)).items() if ".single_transformer_blocks." not in k}
+    save_file(doubles, str(tmp_path / "doubles.safetensors"), metadata=header)
+    doubles_bfl = convert_lora(tmp_path / "doubles.safetensors", tmp_path / "doubles-bfl.safetensors", "kohya").out
+    pipe = FluxPipeline.from_pretrained(str(builtin_model_dir("tiny-flux")))
+    pipe.set_progress_bar_config(disable=True)
+
+    def render(path=None):
+        if path is None:
+            return pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
+                        guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
+        pipe.load_lora_weights(str(path), adapter_name="x")
+        image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
+                     guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
+        pipe.delete_adapters("x")
+        return image
+
+    from_bfl, from_diffusers = render(doubles_bfl), render(tmp_path / "doubles.safetensors")
+    np.testing.assert_allclose(from_bfl, from_diffusers, atol=1e-5)
+    assert np.abs(from_bfl - render()).max() > 1e-3  # and the LoRA does something

@@ -13,7 +13,7 @@
   [schnell] has no guidance embedding and samples in 4 steps.
 - σ is shifted by image size (the scheduler's use_dynamic_shifting): exp(μ), μ from 0.5 at 256 px to 1.15 at 1024 px.
 - Files: diffusers/peft keys (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, `text_encoder.`), which
-  FluxPipeline.load_lora_weights reads; `dreamlora convert --to bfl` writes BFL/kohya names (interop/bfl.py).
+  FluxPipeline.load_lora_weights reads; `dreamlora convert --to kohya` writes BFL names (interop/bfl.py).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class FluxFamily:
     denoiser_prefix: str = "transformer"
     adapted_text_encoders: int = 1  # CLIP-L; T5 never
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS
-    kohya_files: bool = False  # training writes diffusers keys; `dreamlora convert --to bfl` writes BFL names
+    kohya_files: bool = False  # training writes diffusers keys; `dreamlora convert --to kohya` writes BFL names
     named_samplers: bool = False
     t5: FrozenT5Cache = field(default_factory=FrozenT5Cache, compare=False, hash=False, repr=False)
 
