@@ -72,6 +72,7 @@ class FluxFamily:
     v2: bool = False
     pipeline_class: str = "FluxPipeline"
     kohya_text_prefixes: tuple[str, ...] = ("lora_te1", "lora_te2")
+    text_tokens: tuple[int, ...] = (CLIP_TOKENS, T5_TOKENS)  # each encoder's prompt length
     denoiser_prefix: str = "transformer"
     adapted_text_encoders: int = 1  # CLIP-L; T5 never
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS
@@ -168,17 +169,10 @@ class FluxFamily:
 
     def meta_denoiser_inputs(self, configs: ModelConfigs, rows: int, latent: int,
                              dtype: torch.dtype) -> tuple[list, dict]:
+        """(latents (B, 16, h, w), timesteps) and the text states `predict` takes (it packs and adds the ids)."""
         cfg = configs.unet
-        tokens = (latent // 2) ** 2
-        kwargs = {"hidden_states": torch.empty(rows, tokens, int(cfg.get("in_channels", 64)), dtype=dtype,
-                                               device="meta"),
-                  "timestep": torch.empty(rows, dtype=dtype, device="meta"),
-                  "encoder_hidden_states": torch.empty(rows, T5_TOKENS, int(cfg.get("joint_attention_dim", 4096)),
-                                                       dtype=dtype, device="meta"),
-                  "pooled_projections": torch.empty(rows, int(cfg.get("pooled_projection_dim", 768)), dtype=dtype,
-                                                    device="meta"),
-                  "img_ids": torch.empty(tokens, 3, dtype=dtype, device="meta"),
-                  "txt_ids": torch.empty(T5_TOKENS, 3, dtype=dtype, device="meta")}
-        if cfg.get("guidance_embeds"):
-            kwargs["guidance"] = torch.empty(rows, dtype=torch.float32, device="meta")
-        return [], kwargs
+        sample = torch.empty(rows, int(cfg.get("in_channels", 64)) // 4, latent, latent, dtype=dtype, device="meta")
+        timesteps = torch.empty(rows, dtype=dtype, device="meta")
+        hidden = torch.empty(rows, T5_TOKENS, int(cfg.get("joint_attention_dim", 4096)), dtype=dtype, device="meta")
+        pooled = torch.empty(rows, int(cfg.get("pooled_projection_dim", 768)), dtype=dtype, device="meta")
+        return [sample, timesteps], {"encoder_hidden_states": hidden, "pooled_projections": pooled}

@@ -24,6 +24,7 @@ class StableDiffusionFamily:
     v_prediction: bool
     kohya_text_prefixes: tuple[str, ...] = ("lora_te",)
     pipeline_class: str = "StableDiffusionPipeline"
+    text_tokens: tuple[int, ...] = (77,)  # each encoder's prompt length
     denoiser_prefix: str = "unet"
     adapted_text_encoders: int | None = None  # every encoder gets adapters with --train-text-encoder
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")

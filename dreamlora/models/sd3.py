@@ -63,6 +63,7 @@ class StableDiffusion3Family:
     v2: bool = False
     pipeline_class: str = "StableDiffusion3Pipeline"
     kohya_text_prefixes: tuple[str, ...] = ("lora_te1", "lora_te2", "lora_te3")
+    text_tokens: tuple[int, ...] = (CLIP_TOKENS, CLIP_TOKENS, T5_TOKENS)  # each encoder's prompt length
     denoiser_prefix: str = "transformer"  # the pipeline's name of the denoiser: keys `transformer.…`
     adapted_text_encoders: int = 2  # CLIP-L and CLIP-G get adapters with --train-text-encoder; T5 never
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS

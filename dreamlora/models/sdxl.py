@@ -34,6 +34,7 @@ class StableDiffusionXLFamily:
     v2: bool = False  # kohya's ss_v2 is about SD 2's text encoder; SDXL files say False
     kohya_text_prefixes: tuple[str, ...] = ("lora_te1", "lora_te2")
     pipeline_class: str = "StableDiffusionXLPipeline"
+    text_tokens: tuple[int, ...] = (77, 77)  # each encoder's prompt length
     denoiser_prefix: str = "unet"
     adapted_text_encoders: int | None = None  # every encoder gets adapters with --train-text-encoder
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
