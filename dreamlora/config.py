@@ -67,7 +67,8 @@ TOY = "builtin:toy"  # the shipped toy-world model; its tiny UNet needs more ran
 @dataclass
 class ModelConfig:
     name: str = setting(DEFAULT_MODEL, flag="--model", help="Base model: builtin:toy, builtin:tiny-sd, "
-                        "builtin:tiny-sd2, a hub id, a diffusers folder, or a .safetensors/.ckpt checkpoint.")
+                        "builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, builtin:tiny-flux, a hub id, a "
+                        "diffusers folder, or a .safetensors/.ckpt checkpoint (SD 1.x/2.x/SDXL).")
     single_file_config: str | None = setting(None, flag="--model-config", path=True, help="For a single-file "
                                              "checkpoint: a diffusers folder or hub id holding its configs.")
     vae: str | None = setting(None, flag="--vae", path=True, help="Another VAE: a diffusers folder, a hub id or a "

@@ -523,10 +523,12 @@ def use_channels_last(base: BaseModel, device: torch.device, config: DreamLoraCo
 
 
 def offload_encoders(base: BaseModel, config: DreamLoraConfig, device: torch.device) -> None:
-    """After caching, the VAE and the frozen text encoders leave the accelerator until a validation grid."""
+    """After caching, the VAE and the frozen text encoders leave the accelerator until a validation grid (T5 too when
+    the CLIPs train: its states are cached in the family, and it is 9 GB in bf16)."""
     if device.type == "cpu":
         return
-    for module in (base.vae, *([] if config.lora.train_text_encoder else base.text_encoders)):
+    trained = adapted_encoders(base) if config.lora.train_text_encoder else []
+    for module in (base.vae, *[te for te in base.text_encoders if not any(te is t for t in trained)]):
         module.to("cpu")
 
 
@@ -642,10 +644,12 @@ class BatchSource:
         self.classes = self._encode(classes, resolution, "center", size) if classes else None
         self.prompts = instances.prompts + (classes.prompts if classes else [])
         self.train_text = config.lora.train_text_encoder
+        unique = sorted(set(self.prompts))
+        with torch.no_grad():
+            # With trained encoders this still runs once: it fills what the family caches of its frozen encoders
+            # (SD3's and Flux's T5 states), so T5 can leave the accelerator (offload_encoders).
+            embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
         if not self.train_text:
-            unique = sorted(set(self.prompts))
-            with torch.no_grad():
-                embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
             self.cached = {p: embedded.index([i]) for i, p in enumerate(unique)}
         if base.vae.dtype != vae_dtype(base, config.train.mixed_precision):
             base.vae.to(dtype=vae_dtype(base, config.train.mixed_precision))

@@ -127,3 +127,28 @@ def test_kohya_files_and_min_snr_are_refused_for_sd3_naming_the_flag(tmp_path):
         train(sd3_config(tmp_path, "k", **{"output.format": "kohya", "prior.enabled": False}))
     with pytest.raises(ConfigError, match="--flow-weighting"):
         train(sd3_config(tmp_path, "s", **{"train.snr_gamma": 5.0, "prior.enabled": False}))
+
+
+def test_t5_runs_once_a_prompt_and_its_states_stay_cached_wherever_t5_moves():
+    from dreamlora.models.sd3 import FrozenT5Cache
+
+    calls = []
+
+    class CountingT5(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, ids):
+            calls.append(ids.shape[0])
+            return (ids[..., None].float() * self.weight,)
+
+    def tokenizer(prompts, max_length, **_):
+        return type("T", (), {"input_ids": torch.tensor([[len(p)] * max_length for p in prompts])})()
+
+    cache, t5 = FrozenT5Cache(), CountingT5()
+    first = cache.encode(t5, tokenizer, ["a", "bb", "a"], 4)
+    t5.to(torch.float64)  # moved or cast afterwards (training offloads it): the cached states still answer
+    again = cache.encode(t5, tokenizer, ["bb", "a"], 4)
+    assert calls == [2]  # one T5 call, for the two distinct prompts
+    assert torch.equal(again, first[[1, 0]]) and first.shape == (3, 4, 1)

@@ -135,7 +135,8 @@ class FluxFamily:
     def encode_prompts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> PromptEmbeddings:
         (clip_ids,) = tokenize(tokenizers[:1], text_encoders[:1], prompts)
         t5_states = self.t5.encode(text_encoders[1], tokenizers[1], prompts, T5_TOKENS)
-        return PromptEmbeddings(t5_states, {"pooled_projections": text_encoders[0](clip_ids).pooler_output})
+        pooled = text_encoders[0](clip_ids).pooler_output
+        return PromptEmbeddings(t5_states.to(pooled.device, pooled.dtype), {"pooled_projections": pooled})
 
     def encode_ids(self, text_encoders: list, ids: list[torch.Tensor]) -> PromptEmbeddings:
         return PromptEmbeddings(text_encoders[1](ids[1])[0], {"pooled_projections": text_encoders[0](ids[0]).pooler_output})

@@ -34,23 +34,24 @@ TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 
 
 class FrozenT5Cache:
-    """T5's output per (prompt, device, dtype): T5 is frozen, so each prompt runs through it once a run."""
+    """T5's output per (prompt, length): T5 is frozen, so each prompt runs through it once a run, wherever T5 is
+    afterwards (training moves it off the accelerator once the run's prompts are cached)."""
 
     def __init__(self):
-        self.states: dict[tuple, torch.Tensor] = {}
+        self.states: dict[tuple[str, int], torch.Tensor] = {}
 
     def encode(self, encoder, tokenizer, prompts: list[str], tokens: int) -> torch.Tensor:
         """(B, tokens, d_model) T5 states of `prompts`, padded to `tokens` as the pipelines pad them."""
-        device = next(encoder.parameters()).device
-        missing = sorted({p for p in prompts if (p, device, encoder.dtype) not in self.states})
+        missing = sorted({p for p in prompts if (p, tokens) not in self.states})
         if missing:
+            device = next(encoder.parameters()).device
             ids = tokenizer(missing, padding="max_length", max_length=tokens, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids
             with torch.no_grad():
                 out = encoder(ids.to(device))[0]
             for prompt, row in zip(missing, out):
-                self.states[(prompt, device, encoder.dtype)] = row
-        return torch.stack([self.states[(p, device, encoder.dtype)] for p in prompts])
+                self.states[(prompt, tokens)] = row
+        return torch.stack([self.states[(p, tokens)] for p in prompts])
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class StableDiffusion3Family:
             pooled.append(out[0])  # text_embeds (B, projection_dim)
         clip = torch.cat(states, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
-        hidden = torch.cat([clip, t5_states.to(clip.dtype)], dim=-2)  # (B, 77 + 256, T5 width)
+        hidden = torch.cat([clip, t5_states.to(clip.device, clip.dtype)], dim=-2)  # (B, 77 + 256, T5 width)
         return PromptEmbeddings(hidden, {"pooled_projections": torch.cat(pooled, dim=-1)})
 
     def image_conditions(self, geometry: ImageGeometry) -> dict[str, torch.Tensor]:
