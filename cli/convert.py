@@ -14,7 +14,8 @@ def command(
     file: Annotated[Path, typer.Argument(help="A LoRA file: kohya, diffusers (peft or the older attention-processor "
                                               "keys, .safetensors or .bin) or cloneofsimo's lora (.safetensors, .pt).")],
     to: Annotated[Literal["kohya", "diffusers"], typer.Option(
-        "--to", help="kohya (AUTOMATIC1111, ComfyUI, sd-scripts, diffusers) or diffusers (peft keys).")],
+        "--to", help="kohya (AUTOMATIC1111, ComfyUI, sd-scripts, diffusers; Flux files in BFL's names with q/k/v "
+                     "fused) or diffusers (peft keys).")],
     out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,

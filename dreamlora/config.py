@@ -67,7 +67,8 @@ TOY = "builtin:toy"  # the shipped toy-world model; its tiny UNet needs more ran
 @dataclass
 class ModelConfig:
     name: str = setting(DEFAULT_MODEL, flag="--model", help="Base model: builtin:toy, builtin:tiny-sd, "
-                        "builtin:tiny-sd2, a hub id, a diffusers folder, or a .safetensors/.ckpt checkpoint.")
+                        "builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, builtin:tiny-flux, a hub id, a "
+                        "diffusers folder, or a .safetensors/.ckpt checkpoint (SD 1.x/2.x/SDXL).")
     single_file_config: str | None = setting(None, flag="--model-config", path=True, help="For a single-file "
                                              "checkpoint: a diffusers folder or hub id holding its configs.")
     vae: str | None = setting(None, flag="--vae", path=True, help="Another VAE: a diffusers folder, a hub id or a "
@@ -176,6 +177,21 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, flag="--max-grad-norm", low=0, help="Gradient clipping norm (0: off).")
     snr_gamma: float | None = setting(None, flag="--snr-gamma", low=0, low_open=True,
                                       help="Min-SNR-γ loss weighting, e.g. 5 (default: plain MSE).")
+    timestep_sampling: Literal["logit_normal", "uniform", "mode"] = setting(
+        "logit_normal", flag="--timestep-sampling",
+        help="Flow-matching models (SD3, Flux): the density σ is drawn from (the SD3 paper's schemes).")
+    logit_mean: float = setting(0.0, flag="--logit-mean", help="Flow matching, logit_normal: mean of the normal.")
+    logit_std: float = setting(1.0, flag="--logit-std", low=0, low_open=True,
+                               help="Flow matching, logit_normal: std of the normal.")
+    mode_scale: float = setting(1.29, flag="--mode-scale", help="Flow matching, mode sampling: its scale.")
+    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = setting(
+        "none", flag="--flow-weighting", help="Flow matching: loss weighting by σ (the SD3 paper's schemes).")
+    flow_shift: float | None = setting(None, flag="--flow-shift", low=0, low_open=True,
+                                       help="Flow matching: shift σ towards noise by this factor (default: the "
+                                            "model's own: SD3's scheduler shift, Flux's by image size).")
+    flux_guidance: float = setting(1.0, flag="--flux-guidance", low=0,
+                                   help="Flux dev: the value its guidance embedding gets while training (kohya's "
+                                        "recommendation 1.0; diffusers' script uses 3.5).")
     noise_offset: float = setting(0.0, flag="--noise-offset", low=0, high=1,
                                   help="Offset noise, e.g. 0.05: lets the model make darker or brighter pictures.")
     optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", flag="--optimizer",

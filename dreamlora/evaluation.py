@@ -618,7 +618,7 @@ def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 
     import numpy as np
 
     from .models import load_base_model
-    from .sampling import decode_latents, initial_latents
+    from .sampling import decode_latents, initial_latents, unpacked_latents
     from .toyworld.oracle import load_oracle
     from .toyworld.world import draw_scene, random_scene
 
@@ -637,7 +637,7 @@ def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 
             latents = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
                            width=resolution, generator=generators,
                            latents=initial_latents(pipe, generators, resolution), output_type="latent").images
-            renders += decode_latents(pipe.vae, pipe.image_processor, latents)
+            renders += decode_latents(pipe.vae, pipe.image_processor, unpacked_latents(pipe, latents, resolution))
         progress(ProgressEvent("eval", len(renders), n))
     reader = load_oracle(oracle_dir)
 

@@ -156,6 +156,11 @@ def _text_role_name(module_name: str) -> str:
     return f"text_model.{module_name}" if head in _TEXT_MODEL_CHILDREN else module_name
 
 
+def denoiser_prefix(model: torch.nn.Module) -> str:
+    """The pipeline's name of a denoiser, diffusers' key prefix: `transformer` for SD3's and Flux's, else `unet`."""
+    return "transformer" if type(model).__name__.endswith("Transformer2DModel") else "unet"
+
+
 def _text_prefix(index: int) -> str:
     """Key prefix of the index-th text encoder in diffusers files: text_encoder, text_encoder_2, ..."""
     return "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
@@ -254,7 +259,7 @@ def _adapted_models(
     unet: torch.nn.Module, text_encoders: list[torch.nn.Module]
 ) -> list[tuple[str, torch.nn.Module, bool]]:
     """(prefix, model, is_text_encoder) for every model that carries the adapter."""
-    out = [("unet", unet, False)] if _has_adapter(unet) else []
+    out = [(denoiser_prefix(unet), unet, False)] if _has_adapter(unet) else []
     out += [(_text_prefix(i), te, True) for i, te in enumerate(text_encoders) if _has_adapter(te)]
     return out
 

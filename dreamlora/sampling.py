@@ -192,7 +192,7 @@ def render_images(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: 
             latents=initial_latents(pipe, generators, resolution),
             output_type="latent",
         ).images
-        return decode_latents(pipe.vae, pipe.image_processor, latents)
+        return decode_latents(pipe.vae, pipe.image_processor, unpacked_latents(pipe, latents, resolution))
 
 
 def decode_latents(vae, image_processor, latents: torch.Tensor) -> list[Image.Image]:
@@ -213,7 +213,8 @@ def decode_latents(vae, image_processor, latents: torch.Tensor) -> list[Image.Im
         vae.to(dtype=dtype)
     try:
         with torch.no_grad():
-            scaled = latents.to(dtype) / vae.config.scaling_factor
+            # SD3's and Flux's VAEs shift their latents as well as scaling them.
+            scaled = latents.to(dtype) / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
             pixels = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in scaled])
     finally:
         if dtype != original:
@@ -226,10 +227,20 @@ def decode_latents(vae, image_processor, latents: torch.Tensor) -> list[Image.Im
 
 def initial_latents(pipe, generators: list[torch.Generator], resolution: int) -> torch.Tensor:
     """Each image's starting noise drawn on the CPU from its own generator: the same on every device and batch."""
-    channels = pipe.unet.config.in_channels
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # SD3, Flux: a transformer
+    channels = pipe.vae.config.latent_channels
     side = resolution // pipe.vae_scale_factor
-    noise = [torch.randn((1, channels, side, side), generator=g) for g in generators]
-    return torch.cat(noise).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    noise = torch.cat([torch.randn((1, channels, side, side), generator=g) for g in generators])
+    if hasattr(pipe, "_pack_latents"):  # Flux's pipeline takes its latents as 2x2 patches: (B, tokens, 4·C)
+        noise = pipe._pack_latents(noise, len(generators), channels, side, side)
+    return noise.to(device=denoiser.device, dtype=denoiser.dtype)
+
+
+def unpacked_latents(pipe, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The (B, C, h, w) latents of a pipeline's output_type="latent" (Flux returns its 2x2 patches)."""
+    if hasattr(pipe, "_unpack_latents"):
+        return pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
+    return latents
 
 
 def set_adapters_enabled(modules, enabled: bool) -> None:

@@ -115,6 +115,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                                vae=config.model.vae)
     for message in base.notes:
         note(progress, message)
+    base.objective = training_objective(base, config)
     resolution = config.data.resolution or base.default_resolution
     images.finish(resolution, progress)  # size checks need the resolution; warnings become notes
     for message in token_warnings(config.data.token, config.data.class_word, base.tokenizers[0]) \
@@ -136,8 +137,9 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     if start_step:
         restore(run_dir, start_step, base, optimizer, lr_scheduler, config, record, accelerator, progress)
     unet = accelerator.prepare(base.unet)
-    text_encoders = [accelerator.prepare(te) for te in base.text_encoders] if config.lora.train_text_encoder \
-        else base.text_encoders
+    adapted = adapted_encoders(base)
+    text_encoders = [accelerator.prepare(te) if te in adapted else te for te in base.text_encoders] \
+        if config.lora.train_text_encoder else base.text_encoders
     optimizer = accelerator.prepare(optimizer)
     forward = torch.compile(unet) if config.train.compile else unet  # same parameters; compiled on first call
     trained = [p for p in trainable_parameters(base.unet)] + \
@@ -158,7 +160,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
                     torch.manual_seed(derive_seed(t.seed, "dropout", step, micro, accelerator.process_index))
                     noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
                     conditioning = base.family.denoiser_kwargs(batch.embeddings, batch.conditions)
-                    pred = forward(noisy, batch.timesteps, **conditioning).sample
+                    pred = base.family.predict(forward, noisy, batch.timesteps, conditioning)
                     target = objective.target(batch.latents, batch.noise, batch.timesteps)
                     parts = prior_preservation_loss(pred, target, batch.num_instance, cfg.prior.loss_weight,
                                                     objective.loss_weights(batch.timesteps, t.snr_gamma))
@@ -482,6 +484,27 @@ def class_images(config: DreamLoraConfig, base: BaseModel, resolution: int, acce
     return images
 
 
+def training_objective(base: BaseModel, config: DreamLoraConfig):
+    """The family's objective with this run's flow-matching settings (DDPM families ignore them); the family
+    takes the settings it runs the denoiser with (Flux dev's guidance).
+
+    Raises:
+        ConfigError: --snr-gamma on a flow-matching model (its weighting is --flow-weighting).
+    """
+    from .objectives import FlowSettings
+
+    t = config.train
+    settings = FlowSettings(sampling=t.timestep_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                            mode_scale=t.mode_scale, weighting=t.flow_weighting, shift=t.flow_shift,
+                            guidance=t.flux_guidance)
+    base.family = base.family.for_training(settings)
+    objective = base.family.objective(base.scheduler_config, settings)
+    if t.snr_gamma is not None and objective.prediction_type == "flow":
+        raise ConfigError(f"{describe('train.snr_gamma')} is min-SNR weighting of DDPM models; "
+                          f"'{base.identity}' is trained with flow matching: use --flow-weighting instead.")
+    return objective
+
+
 def frozen_dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
@@ -499,7 +522,10 @@ def place_frozen(base: BaseModel, device: torch.device, dtype: torch.dtype) -> N
     """
     for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
-        module.to(device=device, dtype=dtype if module is not base.vae else torch.float32)
+        wanted = dtype if module is not base.vae else torch.float32
+        module.to(device=device)
+        if module.dtype != wanted:  # diffusers warns about every dtype cast of a model with fp32-kept modules
+            module.to(dtype=wanted)
 
 
 def fit_memory_budget(config: DreamLoraConfig, progress: ProgressCallback) -> DreamLoraConfig:
@@ -526,12 +552,14 @@ def use_channels_last(base: BaseModel, device: torch.device, config: DreamLoraCo
 
 
 def offload_encoders(base: BaseModel, config: DreamLoraConfig, device: torch.device) -> None:
-    """After caching, the VAE and the frozen text encoders leave the accelerator until a validation grid."""
+    """After caching, the VAE and the frozen text encoders leave the accelerator until a validation grid (T5 too when
+    the CLIPs train: its states are cached in the family, and it is 9 GB in bf16)."""
     if device.type == "cpu":
         return
-    # Frozen text encoders stay where shuffled tags are encoded every step.
-    keep_text = config.lora.train_text_encoder or config.data.shuffle_tags
-    for module in (base.vae, *([] if keep_text else base.text_encoders)):
+    # Frozen text encoders stay where shuffled tags are encoded every step; trained ones stay anyway.
+    kept = base.text_encoders if config.data.shuffle_tags else \
+        adapted_encoders(base) if config.lora.train_text_encoder else []
+    for module in (base.vae, *[te for te in base.text_encoders if not any(te is t for t in kept)]):
         module.to("cpu")
 
 
@@ -555,10 +583,15 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
     function of its settings and not of what the process did before (the caller's RNG is left as it was).
     """
     lora = config.lora
+    if config.output.format == "kohya" and not base.family.kohya_files:
+        raise ConfigError(f"{describe('output.format')}: {base.family.name} LoRA files are written in diffusers "
+                          "naming only (what its pipeline's load_lora_weights and ComfyUI read); pass --format diffusers.")
+    for module in base.text_encoders:
+        module.requires_grad_(False)  # T5 stays frozen; add_lora_adapters freezes the ones it is given
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(config.train.seed, "lora-init"))
-        add_lora_adapters(base.unet, base.text_encoders, rank=lora.rank, alpha=lora.resolved_alpha,
-                          dropout=lora.dropout, unet_targets=lora.target_modules,
+        add_lora_adapters(base.unet, adapted_encoders(base), rank=lora.rank, alpha=lora.resolved_alpha,
+                          dropout=lora.dropout, unet_targets=denoiser_targets(base, config),
                           train_text_encoder=lora.train_text_encoder, text_targets=lora.text_target_modules,
                           dora=lora.dora)
     for module in (base.unet, *base.text_encoders):
@@ -568,10 +601,26 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
     if config.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     if lora.train_text_encoder:
-        for te in base.text_encoders:
+        for te in adapted_encoders(base):
             te.train()
             if config.train.gradient_checkpointing:
                 te.gradient_checkpointing_enable()
+
+
+def adapted_encoders(base: BaseModel) -> list:
+    """The text encoders --train-text-encoder gives adapters: all, or the family's first few (never T5)."""
+    count = base.family.adapted_text_encoders
+    return base.text_encoders if count is None else base.text_encoders[:count]
+
+
+def denoiser_targets(base: BaseModel, config: DreamLoraConfig) -> list[str]:
+    """--lora-targets, or the family's own targets when it is left at the (UNet) default: a transformer's
+    attention has a second stream (add_q_proj, ..., to_add_out) that the UNet names do not reach."""
+    from .config import LoraConfig
+
+    if config.lora.target_modules == LoraConfig().target_modules:
+        return list(base.family.default_targets)
+    return list(config.lora.target_modules)
 
 
 def make_optimizer(base: BaseModel, config: DreamLoraConfig):
@@ -628,13 +677,16 @@ class BatchSource:
         self.classes = self._encode(classes, resolution, "center", size) if classes else None
         self.prompts = instances.prompts + (classes.prompts if classes else [])
         self.train_text = config.lora.train_text_encoder
+        # Dropped captions are the empty prompt; shuffled tag orders are encoded when drawn (_frozen_embedding).
+        unique = sorted(set(self.prompts) | ({""} if data.caption_dropout else set()))
+        with torch.no_grad():
+            # With trained encoders this still runs once: it fills what the family caches of its frozen encoders
+            # (SD3's and Flux's T5 states), so T5 can leave the accelerator (offload_encoders).
+            embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
         if not self.train_text:
-            # Dropped captions are the empty prompt; shuffled tag orders are encoded when drawn (_frozen_embedding).
-            unique = sorted(set(self.prompts) | ({""} if data.caption_dropout else set()))
-            with torch.no_grad():
-                embedded = base.family.encode_prompts(base.tokenizers, base.text_encoders, unique)
             self.cached = {p: embedded.index([i]) for i, p in enumerate(unique)}
-        base.vae.to(dtype=vae_dtype(base, config.train.mixed_precision))
+        if base.vae.dtype != vae_dtype(base, config.train.mixed_precision):
+            base.vae.to(dtype=vae_dtype(base, config.train.mixed_precision))
         progress(ProgressEvent("cache", 1, 1))
 
     def _encode(self, images: ImageSet, resolution: int, crop: str, size: int) -> LatentCache:
@@ -698,7 +750,7 @@ class BatchSource:
             prompts += [self.prompts[len(self.instance) + i] for i in class_idx]
         x0 = torch.cat(rows)
         noise = offset_noise(torch.randn(x0.shape, generator=generator), t.noise_offset, generator)
-        timesteps = self.base.objective.sample_timesteps(x0.shape[0], generator)
+        timesteps = self.base.objective.sample_timesteps(x0.shape[0], generator, tuple(x0.shape[-2:]))
         device, dtype = self.accelerator.device, frozen_dtype(self.config.train.mixed_precision)
         if self.train_text:
             embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)

@@ -173,7 +173,8 @@ def test_encoders_leave_the_accelerator_after_caching_and_come_back_for_validati
     with encoders_on(base, torch.device("cuda")):
         assert base.vae.device.type == "cuda" and base.text_encoders[0].device.type == "cuda"
     assert base.vae.device.type == "cpu" and base.text_encoders[0].device.type == "cpu"
-    trained = SimpleNamespace(vae=Module(), text_encoders=[Module()])
+    trained = SimpleNamespace(vae=Module(), text_encoders=[Module()],
+                              family=SimpleNamespace(adapted_text_encoders=None))
     offload_encoders(trained, SimpleNamespace(lora=SimpleNamespace(train_text_encoder=True), data=c.data),
                      torch.device("cuda"))
     assert trained.text_encoders[0].device.type == "cuda"  # a trained encoder stays
@@ -181,6 +182,12 @@ def test_encoders_leave_the_accelerator_after_caching_and_come_back_for_validati
     offload_encoders(shuffled, SimpleNamespace(lora=c.lora, data=SimpleNamespace(shuffle_tags=True)),
                      torch.device("cuda"))
     assert shuffled.text_encoders[0].device.type == "cuda"  # shuffled tags are encoded every step
+    # Flux: CLIP-L trains, T5 (never adapted, its states cached) leaves with the VAE.
+    flux = SimpleNamespace(vae=Module(), text_encoders=[Module(), Module()],
+                           family=SimpleNamespace(adapted_text_encoders=1))
+    offload_encoders(flux, SimpleNamespace(lora=SimpleNamespace(train_text_encoder=True), data=c.data),
+                     torch.device("cuda"))
+    assert [te.device.type for te in flux.text_encoders] == ["cuda", "cpu"]
     cpu = SimpleNamespace(vae=Module(), text_encoders=[])
     cpu.vae.device = torch.device("cpu")
     offload_encoders(cpu, c, torch.device("cpu"))  # nothing to do on the CPU

@@ -281,7 +281,8 @@ def configs(**changes) -> ModelConfigs:
      "an SDXL refiner"),
     ({"text_encoders": (read_model_configs("builtin:tiny-sdxl").text_encoders[1],)}, "an SDXL refiner"),
     ({"scheduler": {"_class_name": "EDMDPMSolverMultistepScheduler"}}, "Playground v2.5"),
-    ({"index": {"_class_name": "FluxPipeline"}}, "a Flux transformer model; it is not supported yet"),
+    ({"index": {"_class_name": "FluxFillPipeline"}}, "a FluxFill pipeline; train on the text-to-image Flux.1"),
+    ({"index": {"_class_name": "StableDiffusion3ControlNetPipeline"}}, "a StableDiffusion3ControlNet pipeline"),
     ({"index": {"_class_name": "KandinskyPipeline"}}, "KandinskyPipeline, which dreamlora cannot train"),
 ])
 def test_models_that_cannot_be_trained_are_refused_naming_what_they_are(changes, says, session_cache):

@@ -5,6 +5,9 @@ same header (what one format cannot say travels under `dreamlora.*` entries, see
 each format's readers expect it: kohya as a float32 `.alpha` tensor per module (strength alpha / rank), diffusers
 as the peft config in `lora_adapter_metadata` (lora_alpha, with alpha_pattern / rank_pattern for modules that
 differ). Inputs may also be diffusers' older attention-processor files and cloneofsimo's `lora` files.
+
+Flux files are kohya files in Black Forest Labs' module names, with q/k/v fused as BFL fuses them (bfl.py); that
+conversion is exact both ways too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ConfigError
+from .bfl import SPLIT_KEY, from_bfl, is_flux_file, to_bfl
 from .check import check_before_write, layout_for
 from .formats import (KOHYA_DORA_REFUSAL, from_targets, header_for, peft_adapter_config, read_lora,
                       restore_alpha_dtype, state_dict, to_targets, write_lora)
@@ -60,6 +64,8 @@ def convert_lora(src: str | Path, out: str | Path, to: OutputFormat, *, model: s
         raise ConfigError(f"--to must be kohya or diffusers (got {to!r})")
     style = STYLE_OF[to]
     data = read_lora(src)
+    if is_flux_file(list(data.modules), data.metadata):
+        return _convert_flux(data, out, to)
     if style == "kohya" and data.has_dora:
         raise ConfigError(f"'{src.name}' is a DoRA: {KOHYA_DORA_REFUSAL}.")
     layout = layout_for(model, data.metadata, data.source, single_file_config)
@@ -82,6 +88,30 @@ def convert_lora(src: str | Path, out: str | Path, to: OutputFormat, *, model: s
     write_lora(out, modules, style, header)
     return ConvertReport(source=src.name, source_format=FORMAT_NAMES[data.style], out=out, format=to,
                          modules=len(modules), notes=notes)
+
+
+def _convert_flux(data, out: Path, to: OutputFormat) -> ConvertReport:
+    """Flux: kohya files use BFL's module names with q/k/v fused (bfl.py); no base model is needed to name them."""
+    from ..models.flux import FluxFamily
+
+    if data.style not in ("kohya", "peft"):
+        raise ConfigError(f"'{data.source}' is a {FORMAT_NAMES[data.style]} file; Flux files are kohya or diffusers.")
+    if to == "kohya" and data.has_dora:
+        raise ConfigError(f"'{data.source}' is a DoRA: {KOHYA_DORA_REFUSAL}.")
+    family = FluxFamily(variant="schnell" if "schnell" in data.metadata.get("modelspec.architecture", "") else "dev")
+    split = from_bfl(data.modules, data.metadata) if data.style == "kohya" else data.modules
+    metadata = {k: v for k, v in data.metadata.items() if k != SPLIT_KEY}
+    if to == "kohya":
+        modules, extra = (data.modules, {k: v for k, v in data.metadata.items() if k == SPLIT_KEY}) \
+            if data.style == "kohya" else to_bfl(split)
+        header = {**header_for("kohya", metadata, modules, family=family), **extra}
+        header["ss_network_module"] = "networks.lora_flux"  # what sd-scripts' Flux LoRA files say
+        write_lora(out, restore_alpha_dtype(modules, data.metadata), "kohya", header)
+    else:
+        modules = split
+        write_lora(out, modules, "peft", header_for("peft", metadata, modules, family=family))
+    return ConvertReport(source=data.source, source_format=FORMAT_NAMES[data.style], out=out, format=to,
+                         modules=len(modules))
 
 
 def _check_paths(src: Path, out: Path, overwrite: bool) -> None:

@@ -160,10 +160,10 @@ class ModelLayout:
             return self.family.kohya_unet_key(target.module, self.unet_config)
         return f"{self.naming(target.component).kohya_prefix}_{target.module.replace('.', '_')}"
 
-    @staticmethod
-    def peft_stem(target: Target) -> str:
-        """`unet.<path>` / `text_encoder.<path>`: diffusers' (peft) key stem of a module."""
-        return f"{target.component}.{target.module}"
+    def peft_stem(self, target: Target) -> str:
+        """`unet.<path>` (`transformer.<path>` for SD3/Flux) / `text_encoder.<path>`: diffusers' (peft) key stem."""
+        component = self.family.denoiser_prefix if target.component == UNET else target.component
+        return f"{component}.{target.module}"
 
     def stem(self, target: Target, style: Style) -> str:
         if style == "kohya":
@@ -206,6 +206,8 @@ class ModelLayout:
 
     def _peft_target(self, stem: str) -> Target | None:
         component, dot, path = stem.partition(".")
+        if dot and component == self.family.denoiser_prefix:
+            component = UNET  # SD3/Flux files say transformer.: the denoiser, whatever the pipeline calls it
         if not dot or component not in self.components:
             component, path = UNET, stem  # unprefixed keys: a UNet's own save (save_attn_procs)
         if component != UNET and not path.startswith("text_model.") and path.split(".", 1)[0] in _TEXT_CHILDREN:

@@ -110,8 +110,10 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
     """
     from ..lora import add_lora_adapters
 
+    family = detect_family(models)
     unet = _cast(meta_unet(models.unet), s.frozen_dtype)
     texts = [_cast(meta_text_encoder(c), s.frozen_dtype) for c in models.text_encoders]
+    adapted = texts if family.adapted_text_encoders is None else texts[:family.adapted_text_encoders]
     vae = meta_vae(models.vae)  # fp32 while it encodes the caches (train.place_frozen)
     unet_bytes, vae_bytes = parameter_bytes(unet), parameter_bytes(vae)
     text_bytes = sum(parameter_bytes(t) for t in texts)
@@ -125,7 +127,13 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
             unet, texts, vae, models, s, rows=2 * s.prior_batch_size, latent=latent)
     phases["caching"] = unet_bytes + text_bytes + vae_bytes + _encode_peak(vae, s)
 
-    add_lora_adapters(unet, texts, rank=s.rank, alpha=float(s.rank), dropout=0.0, unet_targets=list(s.unet_targets),
+    # The targets and encoders training adapts (training.denoiser_targets / adapted_encoders: never T5).
+    from ..config import LoraConfig
+
+    targets = family.default_targets if list(s.unet_targets) == LoraConfig().target_modules else s.unet_targets
+    for text in texts:
+        text.requires_grad_(False)  # the encoders without adapters (T5) are frozen too
+    add_lora_adapters(unet, adapted, rank=s.rank, alpha=float(s.rank), dropout=0.0, unet_targets=list(targets),
                       train_text_encoder=s.train_text_encoder, text_targets=list(s.text_targets))
     trained = [p for m in (unet, *texts) for p in m.parameters() if p.requires_grad]
     for p in trained:
@@ -134,12 +142,14 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
     # After caching the VAE, and the text encoders unless trained, leave the accelerator (train.offload_encoders);
     # on the CPU everything stays in the same memory.
     stays = s.device_type == "cpu"
-    resident_text = text_bytes if (s.train_text_encoder or stays) else 0
+    resident_text = (text_bytes if stays else sum(parameter_bytes(t) for t in adapted)) \
+        if s.train_text_encoder else (text_bytes if stays else 0)
     # A VAE that overflows in half precision (SDXL's: force_upcast) stays fp32 (training.vae_dtype).
     vae_dtype = torch.float32 if models.vae.get("force_upcast") else s.frozen_dtype
     resident_vae = parameter_bytes(vae, vae_dtype) if stays else 0
-    embedding_bytes = 0 if s.train_text_encoder else \
-        s.cached_prompts * TEXT_TOKENS * text_widths(models) * s.frozen_dtype.itemsize
+    _, meta_kwargs = unet_inputs(models, 1, latent, s.frozen_dtype)
+    hidden = meta_kwargs["encoder_hidden_states"]  # one prompt's states: (1, tokens, width)
+    embedding_bytes = 0 if s.train_text_encoder else s.cached_prompts * hidden[0].numel() * s.frozen_dtype.itemsize
     optimizer_bytes = _optimizer_bytes(trained, s.optimizer)
     step = _training_step_peak(unet, texts, models, s, latent)
     training = {"frozen UNet": unet_bytes, "text encoders": resident_text, "VAE": resident_vae,
@@ -181,11 +191,11 @@ def _sampling_peak(unet, texts, vae, models: ModelConfigs, s: MemorySettings, *,
                    vae_dtype: torch.dtype = torch.float32) -> int:
     """Live bytes while sampling: prompt encoding, the UNet on `rows` rows (CFG), then decoding one image."""
     with torch.no_grad(), _simulate(s.device_type, None) as live:
-        ids = torch.empty(rows, TEXT_TOKENS, dtype=torch.long, device="meta")
-        for text in texts:
-            text(ids)
+        family = detect_family(models)
+        for text, tokens in zip(texts, family.text_tokens):
+            text(torch.empty(rows, tokens, dtype=torch.long, device="meta"))
         args, kwargs = unet_inputs(models, rows, latent, s.frozen_dtype)
-        noise = unet(*args, **kwargs).sample  # held by the sampler alongside the latents
+        noise = family.predict(unet, *args, kwargs)  # held by the sampler alongside the latents
         del noise, kwargs
         _cast(vae, vae_dtype).decode(torch.empty(1, vae.config.latent_channels, latent, latent, dtype=vae_dtype,
                                              device="meta")).sample
@@ -203,6 +213,8 @@ def _encode_peak(vae, s: MemorySettings) -> int:
 
 def _training_step_peak(unet, texts, models: ModelConfigs, s: MemorySettings, latent: int) -> int:
     """Live bytes of one micro-step: the batch, text encoding (when trained), UNet forward, fp32 loss, backward."""
+    family = detect_family(models)
+    adapted = texts if family.adapted_text_encoders is None else texts[:family.adapted_text_encoders]
     if s.gradient_checkpointing:
         # Recomputation runs in backward, outside the mode's scope: it must see the same stand-ins.
         context = {"use_reentrant": False,
@@ -210,22 +222,21 @@ def _training_step_peak(unet, texts, models: ModelConfigs, s: MemorySettings, la
         unet.enable_gradient_checkpointing(
             lambda module, *args: torch.utils.checkpoint.checkpoint(module.__call__, *args, **context))
         if s.train_text_encoder:
-            for text in texts:
+            for text in adapted:
                 text.gradient_checkpointing_enable(gradient_checkpointing_kwargs=context)
     unet.train()
     for text in texts:
-        text.train(s.train_text_encoder)
+        text.train(s.train_text_encoder and text in adapted)
     rows = s.rows
     with _simulate(s.device_type, s.half) as live:
         args, kwargs = unet_inputs(models, rows, latent, s.frozen_dtype)
         noise = torch.empty_like(args[0])
         noisy = args[0] * 0.5 + noise * 0.5
         if s.train_text_encoder:  # the encoders run in the step, as the family runs them
-            family = detect_family(models)
-            embeddings = family.encode_ids(texts, [torch.empty(rows, TEXT_TOKENS, dtype=torch.long, device="meta")
-                                                   for _ in texts])
+            embeddings = family.encode_ids(texts, [torch.empty(rows, tokens, dtype=torch.long, device="meta")
+                                                   for tokens in family.text_tokens])
             kwargs = family.denoiser_kwargs(embeddings, meta_conditions(kwargs))
-        pred = unet(noisy, args[1], **kwargs).sample
+        pred = family.predict(unet, noisy, args[1], kwargs)
         if s.half is not None:
             pred = pred.float()  # accelerate returns fp32 outputs under mixed precision
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())

@@ -19,11 +19,15 @@ import torch.utils._pytree
 
 
 def meta_unet(config: dict):
-    """A UNet2DConditionModel with the shapes of `config` and no storage (meta device)."""
-    from diffusers import UNet2DConditionModel
+    """The denoiser of `config` with its shapes and no storage (meta device): a UNet2DConditionModel, or the
+    transformer its `_class_name` names (SD3Transformer2DModel, FluxTransformer2DModel)."""
+    import diffusers
 
+    name = config.get("_class_name", "UNet2DConditionModel")
+    cls = getattr(diffusers, name) if name in ("SD3Transformer2DModel", "FluxTransformer2DModel") else \
+        diffusers.UNet2DConditionModel
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(_plain(config))
+        return cls.from_config(_plain(config))
 
 
 def meta_vae(config: dict):
@@ -34,14 +38,17 @@ def meta_vae(config: dict):
 
 
 def meta_text_encoder(config: dict):
-    """A CLIP text encoder (with projection when the config says so: SDXL's second one) on the meta device."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """A CLIP text encoder (with projection when the config says so: SDXL's second one), or T5's encoder (SD3, Flux),
+    on the meta device."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
-    cls = CLIPTextModelWithProjection if architecture == "CLIPTextModelWithProjection" else CLIPTextModel
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "dtype",
                                                                                      "torch_dtype")}
     with torch.device("meta"):
+        if architecture.startswith("T5") or config.get("model_type") == "t5":
+            return T5EncoderModel(T5Config(**kwargs))
+        cls = CLIPTextModelWithProjection if architecture == "CLIPTextModelWithProjection" else CLIPTextModel
         return cls(CLIPTextConfig(**kwargs))
 
 
@@ -139,7 +146,9 @@ class _AcceleratorOps(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v = (self._cast(t, self.half) for t in args[:3])
+            # diffusers' transformers (SD3, Flux) name them: query=, key=, value=
+            qkv = list(args[:3]) + [kwargs.get(name) for name in ("query", "key", "value")[len(args[:3]):]]
+            q, k, v = (self._cast(t, self.half) for t in qkv)
             return _FlashAttention.apply(q, k, v)
         if self.half is not None and func in self.to_half:
             args, kwargs = self._cast_all(args, kwargs, self.half)

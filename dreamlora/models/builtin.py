@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..paths import cache_dir
-from .tokenizer import load_tokenizer, write_tokenizer_files
+from .tokenizer import load_tokenizer, write_t5_tokenizer_files, write_tokenizer_files
 
 # Bump when anything below changes the built weights or configs, so old cache folders are not reused.
 BUILDER_VERSION = "1"
@@ -70,7 +70,7 @@ class BuiltinModel:
 
     name: str
     description: str
-    layout: Literal["sd1", "sd2", "sdxl"]  # sd2: gelu text encoder, linear attention projections, v-prediction
+    layout: Literal["sd1", "sd2", "sdxl", "sd3", "flux"]  # sd2: gelu text encoder, linear attention projections, v-prediction
     shipped: bool = False  # trained weights in SHIPPED_DIR/<name>/, loaded as they are (never built)
 
     @property
@@ -88,6 +88,10 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-sd2": BuiltinModel("tiny-sd2", "random-weight SD 2.x layout, v-prediction, 64 px", "sd2"),
     "tiny-sdxl": BuiltinModel("tiny-sdxl", "random-weight SDXL layout (two text encoders, size conditions), "
                               "epsilon prediction, 64 px", "sdxl"),
+    "tiny-sd3": BuiltinModel("tiny-sd3", "random-weight SD3 layout (MMDiT, CLIP-L + CLIP-G + T5, 16-channel VAE), "
+                             "rectified flow, 64 px", "sd3"),
+    "tiny-flux": BuiltinModel("tiny-flux", "random-weight Flux.1 [dev] layout (double and single blocks, guidance "
+                              "embedding, CLIP-L + T5, 2x2 latent patches), rectified flow, 64 px", "flux"),
     "toy": BuiltinModel("toy", "SD 1.x layout pretrained on the toy world (balls, cubes, cups, stars), "
                         "epsilon prediction, 64 px", "sd1", shipped=True),
 }
@@ -139,10 +143,12 @@ def builtin_model_dir(name: str) -> Path:
         shutil.rmtree(tmp / "_tokenizer")
         # Replace what the tokenizers' save_pretrained wrote (a tokenizer.json and a config naming
         # load-time options) with the plain CLIP files, which every transformers version reads.
-        for folder in ("tokenizer", "tokenizer_2"):
+        # T5's tokenizer (SD3's third, Flux's second) is rewritten as a plain tokenizer.json folder too.
+        t5_folder = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}.get(spec.layout)
+        for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             if (tmp / folder).is_dir():
                 shutil.rmtree(tmp / folder)
-                write_tokenizer_files(tmp / folder)
+                (write_t5_tokenizer_files if folder == t5_folder else write_tokenizer_files)(tmp / folder)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -173,6 +179,14 @@ def builtin_config_values(spec: BuiltinModel) -> dict:
     from .tokenizer import DEFAULT_WORDS, build_merges, build_vocab
 
     vocab = len(build_vocab(build_merges(DEFAULT_WORDS)))
+    if spec.layout == "sd3":
+        from .tiny_transformers import tiny_sd3_config_values
+
+        return tiny_sd3_config_values(vocab)
+    if spec.layout == "flux":
+        from .tiny_transformers import tiny_flux_config_values
+
+        return tiny_flux_config_values(vocab)
     if spec.layout == "sdxl":
         from .sdxl_layout import SDXL_SCHEDULER, TINY_SDXL_TEXT_1, TINY_SDXL_TEXT_2, TINY_SDXL_UNET, TINY_SDXL_VAE
 
@@ -196,6 +210,14 @@ def _build_pipeline(spec: BuiltinModel, tokenizer_dir: Path):
         from .sdxl_layout import build_tiny_sdxl_pipeline
 
         return build_tiny_sdxl_pipeline(tokenizer_dir)
+    if spec.layout == "sd3":
+        from .tiny_transformers import build_tiny_sd3_pipeline
+
+        return build_tiny_sd3_pipeline(tokenizer_dir)
+    if spec.layout == "flux":
+        from .tiny_transformers import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline(tokenizer_dir)
     write_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     # fork_rng: seeding must not disturb the caller's random state.

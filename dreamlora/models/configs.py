@@ -13,12 +13,14 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # in pipeline order
+
 
 @dataclass(frozen=True)
 class ModelConfigs:
     """The JSON configs of a base model (diffusers layout)."""
 
-    unet: dict  # the denoiser's config
+    unet: dict  # the denoiser's config (a UNet's, or SD3's/Flux's transformer's)
     vae: dict
     text_encoders: tuple[dict, ...]  # transformers text-model configs, in pipeline order
     source: str  # where they were read, for messages
@@ -31,6 +33,8 @@ class ModelConfigs:
 
     @property
     def default_resolution(self) -> int:
+        if "sample_size" not in self.unet and "sample_size" in self.vae:  # Flux's transformer has no size
+            return int(self.vae["sample_size"])
         return int(self.unet.get("sample_size", 64)) * self.vae_scale_factor
 
 
@@ -71,11 +75,11 @@ def _folder_configs(folder: Path) -> ModelConfigs:
         path = folder / part / "config.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
-    unet, vae = read("unet"), read("vae")
+    unet, vae = read("unet") or read("transformer"), read("vae")  # SD3 and Flux: a transformer, not a UNet
     if unet is None or vae is None:
-        raise ModelLoadError(f"--model folder '{folder}' has no unet/config.json or vae/config.json; "
-                             "pass a diffusers model folder.")
-    texts = tuple(c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None)
+        raise ModelLoadError(f"--model folder '{folder}' has no unet/ (or transformer/) config.json or "
+                             "vae/config.json; pass a diffusers model folder.")
+    texts = tuple(c for c in (read(f) for f in TEXT_ENCODER_FOLDERS) if c is not None)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.is_file() else {}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
@@ -90,10 +94,10 @@ def _hub_configs(repo_id: str) -> ModelConfigs:
         cached = try_to_load_from_cache(repo_id, f"{part}/{file}" if part else file)
         return json.loads(Path(cached).read_text(encoding="utf-8")) if isinstance(cached, str) else None
 
-    unet, vae = read("unet"), read("vae")
+    unet, vae = read("unet") or read("transformer"), read("vae")
     if unet is None or vae is None:
         raise ModelLoadError(f"model '{repo_id}' is not a local folder or file and its configs are not in the local "
                              f"Hugging Face cache. Download it first (hf download {repo_id}).")
-    texts = tuple(c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None)
+    texts = tuple(c for c in (read(f) for f in TEXT_ENCODER_FOLDERS) if c is not None)
     return ModelConfigs(unet, vae, texts, repo_id, read("scheduler", "scheduler_config.json") or {},
                         read("", "model_index.json") or {})

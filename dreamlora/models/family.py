@@ -17,23 +17,12 @@ branches on the kind of model. A family is one class (ComfyUI's supported_models
 
 Adding a family is adding a class that implements `ModelFamily` and putting it in `registry.FAMILIES`.
 
-A transformer (DiT) family trained with flow matching, such as SD3 or Flux, fits the same interface without a
-change to the loop:
-- `detect` matches its model_index class (`StableDiffusion3Pipeline`, `FluxPipeline`) or its checkpoint keys
-  (`joint_blocks`, `double_blocks`); `pipeline_class` and `load_kwargs` name its diffusers pipeline;
-- `encode_prompts` runs its encoders (CLIP-L + CLIP-G + T5 for SD3; CLIP-L pooled + T5 sequence for Flux) and puts
-  the pooled projection in `PromptEmbeddings.added_conditions`; T5 is never given adapters and its embeddings are
-  cached like any frozen encoder's;
-- `image_conditions` returns what the transformer takes per image (Flux: the packed-latent position ids);
-  `pack_latents`/`unpack_latents` (2x2 patches for Flux) would join this interface then, identity for UNet families;
-- `denoiser_kwargs` maps them to the transformer's arguments (`pooled_projections`, `encoder_hidden_states`,
-  `guidance` for Flux dev, `img_ids`/`txt_ids`);
-- `objective` returns a rectified-flow objective implementing `objectives.Objective`: timesteps from a logit-normal
-  (or uniform, or mode) density with the resolution-dependent shift, x_t = (1 - σ)·x₀ + σ·ε, target ε - x₀, and the
-  scheme's loss weights; prior preservation is unchanged (one batched forward, λ on the class rows);
-- `kohya_unet_key` gives BFL module names (`lora_unet_double_blocks_0_img_attn_qkv`), `file_metadata` the
-  modelspec architecture (`flux-1-dev/lora`), `original_state_dict` the BFL single-file layout;
-- `meta_denoiser_inputs` builds the transformer's inputs on the meta device for the memory plan.
+The flow-matching transformer families (SD3: `sd3.StableDiffusion3Family`, Flux.1: `flux.FluxFamily`) use the same
+interface: `detect` matches their model_index class or transformer class; `encode_prompts` runs CLIP-L + CLIP-G + T5
+(SD3) or CLIP-L pooled + T5 (Flux), with T5's states cached in the family and never adapted (`adapted_text_encoders`);
+`predict` is the loop's one denoiser call (Flux packs 2x2 latent patches and adds position ids and its guidance
+there, identity packing for the others); `objective` is `objectives.FlowMatchingObjective`; `denoiser_prefix`
+is `transformer`, so files say `transformer.…`; `meta_denoiser_inputs` serves the memory plan.
 """
 
 from __future__ import annotations
@@ -100,6 +89,12 @@ class ModelFamily(Protocol):
     prediction_type: str  # the denoiser's target: "epsilon" or "v_prediction"
     pipeline_class: str  # the diffusers pipeline that loads and samples this family
     kohya_text_prefixes: tuple[str, ...]  # kohya key prefix of each text encoder, in pipeline order
+    text_tokens: tuple[int, ...]  # each encoder's prompt length, as the pipeline pads it (CLIP 77, T5 256/512)
+    denoiser_prefix: str  # the pipeline's name of the denoiser, diffusers' key prefix: unet, transformer
+    adapted_text_encoders: int | None  # how many encoders (from the first) take adapters; None: all (T5 never does)
+    default_targets: tuple[str, ...]  # denoiser modules adapted when --lora-targets is left at its default
+    kohya_files: bool  # whether LoRA files can be written in kohya naming (else --format diffusers only)
+    named_samplers: bool  # whether --sampler applies (flow-matching families sample with their own scheduler)
 
     @property
     def kohya_base_model_version(self) -> str:
@@ -141,8 +136,19 @@ class ModelFamily(Protocol):
     def denoiser_kwargs(self, embeddings: PromptEmbeddings, conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Keyword arguments of the denoiser's forward besides the noisy latents and the timesteps."""
 
-    def objective(self, scheduler_config: dict) -> Any:
-        """The training objective (objectives.Objective): timesteps, noising, target and loss weights."""
+    def predict(self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor,
+                kwargs: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction, shaped as `noisy`: the one call the training loop makes (Flux packs the
+        latents into 2x2 patches and unpacks the prediction here)."""
+
+    def for_training(self, settings: Any) -> ModelFamily:
+        """The family with a run's settings (objectives.FlowSettings) it needs to run the denoiser: Flux dev's
+        guidance value; the others return themselves."""
+
+    def objective(self, scheduler_config: dict, settings: Any = None) -> Any:
+        """The training objective (objectives.Objective): timesteps, noising, target and loss weights.
+
+        `settings` (objectives.FlowSettings) are a run's flow-matching flags; DDPM families ignore them."""
 
     def original_state_dict(self, base: Any) -> dict[str, torch.Tensor]:
         """Every weight under its original single-file name (what AUTOMATIC1111 and ComfyUI load)."""

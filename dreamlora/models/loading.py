@@ -36,7 +36,9 @@ if TYPE_CHECKING:  # diffusers takes seconds to import; only the type checker ne
     from ..objectives import Objective
 
 ACCEPTED_FORMS = (
-    "builtin:<name> (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl), a diffusers model folder, "
+    "builtin:<name> (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, "
+    "builtin:tiny-flux), "
+    "a diffusers model folder, "
     "a single-file checkpoint (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id (org/name)"
 )
 
@@ -44,7 +46,7 @@ ACCEPTED_FORMS = (
 class BaseModel:
     """A loaded base model: its modules, its family, its training objective and how to name it."""
 
-    unet: UNet2DConditionModel  # the denoiser
+    unet: UNet2DConditionModel  # the denoiser: a UNet, or SD3's/Flux's transformer (named as the loop names it)
     vae: AutoencoderKL
     text_encoders: list  # in pipeline order: [CLIPTextModel] for SD, [CLIPTextModel, CLIPTextModelWithProjection] for SDXL
     tokenizers: list  # one per text encoder
@@ -68,8 +70,9 @@ class BaseModel:
 
     @property
     def default_resolution(self) -> int:
-        """The image size the UNet was built for, in pixels."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        """The image size the denoiser was built for, in pixels (Flux's transformer has no size: its VAE's)."""
+        size = getattr(self.unet.config, "sample_size", None)
+        return size * self.vae_scale_factor if size else int(self.vae.config.sample_size)
 
     def pipeline(self, scheduler: str | None = None):
         """A diffusers pipeline of the family over these very modules (no copies), safety checker off.
@@ -80,7 +83,9 @@ class BaseModel:
         Raises:
             ConfigError: unknown sampler name.
         """
-        return self.family.make_pipeline(self, make_scheduler(self.scheduler_config, scheduler))
+        # Flow-matching families sample with their own scheduler: the named samplers are DDPM ones.
+        sampler = scheduler if self.family.named_samplers else None
+        return self.family.make_pipeline(self, make_scheduler(self.scheduler_config, sampler))
 
 
 def make_scheduler(scheduler_config: dict, sampler: str | None = None):
@@ -285,16 +290,21 @@ def _base_model(pipe, model: ModelIdentity) -> BaseModel:
     """Wrap a loaded pipeline's modules, with the family its configs show."""
     # SD never clips x0 while sampling, but DDPM/DDIM default to it when the saved config (a PNDM
     # one, say) does not mention it; saying so here keeps every scheduler made from this config right.
-    scheduler_config = {"clip_sample": False, **pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
-    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-    configs = ModelConfigs(unet=dict(pipe.unet.config), vae=dict(pipe.vae.config),
+    scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+    if not scheduler_config["_class_name"].startswith("FlowMatch"):  # flow schedulers have no clip_sample
+        scheduler_config = {"clip_sample": False, **scheduler_config}
+    encoders = [e for e in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                if e is not None]
+    tokenizers = [t for t in (getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+                  if t is not None]
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # SD3, Flux: a transformer
+    configs = ModelConfigs(unet=dict(denoiser.config), vae=dict(pipe.vae.config),
                            text_encoders=tuple(e.config.to_dict() for e in encoders), source=model.name,
                            scheduler=scheduler_config, index={"_class_name": type(pipe).__name__, **dict(pipe.config)})
     family = detect_family(configs)
-    for module in (pipe.unet, pipe.vae, *encoders):
+    for module in (denoiser, pipe.vae, *encoders):
         module.eval()
-    return BaseModel(unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+    return BaseModel(unet=denoiser, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
                      scheduler_config=scheduler_config, family=family, identity=model.name,
                      fingerprint=model.fingerprint, objective=family.objective(scheduler_config),
                      pipeline_config={k: v for k, v in dict(pipe.config).items() if not isinstance(v, (list, tuple))})

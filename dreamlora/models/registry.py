@@ -10,11 +10,13 @@ from ..errors import ModelLoadError
 from .configs import ModelConfigs
 from .family import ModelFamily
 from .sd import StableDiffusionFamily
+from .flux import FluxFamily
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 # Walked in order; the first whose detect() answers wins.
-FAMILIES: tuple[type, ...] = (StableDiffusionXLFamily, StableDiffusionFamily)
-SUPPORTED = "SD 1.x, SD 2.x and SDXL"
+FAMILIES: tuple[type, ...] = (FluxFamily, StableDiffusion3Family, StableDiffusionXLFamily, StableDiffusionFamily)
+SUPPORTED = "SD 1.x, SD 2.x, SDXL, SD3 and Flux.1"
 
 # Single-file kinds (sdxl_layout.checkpoint_kind) -> the diffusers pipeline that loads them.
 CHECKPOINT_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
@@ -22,8 +24,10 @@ CHECKPOINT_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusio
 CHECKPOINT_REFUSALS = {
     "sdxl-refiner": "an SDXL refiner checkpoint (one OpenCLIP encoder, aesthetic-score conditions); refiners are "
                     "not supported: train on the SDXL base model",
-    "sd3": "a Stable Diffusion 3 checkpoint (an MMDiT transformer); SD3 is not supported yet",
-    "flux": "a Flux checkpoint (a transformer trained with flow matching); Flux is not supported yet",
+    "sd3": "a single-file Stable Diffusion 3 checkpoint; SD3 trains from a diffusers folder or hub id "
+           "(e.g. stabilityai/stable-diffusion-3.5-medium)",
+    "flux": "a single-file Flux checkpoint; Flux trains from a diffusers folder or hub id "
+            "(e.g. black-forest-labs/FLUX.1-dev)",
     "lora": "a LoRA file, not a base model; pass the base model with --model (and the LoRA with --lora)",
     "unknown": "not a Stable Diffusion checkpoint dreamlora knows (no SD 1.x, 2.x or SDXL weights); a VAE or a "
                "UNet alone? Pass a whole base model",
@@ -61,8 +65,10 @@ def unsupported_reason(configs: ModelConfigs) -> str | None:
     if scheduler.startswith("EDM") or "latents_mean" in configs.vae and configs.vae.get("latents_mean"):
         return ("an EDM model of the Playground v2.5 kind (EDM noise schedule, latents with a mean and std); "
                 f"its training objective is not supported ({SUPPORTED} with DDPM schedules are)")
-    if pipeline.startswith(("StableDiffusion3", "Flux")):
-        return f"a {pipeline.removesuffix('Pipeline')} transformer model; it is not supported yet ({SUPPORTED} are)"
+    if pipeline.startswith("Flux") and pipeline != "FluxPipeline":
+        return f"a {pipeline.removesuffix('Pipeline')} pipeline; train on the text-to-image Flux.1 model"
+    if pipeline.startswith("StableDiffusion3") and pipeline != "StableDiffusion3Pipeline":
+        return f"a {pipeline.removesuffix('Pipeline')} pipeline; train on the text-to-image SD3 model"
     return None
 
 

@@ -24,6 +24,12 @@ class StableDiffusionFamily:
     v_prediction: bool
     kohya_text_prefixes: tuple[str, ...] = ("lora_te",)
     pipeline_class: str = "StableDiffusionPipeline"
+    text_tokens: tuple[int, ...] = (77,)  # each encoder's prompt length
+    denoiser_prefix: str = "unet"
+    adapted_text_encoders: int | None = None  # every encoder gets adapters with --train-text-encoder
+    default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    kohya_files: bool = True
+    named_samplers: bool = True  # --sampler picks any of SAMPLERS over the model's DDPM schedule
 
     @classmethod
     def detect(cls, configs: ModelConfigs) -> StableDiffusionFamily | None:
@@ -113,7 +119,13 @@ class StableDiffusionFamily:
     def denoiser_kwargs(self, embeddings: PromptEmbeddings, conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": embeddings.hidden_states}
 
-    def objective(self, scheduler_config: dict) -> Any:
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return denoiser(noisy, timesteps, **kwargs).sample
+
+    def for_training(self, settings: Any) -> Any:
+        return self  # nothing of a run's settings changes how this family runs its denoiser
+
+    def objective(self, scheduler_config: dict, settings: Any = None) -> Any:  # flow settings do not apply
         from ..objectives import DiffusionObjective
 
         return DiffusionObjective(scheduler_config)

@@ -34,6 +34,12 @@ class StableDiffusionXLFamily:
     v2: bool = False  # kohya's ss_v2 is about SD 2's text encoder; SDXL files say False
     kohya_text_prefixes: tuple[str, ...] = ("lora_te1", "lora_te2")
     pipeline_class: str = "StableDiffusionXLPipeline"
+    text_tokens: tuple[int, ...] = (77, 77)  # each encoder's prompt length
+    denoiser_prefix: str = "unet"
+    adapted_text_encoders: int | None = None  # every encoder gets adapters with --train-text-encoder
+    default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    kohya_files: bool = True
+    named_samplers: bool = True  # --sampler picks any of SAMPLERS over the model's DDPM schedule
 
     @classmethod
     def detect(cls, configs: ModelConfigs) -> StableDiffusionXLFamily | None:
@@ -116,7 +122,13 @@ class StableDiffusionXLFamily:
                 "added_cond_kwargs": {"text_embeds": embeddings.added_conditions["text_embeds"],
                                       "time_ids": conditions["time_ids"]}}
 
-    def objective(self, scheduler_config: dict) -> Any:
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return denoiser(noisy, timesteps, **kwargs).sample
+
+    def for_training(self, settings: Any) -> Any:
+        return self  # nothing of a run's settings changes how this family runs its denoiser
+
+    def objective(self, scheduler_config: dict, settings: Any = None) -> Any:  # flow settings do not apply
         from ..objectives import DiffusionObjective
 
         return DiffusionObjective(scheduler_config)

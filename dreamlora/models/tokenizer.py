@@ -145,3 +145,36 @@ def load_tokenizer(folder: str | Path):
     from transformers import CLIPTokenizer  # heavy import, only when a tokenizer is needed
 
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+# --- T5 (SD3's third encoder, Flux's sequence encoder) ------------------------------------------------------------
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's own vocabulary (pad 0, eos 1)
+T5_WORD_START = "▁"  # SentencePiece's word-boundary mark
+T5_MAX_LENGTH = 512  # T5's tokenizer_config model_max_length; the pipelines cut prompts to their own length
+
+
+def write_t5_tokenizer_files(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> int:
+    """Write a T5 tokenizer folder (tokenizer.json, tokenizer_config.json) for `words` and return its size.
+
+    A Unigram vocabulary as T5's SentencePiece model has: the specials, each word with its word-start mark as one
+    piece (scored above anything else, so it is chosen whole), then the mark and single characters as the fallback
+    every other text tokenizes into. Built with the tokenizers library alone: no sentencepiece, no hub.
+    """
+    from transformers import T5TokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    characters = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?-'"))
+    vocab = [(s, 0.0) for s in T5_SPECIALS] + [(T5_WORD_START + w, -1.0) for w in words]
+    vocab += [(T5_WORD_START, -2.0)] + [(c, -5.0) for c in characters]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+    tokenizer.save_pretrained(str(folder))
+    return len(tokenizer)
+
+
+def load_t5_tokenizer(folder: str | Path):
+    """Load a folder written by `write_t5_tokenizer_files` (a `transformers.T5TokenizerFast`)."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)

@@ -1,0 +1,243 @@
+"""Flux.1 end to end on the CPU through builtin:tiny-flux: 2x2 latent packing, detection, prompt encoding as the
+pipeline does it, the dev guidance embedding, training with prior preservation and CLIP-L adapters (T5 frozen), and
+files that FluxPipeline.load_lora_weights loads key for key, that change the output, and that at scale 0 are the
+base model."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from dreamlora import load_config, train
+from dreamlora.models import builtin_model_dir, detect_family, load_base_model
+from dreamlora.models.configs import read_model_configs
+from dreamlora.models.flux import FluxFamily, latent_position_ids, pack_latents, unpack_latents
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = ROOT / "sample_instances" / "polkaball"
+
+
+def flux_config(tmp_path, name="ball", **overrides):
+    values = {"model.name": "builtin:tiny-flux", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+              "output.path": str(tmp_path / f"{name}.safetensors"), "output.format": "diffusers", "train.steps": 3,
+              "train.learning_rate": 5e-3, "train.checkpoint_every": 0, "prior.num_class_images": 2,
+              "prior.steps": 2, "prior.guidance": 3.5, "validation.steps": 1, "validation.seeds": [0],
+              "validation.guidance": 3.5, "validation.prompts": ["a photo of {token} {class}"],
+              "lora.train_text_encoder": True}
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def test_packing_round_trips_and_matches_the_flux_pipeline():
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(0))
+    packed = pack_latents(latents)
+    assert packed.shape == (2, 3 * 4, 64)  # (h/2 · w/2) tokens of 16 channels x 2x2
+    assert torch.equal(unpack_latents(packed, 6, 8), latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 6, 8))
+    # Token (row 1, column 2) holds channel 0's 2x2 patch at rows 2-3, columns 4-5 first.
+    assert torch.equal(packed[0, 1 * 4 + 2, :4], latents[0, 0, 2:4, 4:6].reshape(4))
+    assert torch.equal(latent_position_ids(6, 8), FluxPipeline._prepare_latent_image_ids(1, 3, 4, "cpu", torch.float32))
+
+
+def test_tiny_flux_is_detected_from_its_configs_alone(session_cache):
+    configs = read_model_configs("builtin:tiny-flux")
+    family = detect_family(configs)
+    assert isinstance(family, FluxFamily) and family.variant == "dev" and family.guidance_embeds
+    meta = family.file_metadata(64)
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    schnell = detect_family(replace(configs, unet={**configs.unet, "guidance_embeds": False}))
+    assert schnell.variant == "schnell" and schnell.file_metadata(64)["modelspec.architecture"] == "flux-1-schnell/lora"
+    # The σ shift grows with the image: 1024 tokens (512 px) -> exp(0.63).
+    assert family.objective(configs.scheduler).shift((64, 64)) == pytest.approx(np.exp(0.63))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(session_cache):
+    return load_base_model("builtin:tiny-flux")
+
+
+@pytest.mark.slow  # over 3 s on 2 cores (builds builtin:tiny-flux): run by .ci/run with -m slow
+def test_prompts_and_the_forward_are_the_flux_pipelines(tiny_flux):
+    prompts = ["a photo of sks ball", "a photo of ball"]
+    mine = tiny_flux.family.encode_prompts(tiny_flux.tokenizers, tiny_flux.text_encoders, prompts)
+    states, pooled, _ = tiny_flux.pipeline().encode_prompt(prompts, None)
+    torch.testing.assert_close(mine.hidden_states, states)
+    torch.testing.assert_close(mine.added_conditions["pooled_projections"], pooled)
+    # predict = the pipeline's transformer call on packed latents, at σ = t / 1000, with the guidance value.
+    x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700.0, 200.0])
+    family = tiny_flux.family.for_training(type("S", (), {"guidance": 3.5})())
+    with torch.no_grad():
+        pred = family.predict(tiny_flux.unet, x, t, family.denoiser_kwargs(mine, {}))
+        direct = tiny_flux.unet(hidden_states=pack_latents(x), timestep=t / 1000, guidance=torch.full((2,), 3.5),
+                                pooled_projections=pooled, encoder_hidden_states=states,
+                                img_ids=latent_position_ids(32, 32), txt_ids=torch.zeros(512, 3)).sample
+        other = tiny_flux.family.predict(tiny_flux.unet, x, t, family.denoiser_kwargs(mine, {}))  # guidance 1
+    torch.testing.assert_close(pred, unpack_latents(direct, 32, 32))
+    assert not torch.allclose(pred, other)  # the dev guidance embedding sees the value
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("flux")
+    return train(flux_config(tmp_path)), tmp_path
+
+
+@pytest.mark.slow  # over 3 s on 2 cores (trains tiny-flux): run by .ci/run with -m slow
+def test_trained_file_loads_in_the_flux_pipeline_key_for_key_and_scale_zero_is_the_base(trained):
+    from diffusers import FluxPipeline
+    from peft import get_peft_model_state_dict
+
+    result, _ = trained
+    assert result.prior_loss is not None and result.prior_loss > 0
+    with safe_open(str(result.output), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder"}  # T5 (text_encoder_2) has none
+    assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_q.") for k in keys)
+    assert any(".to_add_out." in k for k in keys)
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+
+    pipe = FluxPipeline.from_pretrained(str(builtin_model_dir("tiny-flux")))
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        return pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
+                    guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
+
+    base = render()
+    pipe.load_lora_weights(str(result.output), adapter_name="subject")
+    loaded = {f"{c}.{k}" for c in ("transformer", "text_encoder")
+              for k in get_peft_model_state_dict(getattr(pipe, c), adapter_name="subject")}
+    assert {k.replace("text_model.", "") for k in loaded} == {k.replace("text_model.", "") for k in keys}
+    with_lora = render()
+    pipe.set_adapters(["subject"], adapter_weights=[0.0])
+    assert np.abs(with_lora - base).max() > 1e-3
+    np.testing.assert_allclose(render(), base, atol=1e-6)
+
+
+# --- BFL / kohya names --------------------------------------------------------------------------------------------
+
+
+def synthetic_flux_adapters(rank=2, width=8, seed=0) -> dict:
+    """A double block's both streams and a single block's q/k/v, as diffusers names them, with random weights."""
+    from dreamlora.interop.formats import LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+
+    def module(out=width, inp=width):
+        return LoraModule(down=torch.randn(rank, inp, generator=g), up=torch.randn(out, rank, generator=g),
+                          alpha=float(rank))
+
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+             "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.attn.to_out.0",
+             "transformer_blocks.0.attn.to_add_out", "single_transformer_blocks.0.attn.to_q",
+             "single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_v"]
+    modules = {f"transformer.{n}": module() for n in names}
+    modules["transformer.single_transformer_blocks.0.proj_out"] = module(width, 5 * width)
+    modules["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"] = module()
+    return modules
+
+
+def test_bfl_names_fuse_qkv_and_the_fused_update_is_the_split_ones_stacked():
+    from dreamlora.interop.bfl import to_bfl
+
+    split = synthetic_flux_adapters()
+    fused, header = to_bfl(split)
+    assert set(fused) == {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+                          "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_attn_proj",
+                          "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2",
+                          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"}
+    qkv = fused["lora_unet_double_blocks_0_img_attn_qkv"]
+    assert qkv.rank == 6 and qkv.alpha == 6.0  # three rank-2 parts, strength alpha / rank kept at 1
+    stacked = torch.cat([split[f"transformer.transformer_blocks.0.attn.to_{p}"].delta() for p in "qkv"])
+    torch.testing.assert_close(qkv.delta(), stacked)
+    linear1 = fused["lora_unet_single_blocks_0_linear1"]
+    assert linear1.up.shape == (8 * 3 + 4 * 8, 6)  # q, k, v and the MLP's input (not adapted: zero rows)
+    single = [split[f"transformer.single_transformer_blocks.0.attn.to_{p}"].delta() for p in "qkv"]
+    torch.testing.assert_close(linear1.delta(), torch.cat(single + [torch.zeros(32, 8)]))
+    assert "dreamlora.bfl_split" in header
+
+
+def test_bfl_conversion_is_bit_exact_both_ways():
+    from dreamlora.interop.bfl import from_bfl, to_bfl
+
+    split = synthetic_flux_adapters()
+    fused, header = to_bfl(split)
+    back = from_bfl(fused, header)
+    assert set(back) == set(split)
+    for stem, module in split.items():
+        assert torch.equal(back[stem].down, module.down) and torch.equal(back[stem].up, module.up), stem
+        assert back[stem].alpha == module.alpha
+    again, header_again = to_bfl(back)
+    assert header_again == header
+    for stem, module in fused.items():
+        assert torch.equal(again[stem].down, module.down) and torch.equal(again[stem].up, module.up)
+
+
+def test_a_fused_adapter_trained_elsewhere_splits_into_the_same_update():
+    from dreamlora.interop.bfl import from_bfl
+    from dreamlora.interop.formats import LoraModule
+
+    g = torch.Generator().manual_seed(3)
+    fused = {"lora_unet_single_blocks_1_linear1": LoraModule(down=torch.randn(4, 8, generator=g),
+                                                             up=torch.randn(56, 4, generator=g), alpha=2.0)}
+    parts = from_bfl(fused, {})  # no dreamlora.bfl_split: sd-scripts trained it fused
+    names = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    assert set(parts) == {f"transformer.single_transformer_blocks.1.{n}" for n in names}
+    stacked = torch.cat([parts[f"transformer.single_transformer_blocks.1.{n}"].delta() for n in names])
+    torch.testing.assert_close(stacked, fused["lora_unet_single_blocks_1_linear1"].delta())
+
+
+@pytest.mark.slow  # over 3 s on 2 cores (trains tiny-flux): run by .ci/run with -m slow
+def test_convert_to_bfl_and_back_is_exact_and_diffusers_loads_the_bfl_file_as_the_same_lora(trained, tmp_path):
+    from diffusers import FluxPipeline
+
+    from dreamlora.interop.convert import convert_lora
+
+    result, _ = trained
+    bfl = convert_lora(result.output, tmp_path / "bfl.safetensors", "kohya").out
+    back = convert_lora(bfl, tmp_path / "back.safetensors", "diffusers").out
+    with safe_open(str(result.output), "pt") as a, safe_open(str(bfl), "pt") as b, safe_open(str(back), "pt") as c:
+        assert set(a.keys()) == set(c.keys())
+        assert all(torch.equal(a.get_tensor(k), c.get_tensor(k)) for k in a.keys())  # bit for bit
+        keys, meta = set(b.keys()), b.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in keys
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in keys)
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["ss_network_module"] == "networks.lora_flux"
+    again = convert_lora(back, tmp_path / "bfl2.safetensors", "kohya").out
+    with safe_open(str(bfl), "pt") as b, safe_open(str(again), "pt") as d:
+        assert set(b.keys()) == set(d.keys()) and all(torch.equal(b.get_tensor(k), d.get_tensor(k)) for k in b.keys())
+
+    # diffusers reads BFL files too; its reader splits linear1 at FLUX.1's own widths (3 x 3072 + 12288), so the
+    # tiny model's single blocks are left out of this comparison: both files hold the double blocks and CLIP-L.
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(result.output), "pt") as f:
+        header = f.metadata()
+    doubles = {k: v for k, v in load_file(str(result.output)).items() if ".single_transformer_blocks." not in k}
+    save_file(doubles, str(tmp_path / "doubles.safetensors"), metadata=header)
+    doubles_bfl = convert_lora(tmp_path / "doubles.safetensors", tmp_path / "doubles-bfl.safetensors", "kohya").out
+    pipe = FluxPipeline.from_pretrained(str(builtin_model_dir("tiny-flux")))
+    pipe.set_progress_bar_config(disable=True)
+
+    def render(path=None):
+        if path is None:
+            return pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
+                        guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
+        pipe.load_lora_weights(str(path), adapter_name="x")
+        image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
+                     guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
+        pipe.delete_adapters("x")
+        return image
+
+    from_bfl, from_diffusers = render(doubles_bfl), render(tmp_path / "doubles.safetensors")
+    np.testing.assert_allclose(from_bfl, from_diffusers, atol=1e-5)
+    assert np.abs(from_bfl - render()).max() > 1e-3  # and the LoRA does something
