@@ -206,32 +206,30 @@ def test_cli_table_and_bad_file(lora_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_dreambooth_on_toy_improves_subject_fidelity(tmp_path):
-    """A short seeded DreamBooth run (the toy model's recommended settings, fewer steps) must teach the
-    subject without leaking it into plain class renders."""
+def test_dreambooth_on_toy_learns_the_subject_with_the_default_recipe(tmp_path):
+    """The README's main job as it is (the sample config, builtin:toy's recommended recipe, seed 0), scored on the
+    tuning set, and the same run without prior preservation.
+
+    benchmarks/dreambooth_toy.py measured this very run (commit f57396c): subject present 0.69, oracle similarity
+    0.41 against the base's -0.10, class renders showing the subject 0.00, class shift 0.46 against 0.67 without
+    prior preservation. The bars sit under those figures by a few renders of 32 (thread counts change the sums a
+    little), not at a level lowered until the test passes; the report set's much lower figures are in the README.
+    """
     started = time.time()
-    config = load_config(None, {
-        "model.name": "builtin:toy", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
-        "output.path": str(tmp_path / "sks.safetensors"), "train.steps": 400, "train.checkpoint_every": 0,
-        "prior.num_class_images": 20, "validation.seeds": [0],
-        "validation.prompts": ["a photo of {token} {class}"], "validation.steps": 1,
-    })
-    assert config.lora.rank == 32 and config.lora.train_text_encoder  # the model's recommendations apply
-    result = train(config)
-    report: EvalReport = evaluate(result.output, seeds=[0, 1, 2, 3], steps=10, backgrounds=["blue", "pink"],
-                                  instance_dir=INSTANCES)
+    config = load_config(INSTANCES / "dreamlora.toml", {"output.path": str(tmp_path / "sks.safetensors"),
+                                                       "validation.final": False, "validation.eval_every": 0})
+    assert (config.train.steps, config.lora.rank, config.lora.train_text_encoder) == (1000, 32, True)  # the recipe
+    report: EvalReport = evaluate(train(config).output, instance_dir=INSTANCES, prompt_sets=["tuning"])
     lora, base = report.lora, report.base
     print(f"\nDreamBooth on builtin:toy in {time.time() - started:.0f} s: lora {lora} base {base}")
     assert report.oracle is not None
-    assert base.subject_detected <= 0.15  # the base model has never seen polka dots
-    assert lora.subject_similarity - base.subject_similarity >= 0.25  # oracle embeddings moved to the photos
-    assert lora.subject_detected - base.subject_detected >= 0.25
-    assert lora.class_shows_subject <= 0.25  # prior preservation keeps plain "ball" renders dot-free
+    assert lora.subject_detected >= 0.5  # a red ball with white dots in at least half the subject renders
+    assert lora.subject_similarity - base.subject_similarity >= 0.35  # oracle embeddings moved to the photos
+    assert lora.class_shows_subject <= 0.05  # prior preservation keeps plain "ball" renders dot-free
 
-    # The same run without prior preservation: plain "ball" renders drift much further from the base model's.
+    # The same run without prior preservation: plain "ball" renders drift further from the base model's.
     config.prior.enabled = False
     config.output.path = str(tmp_path / "no-prior.safetensors")
-    drifted = evaluate(train(config).output, seeds=[0, 1, 2, 3], steps=10, backgrounds=["blue", "pink"],
-                       instance_dir=INSTANCES).lora
+    drifted = evaluate(train(config).output, instance_dir=INSTANCES, prompt_sets=["tuning"]).lora
     print(f"without prior: {drifted}")
     assert drifted.class_shift >= lora.class_shift + 0.1
