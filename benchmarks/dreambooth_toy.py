@@ -71,8 +71,7 @@ def commit() -> str:
 def table(rows: list[dict], revision: str) -> str:
     """The README table: per variant mean [min–max] over seeds, report set; the base model's row; per-seed line."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    seeds = sorted({r["seed"] for r in rows})
-    lines = [f"| report set, {len(seeds)} training seeds ({', '.join(map(str, seeds))}), commit `{revision}` | "
+    lines = [f"| report set, commit `{revision}`: mean [min–max] over training seeds | "
              + " | ".join(title for _, title in COLUMNS) + " | train time |",
              "|---|" + "---|" * (len(COLUMNS) + 1)]
     base = rows[0]["sets"]["report"]["base"]
@@ -85,14 +84,15 @@ def table(rows: list[dict], revision: str) -> str:
             cells.append("-" if None in values else f"{statistics.mean(values):.2f} [{min(values):.2f}–{max(values):.2f}]")
         times = [r["train_s"] for r in chosen if r["train_s"] is not None]
         timing = f"{min(times):.0f}–{max(times):.0f} s" if times else ""
-        lines.append(f"| LoRA, {VARIANTS[variant][0]} | " + " | ".join(cells) + f" | {timing} |")
+        used = ", ".join(str(r["seed"]) for r in sorted(chosen, key=lambda r: r["seed"]))
+        lines.append(f"| LoRA, {VARIANTS[variant][0]}, seeds {used} | " + " | ".join(cells) + f" | {timing} |")
     floor = [(r["sets"]["report"]["lora"]["base_color_spread"], r["sets"]["report"]["lora"]["base_background_spread"])
              for r in rows[:1]]
     lines += ["", f"The base model's own spread (its renders of the other classes from two seed sets): colour "
               f"{floor[0][0]:.2f}, background {floor[0][1]:.2f}.", ""]
     for variant in variants:
         chosen = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
-        per_seed = ", ".join(f"seed {r['seed']} {r['sets']['report']['lora']['subject_detected']:.2f}" for r in chosen)
+        per_seed = ", ".join(f"{r['seed']}: {r['sets']['report']['lora']['subject_detected']:.2f}" for r in chosen)
         tuning = statistics.mean(r["sets"]["tuning"]["lora"]["subject_detected"] for r in chosen)
         backgrounds = chosen[0]["sets"]["report"]["per_background"]
         per_bg = ", ".join(f"{bg} {statistics.mean(r['sets']['report']['per_background'][bg]['lora'] for r in chosen):.2f}"
