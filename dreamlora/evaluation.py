@@ -233,7 +233,8 @@ def evaluate(
     model = model or model_for_lora(info, lora_path)
     base = load_base_model(model, single_file_config=single_file_config)
     use_oracle = base.identity in ORACLE_MODELS if settings.oracle is None else settings.oracle
-    scorers = load_scorers(settings, [b for s in sets for b in s.backgrounds], instances, use_oracle)
+    scorers = load_scorers(settings.dino, settings.clip, [b for s in sets for b in s.backgrounds], instances,
+                           use_oracle)
     if scorers.oracle is None:
         notes.append(f"no oracle reads '{base.identity}' renders: oracle metrics are null "
                      "(pass --dino/--clip folders for model-independent ones)")
@@ -284,13 +285,14 @@ def chosen_sets(settings: EvalSettings) -> list[PromptSet]:
     return sets
 
 
-def load_scorers(settings, backgrounds: list[str], instances: list[Image.Image], use_oracle: bool) -> Scorers:
-    """The oracle (checked against the backgrounds asked for) and the DINO/CLIP folders the settings name."""
+def load_scorers(dino: str | None, clip: str | None, backgrounds: list[str], instances: list[Image.Image],
+                 use_oracle: bool) -> Scorers:
+    """The oracle (checked against the backgrounds asked for) and the DINO/CLIP folders given (None: not used)."""
     reader = _load_toy_oracle(backgrounds) if use_oracle else None
     return Scorers(
         oracle=reader,
-        dino=DinoScorer(settings.dino) if settings.dino is not None else None,
-        clip=ClipScorer(settings.clip) if settings.clip is not None else None,
+        dino=DinoScorer(dino) if dino is not None else None,
+        clip=ClipScorer(clip) if clip is not None else None,
         instances=instances,
         subject_class=reader.config.subject_class if reader else "",
         subject_color=reader.config.subject_color if reader else "",

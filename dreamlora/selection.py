@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from .atomic import atomic_path, write_text_atomic
 from .config import DreamLoraConfig, load_config, to_dict
-from .errors import ConfigError, DreamLoraError, TrainingError
+from .errors import ConfigError, TrainingError
 from .evaluation import PROMPT_SETS, ORACLE_MODELS, Scorers, _instance_images, load_scorers, save_eval_grid, score_sets
 from .progress import ProgressCallback, ProgressEvent, ignore_progress
 
@@ -85,9 +84,9 @@ class CheckpointScorer:
         self.folder = run_dir / EVAL_DIR
         instances, _, _ = _instance_images(data.instance_dir, None)
         use_oracle = base.identity in ORACLE_MODELS
-        settings = _ScorerSettings(dino=v.eval_dino, clip=v.eval_clip)
         self.sets = [PROMPT_SETS["tuning"]]  # never the report set: it must stay free of choices
-        self.scorers: Scorers = load_scorers(settings, list(self.sets[0].backgrounds), instances, use_oracle)
+        self.scorers: Scorers = load_scorers(v.eval_dino, v.eval_clip, list(self.sets[0].backgrounds), instances,
+                                             use_oracle)
         if self.scorers.oracle is None and self.scorers.dino is None and self.scorers.clip is None:
             raise ConfigError(f"--eval-every: nothing reads '{base.identity}' renders; pass --eval-dino or "
                               "--eval-clip with a local model folder (the toy oracle reads builtin:toy only)")
@@ -141,12 +140,6 @@ class CheckpointScorer:
         return row
 
 
-@dataclass
-class _ScorerSettings:  # the two fields load_scorers reads from EvalSettings
-    dino: str | None
-    clip: str | None
-
-
 def describe_row(row: StepScore) -> str:
     show = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     return f"fidelity {show(row.fidelity)}, class drift {show(row.drift)}"
@@ -162,12 +155,21 @@ def save_adapter(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def read_scores(run_dir: Path) -> list[StepScore]:
     """The scored steps of a run folder ([] when none were scored)."""
+    return read_scores_file(run_dir).get("steps", [])
+
+
+def read_scores_file(run_dir: Path) -> dict:
+    """eval/scores.json, its "steps" read as StepScore rows ({} when no step was scored).
+
+    Raises:
+        TrainingError: the file is damaged.
+    """
     path = Path(run_dir) / EVAL_DIR / SCORES_FILE
     if not path.is_file():
-        return []
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return [StepScore(**row) for row in data["steps"]]
+        return {**data, "steps": [StepScore(**row) for row in data["steps"]]}
     except (ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"'{path}' is damaged ({exc}); delete it, or start the run over with --overwrite") from None
 
@@ -238,12 +240,6 @@ def plot_scores(rows: list[StepScore], limit: float, best: int | None, size: tup
 
 def _data_url(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
-
-
-def _png_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def report_html(run_dir: Path, rows: list[StepScore], best: int | None, limit: float, config: DreamLoraConfig) -> str:
@@ -321,8 +317,8 @@ def export(run_dir: str | Path, out: str | Path, step: int | str | None = None, 
         raise ConfigError(f"RUN_DIR '{run_dir}' is not a folder. Pass the run folder of a training (<out>-run).")
     if out.exists() and not overwrite:
         raise ConfigError(f"output '{out}' already exists. Pass --overwrite to replace it, or choose another --out.")
-    scored = read_scores(run_dir)
-    scores_meta = _scores_meta(run_dir)
+    scores_meta = read_scores_file(run_dir)
+    scored = scores_meta.get("steps", [])
     kept = {c.step: c.path / "adapter.safetensors" for c in list_checkpoints(run_dir)}
     kept.update({r.step: run_dir / EVAL_DIR / f"step-{r.step:06d}.safetensors" for r in scored
                  if (run_dir / EVAL_DIR / f"step-{r.step:06d}.safetensors").is_file()})
@@ -350,8 +346,6 @@ def export(run_dir: str | Path, out: str | Path, step: int | str | None = None, 
     add_adapters(base, config, torch.device("cpu"))
     try:
         load_adapter_state_dict(base.unet, base.text_encoders, state)
-    except DreamLoraError:
-        raise
     except (KeyError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"the weights of step {chosen} do not fit {config.model.name} with these LoRA settings "
                             f"({str(exc).splitlines()[0][:160]}); pass the run's base model with --model") from None
@@ -361,11 +355,6 @@ def export(run_dir: str | Path, out: str | Path, step: int | str | None = None, 
     save_output(out, base, config, resolution, started, grid if grid.is_file() else None)
     progress(ProgressEvent("save", message=f"wrote {out} (step {chosen})"))
     return ExportResult(out, chosen, kept[chosen])
-
-
-def _scores_meta(run_dir: Path) -> dict:
-    path = run_dir / EVAL_DIR / SCORES_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _choose_step(step: int | str | None, kept: dict[int, Path], recommended: int | None, run_dir: Path) -> int:
