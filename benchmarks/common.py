@@ -108,10 +108,16 @@ def step_flops(models, settings) -> int:
     from dreamlora.memory.estimate import meta_conditions
     from dreamlora.models import detect_family
 
+    from dreamlora.config import LoraConfig
+
+    family = detect_family(models)
     unet = meta_unet(models.unet)
     texts = [meta_text_encoder(c) for c in models.text_encoders] if settings.train_text_encoder else []
+    # the targets training adapts: the family's own when --lora-targets is left at its default (training.py)
+    targets = family.default_targets if list(settings.unet_targets) == LoraConfig().target_modules \
+        else settings.unet_targets
     add_lora_adapters(unet, texts, rank=settings.rank, alpha=float(settings.rank), dropout=0.0,
-                      unet_targets=list(settings.unet_targets), train_text_encoder=settings.train_text_encoder,
+                      unet_targets=list(targets), train_text_encoder=settings.train_text_encoder,
                       text_targets=list(settings.text_targets))
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -120,10 +126,9 @@ def step_flops(models, settings) -> int:
     with FlopCounterMode(display=False) as counter:
         args, kwargs = unet_inputs(models, settings.rows, latent, torch.float32)
         if texts:  # the encoders run in the step, as the model's family runs them
-            family = detect_family(models)
-            ids = [torch.zeros(settings.rows, 77, dtype=torch.long, device="meta") for _ in texts]
+            ids = [torch.zeros(settings.rows, tokens, dtype=torch.long, device="meta") for tokens in family.text_tokens]
             kwargs = family.denoiser_kwargs(family.encode_ids(texts, ids), meta_conditions(kwargs))
-        pred = unet(*args, **kwargs).sample
+        pred = family.predict(unet, *args, kwargs)
         torch.nn.functional.mse_loss(pred, args[0]).backward()
     return counter.get_total_flops()
 

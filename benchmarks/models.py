@@ -61,7 +61,7 @@ _SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_pe
 _SD_VAE = {"block_out_channels": [128, 256, 512, 512], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
            "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
-_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
            "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu", "max_position_embeddings": 77}
 _SDXL_UNET = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
               "block_out_channels": [320, 640, 1280],
@@ -75,15 +75,15 @@ _CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_hea
               "architectures": ["CLIPTextModelWithProjection"]}
 
 ARCH = {
-    "sd15": {"unet": _SD15_UNET, "vae": _SD_VAE, "text": _CLIP_L, "resolution": 512},
+    "sd15": {"unet": _SD15_UNET, "vae": _SD_VAE, "text": CLIP_L, "resolution": 512},
     "sdxl": {"unet": _SDXL_UNET, "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025,
                                          "force_upcast": True},
-             "text": _CLIP_L, "text_2": _CLIP_BIGG, "resolution": 1024},
+             "text": CLIP_L, "text_2": _CLIP_BIGG, "resolution": 1024},
     # Same layouts at a tenth of the width (and 2 of SDXL's 10 deep transformer layers): CPU smoke tests.
     "sd15-mini": {"unet": {**_SD15_UNET, "block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 64,
                            "norm_num_groups": 16},
                   "vae": {**_SD_VAE, "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8},
-                  "text": {**_CLIP_L, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
+                  "text": {**CLIP_L, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
                            "num_hidden_layers": 2, "vocab_size": 1000, "projection_dim": 64},
                   "resolution": 128},
     "sdxl-mini": {"unet": {**_SDXL_UNET, "block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 8],
@@ -91,13 +91,39 @@ ARCH = {
                            "addition_time_embed_dim": 32, "projection_class_embeddings_input_dim": 64 + 6 * 32,
                            "norm_num_groups": 16},
                   "vae": {**_SD_VAE, "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8},
-                  "text": {**_CLIP_L, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4,
+                  "text": {**CLIP_L, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4,
                            "num_hidden_layers": 2, "vocab_size": 1000, "projection_dim": 32},
                   "text_2": {**_CLIP_BIGG, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4,
                              "num_hidden_layers": 2, "vocab_size": 1000, "projection_dim": 64},
                   "resolution": 256},
 }
-MODELS = {**BENCH, **ARCH}
+# FLUX.1 [dev]'s transformer, VAE and CLIP-L at their published sizes (black-forest-labs/FLUX.1-dev configs), T5 v1.1
+# XXL at its width with 2 of its 24 layers: the benchmark's T5 encodes the prompts on the CPU (--t5-on-cpu), so its
+# depth changes no accelerator figure, only the folder (9 GB less to write and read). "flux-mini": the same layout
+# at toy width, for gpu.sh --cpu-smoke.
+FLUX_DEV_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+FLUX_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2, "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 1024, "scaling_factor": 0.3611,
+            "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+          "relative_attention_max_distance": 128, "is_encoder_decoder": False, "use_cache": False}
+FLUX = {
+    "flux-dev": {"transformer": FLUX_DEV_TRANSFORMER, "vae": FLUX_VAE, "text": CLIP_L,
+                 "t5": {**T5_XXL, "num_layers": 2}, "resolution": 512},
+    "flux-mini": {"transformer": {**FLUX_DEV_TRANSFORMER, "num_layers": 2, "num_single_layers": 4,
+                                  "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 256,
+                                  "pooled_projection_dim": 64, "axes_dims_rope": [4, 6, 6]},
+                  "vae": {**FLUX_VAE, "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8},
+                  "text": {**CLIP_L, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
+                           "num_hidden_layers": 2, "vocab_size": 1000, "projection_dim": 64},
+                  "t5": {**T5_XXL, "d_model": 256, "d_ff": 512, "d_kv": 32, "num_heads": 8, "num_layers": 2},
+                  "resolution": 128},
+}
+MODELS = {**BENCH, **ARCH, **FLUX}
 
 
 def model_configs(name: str):
@@ -126,11 +152,14 @@ def model_folder(name: str, *, device: str = "cpu") -> Path:
     Full-size architectures are stored in fp16 (half the disk and load time); dreamlora loads them in fp32.
     """
     spec = MODELS[name]
-    dtype = torch.float16 if name in ("sd15", "sdxl") else torch.float32
+    dtype = (torch.bfloat16 if name == "flux-dev" else torch.float16 if name in ("sd15", "sdxl") else
+             torch.float32)
     key = hashlib.sha256(json.dumps([spec, str(dtype)], sort_keys=True).encode()).hexdigest()[:10]
     folder = bench_dir() / "models" / f"{name}-{key}"
     if (folder / "model_index.json").is_file():
         return folder
+    if name in FLUX:
+        return _flux_folder(spec, folder, dtype, device)
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -168,6 +197,31 @@ def model_folder(name: str, *, device: str = "cpu") -> Path:
         if (tmp / part).is_dir():
             shutil.rmtree(tmp / part)
             write_tokenizer_files(tmp / part)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _flux_folder(spec: dict, folder: Path, dtype: torch.dtype, device: str) -> Path:
+    """A random-weight FluxPipeline folder at `spec`'s sizes, built on `device` (FLUX.1-dev's 12 B parameters
+    initialise in seconds on a GPU and in minutes on a CPU) and saved in `dtype`."""
+    from dreamlora.models.tiny_transformers import build_tiny_flux_pipeline
+    from dreamlora.models.tokenizer import write_t5_tokenizer_files, write_tokenizer_files
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device(device):
+        pipe = build_tiny_flux_pipeline(tmp / "_tokenizer", transformer_config=spec["transformer"],
+                                        vae_config=spec["vae"],
+                                        clip_config={k: v for k, v in _text_config(spec["text"]).items()
+                                                     if k != "vocab_size"},  # the tokenizer's own vocabulary
+                                        t5_config=spec["t5"])
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    del pipe
+    shutil.rmtree(tmp / "_tokenizer")
+    for part, write in (("tokenizer", write_tokenizer_files), ("tokenizer_2", write_t5_tokenizer_files)):
+        shutil.rmtree(tmp / part)
+        write(tmp / part)
     os.replace(tmp, folder)
     return folder
 

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import MODELS, SD_SCHEDULER, bench_dir  # noqa: E402
+from models import (CLIP_L, FLUX_DEV_TRANSFORMER, FLUX_VAE, MODELS, SD_SCHEDULER, T5_XXL,  # noqa: E402
+                    bench_dir)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,22 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # FLUX.1 [dev]'s published configs (black-forest-labs/FLUX.1-dev: transformer/, vae/, text_encoder/ CLIP ViT-L,
 # text_encoder_2/ T5 v1.1 XXL encoder, scheduler/), the parts the plan reads.
 FLUX_DEV = {
-    "transformer": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
-                    "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
-                    "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
-                    "axes_dims_rope": [16, 56, 56]},
-    "vae": {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
-            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
-            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
-            "use_post_quant_conv": False},
-    "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 768, "intermediate_size": 3072,
-                     "num_attention_heads": 12, "num_hidden_layers": 12, "max_position_embeddings": 77,
-                     "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu"},
-    "text_encoder_2": {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": 4096, "d_ff": 10240,
-                       "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
-                       "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
-                       "relative_attention_max_distance": 128, "is_encoder_decoder": False},
+    "transformer": {"_class_name": "FluxTransformer2DModel", **FLUX_DEV_TRANSFORMER},
+    "vae": {"_class_name": "AutoencoderKL", **FLUX_VAE},
+    "text_encoder": {"architectures": ["CLIPTextModel"], "max_position_embeddings": 77, **CLIP_L},
+    "text_encoder_2": {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": 32128, **T5_XXL},
 }
 FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                   "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
@@ -84,25 +73,30 @@ def config_folder(name: str) -> Path:
 
 
 def rows(names: list[str], budgets: list[float], rank: int, resolutions: tuple[int | None, ...] = (None,),
-         text_modes: tuple[bool, ...] = (False, True)) -> list[str]:
-    """One markdown row a (model, encoders, budget): the settings the plan picked and what it needs."""
+         text_modes: tuple[bool, ...] = (False, True), quantizations: tuple[str, ...] = ("none",),
+         start: dict | None = None) -> list[str]:
+    """One markdown row a (model, resolution, frozen weights, encoders, budget): the settings the plan picked and
+    what it needs. `start`: settings the runs begin from (the ladder only adds savers to them)."""
     from dreamlora import load_config
     from dreamlora.errors import ConfigError
     from dreamlora.memory import plan
 
-    out = ["| model | px | text encoders | budget | settings the plan picks | needs (peak + slack + CUDA context) |",
-           "|---|---|---|---|---|---|"]
+    out = ["| model | px | frozen denoiser | text encoders | budget | settings the plan picks | needs (peak + slack + "
+           "CUDA context) |", "|---|---|---|---|---|---|---|"]
     for name in names:
         folder = config_folder(name)
-        for resolution, text, budget in itertools.product(resolutions, text_modes, budgets):
+        for resolution, quantization, text, budget in itertools.product(resolutions, quantizations, text_modes,
+                                                                        budgets):
             config = load_config(None, {
                 "model.name": str(folder), "data.instance_dir": str(ROOT / "sample_instances" / "polkaball"),
                 "data.class_word": "dog", "output.path": "/tmp/plan.safetensors", "lora.rank": rank,
                 "lora.train_text_encoder": text, "train.memory_budget": budget, "prior.num_class_images": 100,
-                "data.resolution": resolution,
+                "data.resolution": resolution, "train.base_quantization": quantization, **(start or {}),
                 "output.format": "diffusers" if name == "flux-dev" else "kohya"})
             px = resolution or (1024 if name in ("sdxl", "flux-dev") else 512)
-            head = f"| {name} | {px} | {'trained' if text else 'frozen'} | {budget:g} GiB |"
+            weights = {"none": "half precision" if (start or {}).get("train.mixed_precision") else "as loaded",
+                       "int8": "int8", "nf4": "NF4 (QLoRA)"}[quantization]
+            head = f"| {name} | {px} | {weights} | {'trained' if text else 'frozen'} | {budget:g} GiB |"
             try:
                 p = plan(config, device_type="cuda")
             except ConfigError as exc:
@@ -114,6 +108,7 @@ def rows(names: list[str], budgets: list[float], rank: int, resolutions: tuple[i
                 t.mixed_precision if t.mixed_precision != "no" else "fp32",
                 "gradient checkpointing" if t.gradient_checkpointing else "",
                 "8-bit AdamW" if t.optimizer == "adamw8bit" else "",
+                "T5 on the CPU" if t.t5_on_cpu else "",
                 f"batch {t.batch_size} x accumulation {t.gradient_accumulation_steps}"
                 if t.gradient_accumulation_steps > 1 else "",
                 "text encoders frozen to fit" if text and not p.config.lora.train_text_encoder else "") if x)
@@ -128,11 +123,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--models", default="sdxl")
     parser.add_argument("--flux", action="store_true",
-                        help="FLUX.1 [dev] at 512 and 1024 px on 12, 16 and 24 GiB (the README's Flux table)")
+                        help="FLUX.1 [dev] at 512 and 1024 px, bf16/int8/NF4, on 10, 16 and 24 GiB (the README's "
+                             "Flux table)")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md between its markers")
     args = parser.parse_args()
     if args.flux:
-        table = "\n".join(rows(["flux-dev"], [12, 16, 24], args.rank, resolutions=(512, 1024), text_modes=(False,)))
+        # From the issue's settings (bf16, checkpointing, 8-bit AdamW), bf16 / int8 / NF4 transformer.
+        table = "\n".join(rows(["flux-dev"], [10, 16, 24], args.rank, resolutions=(512, 1024), text_modes=(False,),
+                               quantizations=("none", "int8", "nf4"),
+                               start={"train.mixed_precision": "bf16", "train.gradient_checkpointing": True,
+                                      "train.optimizer": "adamw8bit"}))
         start, end = FLUX_START, FLUX_END
     else:
         table = "\n".join(rows(args.models.split(","), [float(b) for b in args.budgets.split(",")], args.rank))

@@ -27,6 +27,8 @@ def unify(row: dict) -> dict:
         flags += ["compile"] if row.get("compile") else []
         flags += [f"rank {row['rank']}"] if row.get("rank", 4) != 4 else []
         flags += ["+ text encoders"] if row.get("train_text_encoder") else []
+        flags += [f"{row['base_quantization']} base"] if row.get("base_quantization", "none") != "none" else []
+        flags += ["T5 on CPU"] if row.get("t5_on_cpu") else []
         out.update(setting=" ".join(flags), time=row.get("step_s"), unit="s/step", vs=row.get("step_vs_ref"))
     elif row.get("bench") == "priors":
         out.update(setting=f"{row.get('sampler')} {row.get('steps')} steps, batch {row.get('batch')}",

@@ -88,6 +88,7 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
             for mp, gc, opt in (("bf16", True, "adamw8bit"), ("bf16", False, "adamw"), ("fp16", True, "adamw8bit")):
                 rows.append(row("train", "sdxl", mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
                                 device="cuda", steps=8, warmup=3, rank=16, train_text_encoder=te))
+        rows += flux_rows("flux-dev", device="cuda", steps=8, warmup=3)
         if os.environ.get("DREAMLORA_BENCH_QUICK") == "1":  # gpu.sh --quick
             rows = [r for r in rows if r["mixed_precision"] == "bf16"]
         else:
@@ -107,12 +108,20 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
             for mp, gc, opt, te in (("no", False, "adamw", False), (lean, True, "adamw8bit", arch == "sdxl-mini")):
                 rows.append(row("train", arch, mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
                                 steps=3, warmup=1, rank=16 if arch == "sdxl-mini" else 4, train_text_encoder=te))
+        rows += [dict(r, mixed_precision=lean) for r in flux_rows("flux-mini", device="cpu", steps=3, warmup=1)]
     else:
         raise SystemExit(f"unknown preset {preset!r}: cpu, cpu-compile, gpu or cpu-smoke")
     if steps:
         for r in rows:
             r["steps"], r["warmup"] = steps, min(r["warmup"], steps // 2)
     return rows
+
+
+def flux_rows(model: str, **settings) -> list[dict]:
+    """The issue's Flux targets: 512 px, rank 16, batch 1 + 1 prior, cached latents and T5 states (T5 on the CPU),
+    checkpointing and 8-bit AdamW, the transformer in NF4 (target <= 10 GB), int8 (<= 16 GB) and bf16 (reported)."""
+    return [row("train", model, mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw8bit", rank=16,
+                base_quantization=q, t5_on_cpu=True, **settings) for q in ("nf4", "int8", "none")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +208,9 @@ def train_worker(spec: dict) -> dict:
         "train.gradient_checkpointing": spec["gradient_checkpointing"], "train.optimizer": spec["optimizer"],
         "train.compile": spec["compile"], "validation.steps": 2, "validation.seeds": [0],
         "lora.rank": spec.get("rank", 4), "lora.train_text_encoder": spec.get("train_text_encoder", False),
+        "train.base_quantization": spec.get("base_quantization", "none"), "train.t5_on_cpu": spec.get("t5_on_cpu", False),
+        **({"output.format": "diffusers", "prior.guidance": 3.5, "validation.guidance": 3.5}
+           if spec["model"].startswith("flux") else {}),
         "validation.prompts": ["a photo of {token} {class}"]})
     start = time.perf_counter()
     planned = plan(config, device_type=device)

@@ -201,6 +201,13 @@ class TrainConfig:
         "no", flag="--mixed-precision", help="Frozen weights in bf16 or fp16 (GPU); adapters always train in fp32.")
     gradient_checkpointing: bool = setting(False, flag="--gradient-checkpointing/--no-gradient-checkpointing",
                                            help="Less activation memory, slower steps.")
+    base_quantization: Literal["none", "int8", "nf4"] = setting(
+        "none", flag="--base-quantization",
+        help="Store the frozen denoiser's linear layers in 8 bits (int8) or 4 bits (nf4: QLoRA) through "
+             "bitsandbytes: a third or a quarter of bf16's memory for a little fidelity; the file is unchanged.")
+    t5_on_cpu: bool = setting(False, flag="--t5-on-cpu/--no-t5-on-cpu",
+                              help="SD3/Flux: T5 encodes the run's prompts on the CPU (once; they are cached), so the "
+                                   "accelerator never holds it (T5-XXL: 9 GB in bf16). Slower start; for small cards.")
     seed: int = setting(0, flag="--seed", low=0, help="Seeds the adapters' initial weights and every step's draws.")
     checkpoint_every: int = setting(100, flag="--checkpoint-every", low=0,
                                     help="Steps between checkpoints in the run folder (0: only the final one).")

@@ -249,7 +249,8 @@ def evaluate(
         else:
             pipe.disable_lora()  # the adapter is skipped entirely: exactly the base model
         return [image for prompt in prompts for image in render_images(
-            pipe, prompt, seeds, steps=settings.steps, guidance=settings.guidance, resolution=resolution)]
+            pipe, prompt, seeds, steps=settings.steps, guidance=settings.guidance, resolution=resolution,
+            family=base.family)]
 
     reports, renders = score_sets(render, sets, token, class_word, scorers, progress)
     if settings.grid is not None:

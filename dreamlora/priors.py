@@ -39,7 +39,7 @@ class PriorSpec:
     resolution: int
     model: str  # the base model's portable identity, for people
     model_fingerprint: str  # what the key really depends on
-    dtype: str  # "fp32" | "fp16" | "bf16": the denoiser and text encoders while sampling
+    dtype: str  # "fp32" | "fp16" | "bf16", "+int8" / "+nf4" when quantized: the denoiser and text encoders
     vae_dtype: str  # the VAE while decoding
     device: str  # "cpu" | "cuda" | "mps": kernels differ, and so do the last bits of every pixel
 
@@ -60,7 +60,7 @@ DTYPE_NAMES = {"no": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
 def prior_spec(prior: PriorConfig, prompt: str, model: ModelIdentity, resolution: int, *, device: str, dtype: str,
-               vae_dtype: str = "fp32") -> PriorSpec:
+               vae_dtype: str = "fp32", quantization: str = "none") -> PriorSpec:
     """The one constructor of PriorSpec: the class images of `prior`'s settings on this model, precision and device.
 
     Args:
@@ -71,17 +71,21 @@ def prior_spec(prior: PriorConfig, prompt: str, model: ModelIdentity, resolution
         device: the device type the images are rendered on.
         dtype: the denoiser's and text encoders' dtype ("fp32", "fp16", "bf16"; "no" means fp32).
         vae_dtype: the VAE's dtype while decoding.
+        quantization: the denoiser's linear layers' storage (--base-quantization): int8 or nf4 weights render
+            other images than full-precision ones.
     """
+    denoiser_dtype = DTYPE_NAMES[dtype] + ("" if quantization == "none" else f"+{quantization}")
     return PriorSpec(prompt=prompt, negative_prompt=prior.negative_prompt, seed=prior.seed, steps=prior.steps,
                      guidance=prior.guidance, sampler=prior.sampler, resolution=resolution, model=model.name,
-                     model_fingerprint=model.fingerprint, dtype=DTYPE_NAMES[dtype], vae_dtype=DTYPE_NAMES[vae_dtype],
+                     model_fingerprint=model.fingerprint, dtype=denoiser_dtype, vae_dtype=DTYPE_NAMES[vae_dtype],
                      device=device)
 
 
 def training_prior_spec(config: DreamLoraConfig, model: ModelIdentity, resolution: int, device: str) -> PriorSpec:
     """The class images a training run of `config` renders: frozen weights in its precision, the VAE in fp32."""
     prompt = fill_prompt(config.data.class_prompt, config.data.token, config.data.class_word)
-    return prior_spec(config.prior, prompt, model, resolution, device=device, dtype=config.train.mixed_precision)
+    return prior_spec(config.prior, prompt, model, resolution, device=device, dtype=config.train.mixed_precision,
+                      quantization=config.train.base_quantization)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -178,7 +182,7 @@ def _render(base, spec: PriorSpec, out_dir: Path, todo: list[int], batch_size: i
         chunk = todo[start:start + batch_size]
         images = render_images(pipe, spec.prompt, [image_seed(spec.seed, i) for i in chunk], steps=spec.steps,
                                guidance=spec.guidance, resolution=spec.resolution,
-                               negative_prompt=spec.negative_prompt)
+                               negative_prompt=spec.negative_prompt, family=base.family)
         for index, image in zip(chunk, images):
             save_png(image, out_dir / image_name(index))
         progress(ProgressEvent("priors", start + len(chunk), len(todo)))

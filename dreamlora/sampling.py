@@ -135,7 +135,7 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
         for scale in scales:
             set_scale(scale)
             images = render_images(pipe, prompt, settings.seeds, steps=settings.steps, guidance=settings.guidance,
-                                   negative_prompt=settings.negative_prompt, resolution=resolution)
+                                   negative_prompt=settings.negative_prompt, resolution=resolution, family=base.family)
             rows.append(images)
             labels.append(prompt if len(scales) == 1 else f"{prompt}\nLoRA scale {scale:g}")
             for seed, image in zip(settings.seeds, images):
@@ -177,13 +177,21 @@ def check_outputs(out: Path) -> None:
 
 
 def render_images(pipe, prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int,
-                  negative_prompt: str = "") -> list[Image.Image]:
-    """One image per seed, in one batch; each seed's starting noise comes from its own CPU generator."""
+                  negative_prompt: str = "", family=None) -> list[Image.Image]:
+    """One image per seed, in one batch; each seed's starting noise comes from its own CPU generator.
+
+    Args:
+        family: the model's family (models.family): it turns the prompts into the pipeline's arguments (SD3 and Flux
+            encode through their T5 cache, T5 wherever it is). None: the pipeline encodes the texts itself.
+    """
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    prompts = [prompt] * len(seeds)
+    negatives = [negative_prompt] * len(seeds) if negative_prompt else None
     with torch.no_grad():
+        prompt_arguments = (family.sampling_prompts(pipe, prompts, negatives) if family is not None
+                            else {"prompt": prompts, "negative_prompt": negatives})
         latents = pipe(
-            prompt=[prompt] * len(seeds),
-            negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
+            **prompt_arguments,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=resolution,
@@ -270,7 +278,8 @@ def render_validation_grid(base, prompts: list[str], seeds: list[int], path: Pat
         for prompt in prompts:
             for enabled, tag in ((False, "base"), (True, "LoRA")):
                 set_adapters_enabled(models, enabled)
-                rows.append(render_images(pipe, prompt, seeds, steps=steps, guidance=guidance, resolution=resolution))
+                rows.append(render_images(pipe, prompt, seeds, steps=steps, guidance=guidance, resolution=resolution,
+                                          family=base.family))
                 labels.append(f"{prompt}\n({tag})")
     finally:
         set_adapters_enabled(models, True)

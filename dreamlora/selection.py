@@ -102,7 +102,8 @@ class CheckpointScorer:
             set_adapters_enabled(models, adapter_on)
             try:
                 images = [im for p in prompts for im in render_images(pipe, p, seeds, steps=v.steps,
-                                                                       guidance=v.guidance, resolution=resolution)]
+                                                                       guidance=v.guidance, resolution=resolution,
+                                                                       family=base.family)]
             finally:
                 set_adapters_enabled(models, True)
             if not adapter_on:

@@ -27,7 +27,7 @@ from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, d
 from .buckets import assign_bucket, batch_at, bucket_sizes, group_by_bucket, resize_to_bucket
 from .errors import ConfigError, DreamLoraError, NumericalError, TrainingError
 from .losses import LossParts, offset_noise, prior_preservation_loss
-from .memory import CACHE_BATCH, GIB, apply_memory_budget
+from .memory import CACHE_BATCH, CACHE_PROMPTS, GIB, apply_memory_budget
 from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dict, lora_metadata, save_lora_file,
                    trainable_parameters)
 from .models import BaseModel, load_base_model
@@ -35,6 +35,7 @@ from .models.family import ImageGeometry, PromptEmbeddings
 from .preflight import preflight_training_data, prompt_length_warnings, token_warnings
 from .identity import ModelIdentity
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
+from .quantization import quantize_denoiser
 from .threads import cpu_threads
 from .tracking import log_grid, start_tracking, tracker_names
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
@@ -125,7 +126,9 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     for message in prompt_length_warnings(training_prompts(config, instances), base.tokenizers[0]):
         note(progress, message)
     grid_prompts = validation_prompts(config, instances)
-    place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision))
+    encode_cached_prompts(base, config, [*training_prompts(config, instances).values(), "",
+                                         config.prior.negative_prompt], accelerator.device)
+    place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision), config.train.base_quantization)
     use_channels_last(base, accelerator.device, config)
     classes = class_images(config, base, resolution, accelerator, progress,
                            images.classes.usable if images.classes else None) if config.prior.enabled else None
@@ -515,15 +518,43 @@ def vae_dtype(base: BaseModel, mixed_precision: str) -> torch.dtype:
     return torch.float32 if base.vae.config.get("force_upcast", False) else frozen_dtype(mixed_precision)
 
 
-def place_frozen(base: BaseModel, device: torch.device, dtype: torch.dtype) -> None:
-    """Freeze the base model and move it to the device: UNet and text encoders in the frozen dtype.
+def encode_cached_prompts(base: BaseModel, config: DreamLoraConfig, prompts: list[str], device: torch.device) -> None:
+    """SD3/Flux: T5 encodes every prompt the run knows of (the family caches its states), on the accelerator unless
+    --t5-on-cpu, and then leaves it: T5-XXL (9 GB in bf16) and the transformer need not fit together. Prompts met
+    later (--eval-every's) are encoded where T5 is. Shuffled tags make new prompts every step: T5 stays then."""
+    index = base.family.cached_text_encoder
+    if index is None:
+        return
+    encoder = base.text_encoders[index]
+    encoder.requires_grad_(False)
+    encoder.to(device="cpu" if config.train.t5_on_cpu else device, dtype=frozen_dtype(config.train.mixed_precision))
+    unique = list(dict.fromkeys(prompts))
+    for start in range(0, len(unique), CACHE_PROMPTS):
+        base.family.encode_prompts(base.tokenizers, base.text_encoders, unique[start:start + CACHE_PROMPTS])
+    if not config.data.shuffle_tags:
+        encoder.to("cpu")
+
+
+def stays_on_cpu(base: BaseModel, module: torch.nn.Module) -> bool:
+    """Whether a frozen module lives on the CPU once prompts are cached: SD3's/Flux's T5 when it was moved there."""
+    index = base.family.cached_text_encoder
+    return index is not None and module is base.text_encoders[index] and module.device.type == "cpu"
+
+
+def place_frozen(base: BaseModel, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> None:
+    """Freeze the base model and move it to the device: UNet and text encoders in the frozen dtype, the denoiser's
+    linear layers quantized on the way when asked (--base-quantization). A T5 whose prompts are cached stays where
+    `encode_cached_prompts` left it.
 
     The VAE stays fp32 while it encodes the cache (fp16 VAEs can overflow); BatchSource casts it after.
     """
+    if quantization != "none":
+        quantize_denoiser(base.unet, quantization, device, dtype)
     for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
         wanted = dtype if module is not base.vae else torch.float32
-        module.to(device=device)
+        if not stays_on_cpu(base, module):
+            module.to(device=device)
         if module.dtype != wanted:  # diffusers warns about every dtype cast of a model with fp32-kept modules
             module.to(dtype=wanted)
 
@@ -566,7 +597,7 @@ def offload_encoders(base: BaseModel, config: DreamLoraConfig, device: torch.dev
 @contextlib.contextmanager
 def encoders_on(base: BaseModel, device: torch.device):
     """Bring the offloaded VAE and text encoders back for sampling, and send them away again after."""
-    moved = [m for m in (base.vae, *base.text_encoders) if m.device != device]
+    moved = [m for m in (base.vae, *base.text_encoders) if m.device != device and not stays_on_cpu(base, m)]
     for module in moved:
         module.to(device)
     try:

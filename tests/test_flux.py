@@ -241,3 +241,22 @@ def test_convert_to_bfl_and_back_is_exact_and_diffusers_loads_the_bfl_file_as_th
     from_bfl, from_diffusers = render(doubles_bfl), render(tmp_path / "doubles.safetensors")
     np.testing.assert_allclose(from_bfl, from_diffusers, atol=1e-5)
     assert np.abs(from_bfl - render()).max() > 1e-3  # and the LoRA does something
+
+
+@pytest.mark.slow  # renders with two tiny models (about 10 s on 2 cores)
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_sampling_through_the_t5_cache_renders_what_the_pipeline_encodes_itself(model, session_cache):
+    """Grids and class images get their prompt embeddings from the family (T5 through its cache, so T5 can stay on
+    the CPU); they must be the pictures the pipeline makes from the texts."""
+    from dreamlora.sampling import render_images
+
+    base = load_base_model(f"builtin:{model}")
+    pipe = base.pipeline()
+    settings = {"steps": 2, "guidance": 3.5, "resolution": 64, "negative_prompt": "blurry"}
+    own = render_images(pipe, "a photo of sks ball", [0, 1], **settings)
+    t5 = base.text_encoders[base.family.cached_text_encoder]
+    cached = render_images(pipe, "a photo of sks ball", [0, 1], family=base.family, **settings)
+    t5.to("meta")  # every prompt is cached now: T5 is not needed again
+    again = render_images(pipe, "a photo of sks ball", [0, 1], family=base.family, **settings)
+    for a, b, c in zip(own, cached, again):
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(b), np.asarray(c))

@@ -166,7 +166,7 @@ def test_encoders_leave_the_accelerator_after_caching_and_come_back_for_validati
             self.device = torch.device(device)
             return self
 
-    base = SimpleNamespace(vae=Module(), text_encoders=[Module()])
+    base = SimpleNamespace(vae=Module(), text_encoders=[Module()], family=SimpleNamespace(cached_text_encoder=None))
     c = SimpleNamespace(lora=SimpleNamespace(train_text_encoder=False), data=SimpleNamespace(shuffle_tags=False))
     offload_encoders(base, c, torch.device("cuda"))
     assert base.vae.device.type == "cpu" and base.text_encoders[0].device.type == "cpu"
@@ -188,6 +188,12 @@ def test_encoders_leave_the_accelerator_after_caching_and_come_back_for_validati
     offload_encoders(flux, SimpleNamespace(lora=SimpleNamespace(train_text_encoder=True), data=c.data),
                      torch.device("cuda"))
     assert [te.device.type for te in flux.text_encoders] == ["cuda", "cpu"]
+    # T5 encoded the run's prompts before the transformer came (training.encode_cached_prompts): it stays on the CPU
+    # through validation grids, whose prompts come from its cache.
+    flux.family.cached_text_encoder = 1
+    flux.text_encoders[0].device = torch.device("cpu")
+    with encoders_on(flux, torch.device("cuda")):
+        assert [te.device.type for te in flux.text_encoders] == ["cuda", "cpu"] and flux.vae.device.type == "cuda"
     cpu = SimpleNamespace(vae=Module(), text_encoders=[])
     cpu.vae.device = torch.device("cpu")
     offload_encoders(cpu, c, torch.device("cpu"))  # nothing to do on the CPU

@@ -367,8 +367,8 @@ def _is_adapter_internal(name: str) -> bool:
 def _module_info(module) -> ModuleInfo | None:
     import torch
 
-    if isinstance(module, torch.nn.Linear):
-        return ModuleInfo("linear", tuple(module.weight.shape))
+    if isinstance(module, torch.nn.Linear):  # bitsandbytes' layers too: their weights are packed, their sizes not
+        return ModuleInfo("linear", (module.out_features, module.in_features))
     if isinstance(module, torch.nn.Conv2d) and module.groups == 1:
         return ModuleInfo("conv", tuple(module.weight.shape))
     return None

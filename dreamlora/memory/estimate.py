@@ -32,6 +32,7 @@ BUDGET_SLACK = 0.10  # allocator rounding, fragmentation and cuDNN/cuBLAS worksp
 BUDGET_RESERVE_GIB = 0.75  # CUDA context and libraries: on the card but never in torch's allocated bytes
 CACHE_BATCH = 1  # images per VAE call when the caches are encoded: an fp32 SD VAE needs ~0.6 GiB an image at 512 px
 TEXT_TOKENS = 77  # CLIP context length: prompts are padded to it
+CACHE_PROMPTS = 8  # prompts a T5 call while caching: a fine-tune's captions are many, T5-XXL's activations large
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps the Adam states of smaller tensors in fp32
 
 
@@ -45,6 +46,8 @@ class MemorySettings:
     mixed_precision: str  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool
     optimizer: str  # "adamw" | "adamw8bit"
+    base_quantization: str  # "none" | "int8" | "nf4": the denoiser's linear layers (dreamlora.quantization)
+    t5_on_cpu: bool  # SD3/Flux: T5 encodes the run's prompts on the CPU (training.encode_cached_prompts)
     rank: int
     unet_targets: tuple[str, ...]
     train_text_encoder: bool
@@ -63,7 +66,8 @@ class MemorySettings:
         generate = c.prior.enabled and not c.prior.class_dir if generate_class_images is None else generate_class_images
         return cls(resolution=resolution, batch_size=c.train.batch_size, prior=c.prior.enabled,
                    mixed_precision=c.train.mixed_precision, gradient_checkpointing=c.train.gradient_checkpointing,
-                   optimizer=c.train.optimizer, rank=c.lora.rank, unet_targets=tuple(c.lora.target_modules),
+                   optimizer=c.train.optimizer, base_quantization=c.train.base_quantization,
+                   t5_on_cpu=c.train.t5_on_cpu, rank=c.lora.rank, unet_targets=tuple(c.lora.target_modules),
                    train_text_encoder=c.lora.train_text_encoder, text_targets=tuple(c.lora.text_target_modules),
                    generate_class_images=generate, prior_batch_size=c.prior.batch_size,
                    validation_images=len(c.validation.seeds), cache_images=max(1, min(CACHE_BATCH, instance_images)),
@@ -115,16 +119,23 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
     texts = [_cast(meta_text_encoder(c), s.frozen_dtype) for c in models.text_encoders]
     adapted = texts if family.adapted_text_encoders is None else texts[:family.adapted_text_encoders]
     vae = meta_vae(models.vae)  # fp32 while it encodes the caches (train.place_frozen)
-    unet_bytes, vae_bytes = parameter_bytes(unet), parameter_bytes(vae)
-    text_bytes = sum(parameter_bytes(t) for t in texts)
+    unet_bytes, vae_bytes = denoiser_bytes(unet, s), parameter_bytes(vae)
+    stays = s.device_type == "cpu"  # on the CPU every module stays in the same memory
+    # SD3's/Flux's T5 encodes the run's prompts first, alone, and is on the CPU from then on.
+    cached = None if stays else family.cached_text_encoder
+    sampled = [i for i in range(len(texts)) if i != cached]  # the encoders that run while sampling
+    text_bytes = sum(parameter_bytes(texts[i]) for i in sampled)
     latent = s.resolution // models.vae_scale_factor
     phases: dict[str, int] = {}
-    if s.device_type == "cpu":  # the weights load in fp32 into the same memory, then are cast one by one
+    if stays:  # the weights load in fp32 into the same memory, then are cast one by one
         phases["loading"] = sum(parameter_bytes(m, torch.float32) for m in (unet, vae, *texts))
+    if cached is not None and not s.t5_on_cpu:
+        phases["prompt encoding"] = parameter_bytes(texts[cached]) + _text_peak(
+            texts[cached], family.text_tokens[cached], min(s.cached_prompts + 2, CACHE_PROMPTS), s)
 
     if s.generate_class_images:
         phases["class images"] = unet_bytes + text_bytes + vae_bytes + _sampling_peak(
-            unet, texts, vae, models, s, rows=2 * s.prior_batch_size, latent=latent)
+            unet, texts, sampled, vae, models, s, rows=2 * s.prior_batch_size, latent=latent)
     phases["caching"] = unet_bytes + text_bytes + vae_bytes + _encode_peak(vae, s)
 
     # The targets and encoders training adapts (training.denoiser_targets / adapted_encoders: never T5).
@@ -141,7 +152,6 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
     adapter_bytes = sum(p.numel() * 4 for p in trained)
     # After caching the VAE, and the text encoders unless trained, leave the accelerator (train.offload_encoders);
     # on the CPU everything stays in the same memory.
-    stays = s.device_type == "cpu"
     resident_text = (text_bytes if stays else sum(parameter_bytes(t) for t in adapted)) \
         if s.train_text_encoder else (text_bytes if stays else 0)
     # A VAE that overflows in half precision (SDXL's: force_upcast) stays fp32 (training.vae_dtype).
@@ -152,16 +162,32 @@ def estimate_memory(models: ModelConfigs, s: MemorySettings) -> MemoryEstimate:
     embedding_bytes = 0 if s.train_text_encoder else s.cached_prompts * hidden[0].numel() * s.frozen_dtype.itemsize
     optimizer_bytes = _optimizer_bytes(trained, s.optimizer)
     step = _training_step_peak(unet, texts, models, s, latent)
-    training = {"frozen UNet": unet_bytes, "text encoders": resident_text, "VAE": resident_vae,
+    # A quantized layer is dequantized into the frozen dtype for its matmul, forward and backward: one at a time.
+    dequantized = 0 if s.base_quantization == "none" else max(
+        m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear)) * s.frozen_dtype.itemsize
+    training = {"frozen UNet": unet_bytes, "dequantized layer": dequantized, "text encoders": resident_text,
+                "VAE": resident_vae,
                 "adapters": adapter_bytes, "optimizer states": optimizer_bytes, "cached embeddings": embedding_bytes,
                 "activations + gradients": step}
     phases["training"] = sum(training.values())
     validation_text = text_bytes if not stays else 0  # brought back for the grid
     validation_vae = parameter_bytes(vae, vae_dtype) if not stays else 0
     phases["validation"] = (phases["training"] - step + validation_text + validation_vae +
-                            _sampling_peak(unet, texts, vae, models, s, rows=2 * s.validation_images, latent=latent,
-                                           vae_dtype=vae_dtype))
+                            _sampling_peak(unet, texts, sampled, vae, models, s, rows=2 * s.validation_images,
+                                           latent=latent, vae_dtype=vae_dtype))
     return MemoryEstimate(phases, training, s.device_type)
+
+
+def denoiser_bytes(unet: torch.nn.Module, s: MemorySettings) -> int:
+    """The frozen denoiser's weights on the device: in the frozen dtype, its linear layers' weights quantized with
+    --base-quantization (dreamlora.quantization; biases, norms and convolutions keep the frozen dtype)."""
+    if s.base_quantization == "none":
+        return parameter_bytes(unet)
+    from ..quantization import quantized_weight_bytes
+
+    linear_weights = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = sum(quantized_weight_bytes(w.shape[0], w.shape[1], s.base_quantization) for w in linear_weights)
+    return parameter_bytes(unet) - sum(w.numel() * w.element_size() for w in linear_weights) + quantized
 
 
 def _optimizer_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
@@ -187,13 +213,21 @@ def meta_conditions(kwargs: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in kwargs.get("added_cond_kwargs", {}).items() if k != "text_embeds"}
 
 
-def _sampling_peak(unet, texts, vae, models: ModelConfigs, s: MemorySettings, *, rows: int, latent: int,
-                   vae_dtype: torch.dtype = torch.float32) -> int:
-    """Live bytes while sampling: prompt encoding, the UNet on `rows` rows (CFG), then decoding one image."""
+def _text_peak(text, tokens: int, rows: int, s: MemorySettings) -> int:
+    """Live bytes of one frozen text encoder's forward on `rows` prompts."""
+    with torch.no_grad(), _simulate(s.device_type, None) as live:
+        text(torch.empty(rows, tokens, dtype=torch.long, device="meta"))
+    return live.peak
+
+
+def _sampling_peak(unet, texts, sampled: list[int], vae, models: ModelConfigs, s: MemorySettings, *, rows: int,
+                   latent: int, vae_dtype: torch.dtype = torch.float32) -> int:
+    """Live bytes while sampling: prompt encoding (the encoders `sampled` names: a cached T5 is not run), the UNet
+    on `rows` rows (CFG), then decoding one image."""
     with torch.no_grad(), _simulate(s.device_type, None) as live:
         family = detect_family(models)
-        for text, tokens in zip(texts, family.text_tokens):
-            text(torch.empty(rows, tokens, dtype=torch.long, device="meta"))
+        for index in sampled:
+            texts[index](torch.empty(rows, family.text_tokens[index], dtype=torch.long, device="meta"))
         args, kwargs = unet_inputs(models, rows, latent, s.frozen_dtype)
         noise = family.predict(unet, *args, kwargs)  # held by the sampler alongside the latents
         del noise, kwargs

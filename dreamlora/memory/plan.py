@@ -12,6 +12,7 @@ import torch
 from ..config import DreamLoraConfig, describe, with_epochs
 from ..errors import ConfigError
 from ..models.configs import ModelConfigs, read_model_configs
+from ..models.registry import detect_family
 from .estimate import GIB, MemoryEstimate, MemorySettings, estimate_memory
 
 
@@ -145,7 +146,7 @@ def fit_budget(config: DreamLoraConfig, models: ModelConfigs, settings_for, budg
     """The first settings on a ladder of memory savers that fit `budget_gib`, cheapest in speed and quality first.
 
     The ladder only turns savers on: half-precision frozen weights (CUDA, when mixed precision is "no"),
-    8-bit AdamW (only where it saves memory: LoRA tensors are mostly too small for 8-bit states),
+    SD3's/Flux's T5 encoding the prompts on the CPU (it costs the start a little, training nothing), 8-bit AdamW (only where it saves memory: LoRA tensors are mostly too small for 8-bit states),
     gradient checkpointing, halving the batch while doubling gradient accumulation (same images a
     step), and last, text-encoder training off.
 
@@ -172,6 +173,9 @@ def fit_budget(config: DreamLoraConfig, models: ModelConfigs, settings_for, budg
         half = "bf16" if _bf16_supported() else "fp16"
         if step(f"{describe('train.mixed_precision')} {half}", mixed_precision=half):
             return current, changes, estimate
+    if detect_family(models).cached_text_encoder is not None and not t.t5_on_cpu and \
+            step(f"{describe('train.t5_on_cpu')} on", t5_on_cpu=True):
+        return current, changes, estimate
     if t.optimizer == "adamw" and step(f"{describe('train.optimizer')} adamw8bit", optimizer="adamw8bit"):
         return current, changes, estimate
     if not t.gradient_checkpointing and step(f"{describe('train.gradient_checkpointing')} on",
@@ -187,7 +191,9 @@ def fit_budget(config: DreamLoraConfig, models: ModelConfigs, settings_for, budg
     raise ConfigError(
         f"{describe('train.memory_budget')} {budget_gib:g} GiB is too small: with the leanest settings "
         f"({'; '.join(changes) or 'nothing to change'}) the run needs {estimate.needs():.2f} GiB "
-        f"(peak {estimate.peak / GIB:.2f} GiB in {estimate.peak_phase}). Lower --resolution or raise the budget.")
+        f"(peak {estimate.peak / GIB:.2f} GiB in {estimate.peak_phase}). Lower --resolution, raise the budget"
+        + (", or store the frozen weights in 8 or 4 bits (--base-quantization int8 or nf4)"
+           if current.train.base_quantization == "none" else "") + ".")
 
 
 def _replace(config: DreamLoraConfig, **values) -> DreamLoraConfig:

@@ -95,6 +95,8 @@ class ModelFamily(Protocol):
     default_targets: tuple[str, ...]  # denoiser modules adapted when --lora-targets is left at its default
     kohya_files: bool  # whether LoRA files can be written in kohya naming (else --format diffusers only)
     named_samplers: bool  # whether --sampler applies (flow-matching families sample with their own scheduler)
+    cached_text_encoder: int | None  # the frozen encoder whose states the family caches (T5): it encodes the run's
+    # prompts once and then stays off the accelerator, sampling included; None when every encoder runs as needed
 
     @property
     def kohya_base_model_version(self) -> str:
@@ -126,6 +128,10 @@ class ModelFamily(Protocol):
 
     def encode_prompts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> PromptEmbeddings:
         """Tokenize to the encoders' full length (as the pipelines do) and run them (`encode_ids`)."""
+
+    def sampling_prompts(self, pipe: Any, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+        """The prompt arguments of a call to the family's pipeline: the texts for families whose pipelines encode
+        them; embeddings made through the family's T5 cache for SD3/Flux, so T5 need not be on the accelerator."""
 
     def encode_ids(self, text_encoders: list, ids: list[torch.Tensor]) -> PromptEmbeddings:
         """Run the encoders on token ids (one (B, tokens) tensor an encoder); the memory plan calls it on meta ids."""

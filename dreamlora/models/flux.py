@@ -78,6 +78,7 @@ class FluxFamily:
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS
     kohya_files: bool = False  # training writes diffusers keys; `dreamlora convert --to kohya` writes BFL names
     named_samplers: bool = False
+    cached_text_encoder: int | None = 1  # T5
     t5: FrozenT5Cache = field(default_factory=FrozenT5Cache, compare=False, hash=False, repr=False)
 
     @classmethod
@@ -137,6 +138,14 @@ class FluxFamily:
         t5_states = self.t5.encode(text_encoders[1], tokenizers[1], prompts, T5_TOKENS)
         pooled = text_encoders[0](clip_ids).pooler_output
         return PromptEmbeddings(t5_states.to(pooled.device, pooled.dtype), {"pooled_projections": pooled})
+
+    def sampling_prompts(self, pipe: Any, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+        """FluxPipeline's prompt_embeds (T5 through the cache) and pooled_prompt_embeds; no negative prompt:
+        [dev]'s guidance is distilled into the transformer and [schnell] samples without guidance."""
+        embeddings = self.encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                         prompts)
+        return {"prompt_embeds": embeddings.hidden_states,
+                "pooled_prompt_embeds": embeddings.added_conditions["pooled_projections"]}
 
     def encode_ids(self, text_encoders: list, ids: list[torch.Tensor]) -> PromptEmbeddings:
         return PromptEmbeddings(text_encoders[1](ids[1])[0], {"pooled_projections": text_encoders[0](ids[0]).pooler_output})

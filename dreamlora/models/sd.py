@@ -30,6 +30,7 @@ class StableDiffusionFamily:
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     kohya_files: bool = True
     named_samplers: bool = True  # --sampler picks any of SAMPLERS over the model's DDPM schedule
+    cached_text_encoder: int | None = None
 
     @classmethod
     def detect(cls, configs: ModelConfigs) -> StableDiffusionFamily | None:
@@ -105,6 +106,9 @@ class StableDiffusionFamily:
                                        unet=base.unet, scheduler=scheduler, **self.load_kwargs())
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def sampling_prompts(self, pipe: Any, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+        return {"prompt": prompts, "negative_prompt": negative_prompts}
 
     def encode_prompts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> PromptEmbeddings:
         """Tokenize to the encoder's full length (as the pipelines do) and take the last hidden state."""

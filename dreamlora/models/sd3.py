@@ -70,6 +70,7 @@ class StableDiffusion3Family:
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS
     kohya_files: bool = False  # files in diffusers format only
     named_samplers: bool = False  # samples with its own flow-matching Euler scheduler, whatever --sampler says
+    cached_text_encoder: int | None = 2  # T5
     t5: FrozenT5Cache = field(default_factory=FrozenT5Cache, compare=False, hash=False, repr=False)
 
     @classmethod
@@ -125,6 +126,18 @@ class StableDiffusion3Family:
         clip_ids = tokenize(tokenizers[:2], text_encoders[:2], prompts)
         t5_states = self.t5.encode(text_encoders[2], tokenizers[2], prompts, T5_TOKENS)
         return self._combine(text_encoders, clip_ids, t5_states)
+
+    def sampling_prompts(self, pipe: Any, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+        """StableDiffusion3Pipeline's prompt and negative-prompt embeddings (T5 through the cache); the negative is
+        the empty prompt unless one is given, as the pipeline encodes it for classifier-free guidance."""
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+        encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+        positive = self.encode_prompts(tokenizers, encoders, prompts)
+        negative = self.encode_prompts(tokenizers, encoders, negative_prompts or [""] * len(prompts))
+        return {"prompt_embeds": positive.hidden_states,
+                "pooled_prompt_embeds": positive.added_conditions["pooled_projections"],
+                "negative_prompt_embeds": negative.hidden_states,
+                "negative_pooled_prompt_embeds": negative.added_conditions["pooled_projections"]}
 
     def encode_ids(self, text_encoders: list, ids: list[torch.Tensor]) -> PromptEmbeddings:
         return self._combine(text_encoders, ids[:2], text_encoders[2](ids[2])[0])

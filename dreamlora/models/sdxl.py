@@ -40,6 +40,7 @@ class StableDiffusionXLFamily:
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     kohya_files: bool = True
     named_samplers: bool = True  # --sampler picks any of SAMPLERS over the model's DDPM schedule
+    cached_text_encoder: int | None = None
 
     @classmethod
     def detect(cls, configs: ModelConfigs) -> StableDiffusionXLFamily | None:
@@ -98,6 +99,9 @@ class StableDiffusionXLFamily:
             **self.load_kwargs())
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def sampling_prompts(self, pipe: Any, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+        return {"prompt": prompts, "negative_prompt": negative_prompts}
 
     def encode_prompts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> PromptEmbeddings:
         """Penultimate hidden states of both encoders side by side; the pooled projection of the last one."""

@@ -121,8 +121,11 @@ def tiny_flux_config_values(clip_vocab: int) -> dict:
             "index": {"_class_name": "FluxPipeline"}}
 
 
-def build_tiny_flux_pipeline(tokenizer_dir: str | os.PathLike):
-    """A random-weight FluxPipeline (dev layout: with a guidance embedding) at the TINY_* sizes."""
+def build_tiny_flux_pipeline(tokenizer_dir: str | os.PathLike, *, transformer_config: dict = TINY_FLUX_TRANSFORMER,
+                             vae_config: dict = TINY_FLUX_VAE, clip_config: dict = TINY_FLUX_CLIP,
+                             t5_config: dict = TINY_T5):
+    """A random-weight FluxPipeline (dev layout: with a guidance embedding) at the TINY_* sizes, or at others
+    (benchmarks/models.py builds FLUX.1-dev's sizes with it), on the current default device."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -132,13 +135,13 @@ def build_tiny_flux_pipeline(tokenizer_dir: str | os.PathLike):
     t5_vocab = write_t5_tokenizer_files(t5_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(WEIGHTS_SEED)
-        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
+        transformer = FluxTransformer2DModel(**transformer_config)
         torch.manual_seed(WEIGHTS_SEED + 1)
-        vae = AutoencoderKL(**TINY_FLUX_VAE)
+        vae = AutoencoderKL(**vae_config)
         torch.manual_seed(WEIGHTS_SEED + 2)
-        clip = CLIPTextModel(CLIPTextConfig(**TINY_FLUX_CLIP, **_clip_ids(tokenizer)))
+        clip = CLIPTextModel(CLIPTextConfig(**clip_config, **_clip_ids(tokenizer)))
         torch.manual_seed(WEIGHTS_SEED + 3)
-        t5 = T5EncoderModel(T5Config(**TINY_T5, vocab_size=t5_vocab, pad_token_id=0, eos_token_id=1))
+        t5 = T5EncoderModel(T5Config(**t5_config, vocab_size=t5_vocab, pad_token_id=0, eos_token_id=1))
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=clip,
                         tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=load_t5_tokenizer(t5_dir),
                         transformer=transformer)
