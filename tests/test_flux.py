@@ -241,3 +241,88 @@ def test_convert_to_bfl_and_back_is_exact_and_diffusers_loads_the_bfl_file_as_th
     from_bfl, from_diffusers = render(doubles_bfl), render(tmp_path / "doubles.safetensors")
     np.testing.assert_allclose(from_bfl, from_diffusers, atol=1e-5)
     assert np.abs(from_bfl - render()).max() > 1e-3  # and the LoRA does something
+
+
+# --- single-file transformers in BFL's layout ---------------------------------------------------------------------
+
+FLUX1_LINEAR1 = (3072, 3072, 3072, 12288)  # the widths diffusers' BFL reader splits a single block's linear1 at
+
+
+@pytest.fixture
+def diffusers_reads_tiny_widths(monkeypatch):
+    """diffusers' BFL reader (convert_flux_transformer_checkpoint_to_diffusers) splits single blocks' linear1 at
+    FLUX.1's widths, hard-coded; the tiny model's are 3 x 32 + 128. Here each part is padded with zero rows to
+    FLUX.1's width on the way in and cut back on the way out: every other step is diffusers' own."""
+    import re
+
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from dreamlora.models.flux_layout import MLP_RATIO
+
+    entry = SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    convert = entry["checkpoint_mapping_fn"]
+
+    def padded(checkpoint, **kwargs):
+        width = None
+        for key in [k for k in checkpoint if re.search(r"single_blocks\.\d+\.linear1\.(weight|bias)$", k)]:
+            width = checkpoint[key].shape[0] // (3 + MLP_RATIO)
+            parts = checkpoint[key].split([width] * 3 + [MLP_RATIO * width])
+            checkpoint[key] = torch.cat([torch.cat([p, p.new_zeros(size - len(p), *p.shape[1:])])
+                                         for p, size in zip(parts, FLUX1_LINEAR1)])
+        out = convert(checkpoint=checkpoint, **kwargs)
+        for key in out:
+            if re.fullmatch(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)\.(weight|bias)", key):
+                out[key] = out[key][: width * (MLP_RATIO if ".proj_mlp." in key else 1)]
+        return out
+
+    monkeypatch.setitem(entry, "checkpoint_mapping_fn", padded)
+
+
+def tiny_flux_transformer(guidance: bool):
+    """builtin:tiny-flux's transformer ([dev]: a guidance embedding) or its [schnell] twin, seeded."""
+    from diffusers import FluxTransformer2DModel
+
+    from dreamlora.models.tiny_transformers import TINY_FLUX_TRANSFORMER
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        return FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER, "guidance_embeds": guidance}).eval()
+
+
+def save_bfl(transformer, path, prefix=""):
+    from safetensors.torch import save_file
+
+    from dreamlora.models.flux_layout import bfl_transformer_state_dict
+
+    state = bfl_transformer_state_dict(transformer.state_dict())
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
+    return state
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+@pytest.mark.parametrize("guidance", [True, False])  # [dev], [schnell]
+def test_a_bfl_transformer_file_reads_back_through_diffusers_bit_for_bit(tmp_path, diffusers_reads_tiny_widths,
+                                                                       guidance):
+    from diffusers import FluxTransformer2DModel
+
+    model = tiny_flux_transformer(guidance)
+    state = save_bfl(model, tmp_path / "flux1.safetensors")
+    diffusers_state = model.state_dict()
+    double = "transformer_blocks.0.attn"
+    assert torch.equal(state["double_blocks.0.img_attn.qkv.weight"],
+                       torch.cat([diffusers_state[f"{double}.to_{p}.weight"] for p in "qkv"]))
+    assert torch.equal(state["double_blocks.0.txt_attn.norm.key_norm.scale"], diffusers_state[f"{double}.norm_added_k.weight"])
+    assert state["single_blocks.0.linear1.weight"].shape == (3 * 32 + 4 * 32, 32)  # q, k, v, the MLP's input
+    scale, shift = diffusers_state["norm_out.linear.weight"].chunk(2)  # BFL's final modulation: shift first
+    assert torch.equal(state["final_layer.adaLN_modulation.1.weight"], torch.cat([shift, scale]))
+    assert ("guidance_in.in_layer.weight" in state) == guidance
+
+    model.save_config(tmp_path / "config" / "transformer")
+    loaded = FluxTransformer2DModel.from_single_file(str(tmp_path / "flux1.safetensors"), config=str(tmp_path / "config"),
+                                                     subfolder="transformer", local_files_only=True)
+    assert_same_state(loaded, model)

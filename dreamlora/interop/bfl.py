@@ -1,17 +1,8 @@
 """Flux LoRA files in Black Forest Labs' module names (what kohya's sd-scripts writes and ComfyUI reads), both ways.
 
-BFL's transformer fuses what diffusers splits:
-
-| BFL (`lora_unet_` + path, dots as `_`) | diffusers (`transformer.` + path) |
-|---|---|
-| `double_blocks.N.img_attn.qkv` | `transformer_blocks.N.attn.to_q`, `.to_k`, `.to_v` (stacked along the output) |
-| `double_blocks.N.txt_attn.qkv` | `transformer_blocks.N.attn.add_q_proj`, `.add_k_proj`, `.add_v_proj` |
-| `double_blocks.N.img_attn.proj` / `txt_attn.proj` | `attn.to_out.0` / `attn.to_add_out` |
-| `double_blocks.N.img_mlp.0`, `.2` / `txt_mlp.0`, `.2` | `ff.net.0.proj`, `ff.net.2` / `ff_context.net.0.proj`, `ff_context.net.2` |
-| `double_blocks.N.img_mod.lin` / `txt_mod.lin` | `norm1.linear` / `norm1_context.linear` |
-| `single_blocks.N.linear1` | `single_transformer_blocks.N.attn.to_q`, `.to_k`, `.to_v`, `proj_mlp` (stacked) |
-| `single_blocks.N.linear2` / `modulation.lin` | `proj_out` / `norm.linear` |
-
+BFL's transformer fuses what diffusers splits (the table is in models/flux_layout.py, which names the weights of
+single-file transformers the same way): kohya stems are `lora_unet_` + the BFL path with dots as `_`
+(`lora_unet_double_blocks_0_img_attn_qkv` for `transformer.transformer_blocks.0.attn.to_q`, `.to_k`, `.to_v`).
 CLIP-L is `lora_te1_text_model_encoder_layers_N_…` in BFL files and `text_encoder.text_model.encoder.layers.N.…` in
 diffusers ones.
 
@@ -32,23 +23,10 @@ from dataclasses import replace
 import torch
 
 from ..errors import ModelLoadError
+from ..models.flux_layout import BLOCKS, FUSED_PARTS, MLP_RATIO
 from .formats import LoraModule
 
 SPLIT_KEY = "dreamlora.bfl_split"  # {bfl stem: [[part, rank], ...]}: how a fused adapter was stacked
-MLP_RATIO = 4  # Flux's single blocks: linear1 = q, k, v (each the width) and the MLP's input (4 x the width)
-
-# diffusers child of transformer_blocks.N -> (BFL child of double_blocks.N, part of the fused output or None)
-DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
-          "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
-          "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
-          "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
-          "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
-          "ff_context.net.2": ("txt_mlp.2", None), "norm1.linear": ("img_mod.lin", None),
-          "norm1_context.linear": ("txt_mod.lin", None)}
-SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
-          "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
-BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE), "single_transformer_blocks": ("single_blocks", SINGLE)}
-FUSED_PARTS = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 4}
 TEXT_PREFIX = ("text_encoder.", "lora_te1_")
 
 _DIFFUSERS = re.compile(r"transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
