@@ -3,6 +3,7 @@ pipeline does it, the dev guidance embedding, training with prior preservation a
 files that FluxPipeline.load_lora_weights loads key for key, that change the output, and that at scale 0 are the
 base model."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -305,10 +306,12 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
     assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
 
 
-@pytest.mark.parametrize("guidance", [True, False])  # [dev], [schnell]
+@pytest.mark.parametrize("guidance, kind", [(True, "flux-dev"), (False, "flux-schnell")])
 def test_a_bfl_transformer_file_reads_back_through_diffusers_bit_for_bit(tmp_path, diffusers_reads_tiny_widths,
-                                                                       guidance):
+                                                                       guidance, kind):
     from diffusers import FluxTransformer2DModel
+
+    from dreamlora.models.sdxl_layout import checkpoint_kind
 
     model = tiny_flux_transformer(guidance)
     state = save_bfl(model, tmp_path / "flux1.safetensors")
@@ -321,8 +324,94 @@ def test_a_bfl_transformer_file_reads_back_through_diffusers_bit_for_bit(tmp_pat
     scale, shift = diffusers_state["norm_out.linear.weight"].chunk(2)  # BFL's final modulation: shift first
     assert torch.equal(state["final_layer.adaLN_modulation.1.weight"], torch.cat([shift, scale]))
     assert ("guidance_in.in_layer.weight" in state) == guidance
+    assert checkpoint_kind(state) == kind
 
     model.save_config(tmp_path / "config" / "transformer")
     loaded = FluxTransformer2DModel.from_single_file(str(tmp_path / "flux1.safetensors"), config=str(tmp_path / "config"),
                                                      subfolder="transformer", local_files_only=True)
     assert_same_state(loaded, model)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])  # BFL's own files; ComfyUI's saves
+def test_a_flux_transformer_file_loads_with_model_config_as_the_model_it_came_from(tiny_flux, tmp_path, prefix,
+                                                                                diffusers_reads_tiny_widths):
+    from dreamlora.models import export_single_file
+
+    path = tmp_path / "flux1-dev.safetensors"
+    if prefix:
+        save_bfl(tiny_flux.unet, path, prefix)
+    else:
+        export_single_file(tiny_flux, path)  # FluxFamily.original_state_dict: the transformer alone, BFL names
+    loaded = load_base_model(str(path), single_file_config=str(builtin_model_dir("tiny-flux")))
+    assert isinstance(loaded.family, FluxFamily) and loaded.family.variant == "dev"
+    assert loaded.identity == "flux1-dev.safetensors" and loaded.notes == []
+    assert_same_state(loaded.unet, tiny_flux.unet)
+    assert_same_state(loaded.vae, tiny_flux.vae)  # the rest is --model-config's
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    conditions = {"encoder_hidden_states": torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(3)),
+                  "pooled_projections": torch.randn(1, 32, generator=torch.Generator().manual_seed(4))}
+    with torch.no_grad():
+        expected = tiny_flux.family.predict(tiny_flux.unet, x, torch.tensor([500.0]), conditions)
+        got = loaded.family.predict(loaded.unet, x, torch.tensor([500.0]), conditions)
+    # The weights are the same bits; the output agrees to float32 rounding only, as a deepcopy of the very same
+    # module does (CPU kernels sum in an order that depends on where the weights lie in memory).
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+
+
+def test_a_schnell_file_with_a_dev_config_loads_as_schnell_and_says_so(tiny_flux, tmp_path, diffusers_reads_tiny_widths):
+    schnell = tiny_flux_transformer(guidance=False)
+    save_bfl(schnell, tmp_path / "flux1-schnell.safetensors")
+    loaded = load_base_model(str(tmp_path / "flux1-schnell.safetensors"),
+                             single_file_config=str(builtin_model_dir("tiny-flux")))  # a [dev] folder
+    assert loaded.family.variant == "schnell" and not loaded.unet.config.guidance_embeds
+    assert_same_state(loaded.unet, schnell)
+    assert len(loaded.notes) == 1 and "Flux.1 [schnell]" in loaded.notes[0] and "scheduler" in loaded.notes[0]
+
+
+def test_a_flux_transformer_file_without_model_config_is_one_line_naming_the_flag(tmp_path):
+    from dreamlora.errors import ModelLoadError
+
+    path = tmp_path / "flux1-dev.safetensors"
+    save_bfl(tiny_flux_transformer(guidance=True), path)
+    for load in (lambda: load_base_model(str(path)), lambda: read_model_configs(str(path))):  # loading, memory plan
+        with pytest.raises(ModelLoadError) as caught:
+            load()
+        message = str(caught.value)
+        assert "\n" not in message and "Flux.1 [dev] transformer" in message and "--model-config" in message
+        assert "VAE, text encoders, tokenizers" in message
+    sd_folder = tmp_path / "sd"  # configs of another pipeline: refused before any weight is read
+    for part, config in (("", {"_class_name": "StableDiffusionPipeline"}), ("unet", {"in_channels": 4}),
+                         ("vae", {"latent_channels": 4})):
+        (sd_folder / part).mkdir(parents=True, exist_ok=True)
+        (sd_folder / part / ("model_index.json" if not part else "config.json")).write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"'.*sd' is a StableDiffusionPipeline model; 'flux1-dev.safetensors' is "
+                                             r"a Flux.1 \[dev\] transformer, which needs a FluxPipeline"):
+        load_base_model(str(path), single_file_config=str(sd_folder))
+
+
+def test_an_all_in_one_flux_checkpoint_is_refused_saying_what_to_pass(tmp_path):
+    from safetensors.torch import save_file
+
+    from dreamlora.errors import ModelLoadError
+
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1),
+               "vae.decoder.conv_in.weight": torch.zeros(1), "text_encoders.clip_l.logit_scale": torch.zeros(1)},
+              str(tmp_path / "flux1-dev-fp8.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"all-in-one Flux checkpoint.*transformer alone.*--model-config"):
+        load_base_model(str(tmp_path / "flux1-dev-fp8.safetensors"), single_file_config=str(tmp_path))
+
+
+def test_the_identity_of_a_flux_transformer_file_covers_the_configs_weights(tmp_path, session_cache):
+    import shutil
+
+    from dreamlora.identity import model_identity
+
+    path = tmp_path / "flux1-dev.safetensors"
+    save_bfl(tiny_flux_transformer(guidance=True), path)
+    folder = shutil.copytree(builtin_model_dir("tiny-flux"), tmp_path / "config")
+    before = model_identity(str(path), str(folder))
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()  # never read: not the model
+    assert model_identity(str(path), str(folder)) == before
+    vae = next((folder / "vae").glob("*.safetensors"))
+    vae.write_bytes(vae.read_bytes()[:-4] + b"\0\0\0\1")  # another VAE: another model
+    assert model_identity(str(path), str(folder)).fingerprint != before.fingerprint
