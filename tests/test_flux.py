@@ -15,6 +15,7 @@ from safetensors import safe_open
 from dreamlora import load_config, train
 from dreamlora.models import builtin_model_dir, detect_family, load_base_model
 from dreamlora.models.configs import read_model_configs
+from dreamlora.interop.formats import read_lora
 from dreamlora.models.flux import FluxFamily, latent_position_ids, pack_latents, unpack_latents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,3 +416,82 @@ def test_the_identity_of_a_flux_transformer_file_covers_the_configs_weights(tmp_
     vae = next((folder / "vae").glob("*.safetensors"))
     vae.write_bytes(vae.read_bytes()[:-4] + b"\0\0\0\1")  # another VAE: another model
     assert model_identity(str(path), str(folder)).fingerprint != before.fingerprint
+
+
+# --- `dreamlora check` on kohya (BFL-named) Flux files -------------------------------------------------------------
+
+
+def tiny_flux_lora_file(path, modules, *, rank=2, alpha=1.0, seed=0):
+    """A diffusers-format LoRA of builtin:tiny-flux's `modules` (peft stems), random weights at the model's shapes."""
+    from dreamlora.interop.formats import LoraModule, header_for, write_lora
+    from dreamlora.interop.keymaps import ModelLayout
+
+    layout = ModelLayout.from_configs(read_model_configs("builtin:tiny-flux"))
+    shapes = {layout.peft_stem(t): info.shape for t, info in layout.modules.items()}
+    g = torch.Generator().manual_seed(seed)
+    lora = {stem: LoraModule(down=torch.randn(rank, shapes[stem][1], generator=g),
+                             up=torch.randn(shapes[stem][0], rank, generator=g), alpha=alpha) for stem in modules}
+    meta = layout.family.file_metadata(64)
+    return write_lora(path, lora, "peft", header_for("peft", meta, lora, family=layout.family))
+
+
+DOUBLE_AND_CLIP = [f"transformer.transformer_blocks.0.attn.{m}" for m in
+                   ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")] + \
+                  ["transformer.single_transformer_blocks.0.proj_out"] + \
+                  [f"text_encoder.text_model.encoder.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj")]
+
+
+def test_check_reads_a_bfl_named_flux_file_and_says_which_tools_load_it(tmp_path, session_cache):
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from dreamlora.errors import ConfigError
+    from dreamlora.interop.check import check_file
+    from dreamlora.interop.convert import convert_lora
+
+    peft = tiny_flux_lora_file(tmp_path / "d.safetensors", DOUBLE_AND_CLIP)
+    assert all(t.ok for t in check_file(peft, "builtin:tiny-flux").tools if t.tool != "automatic1111")  # ComfyUI too
+    bfl = convert_lora(peft, tmp_path / "k.safetensors", "kohya").out  # as ComfyUI and sd-scripts name them
+    with pytest.raises(ConfigError, match=r"'k.safetensors' is a Flux.1 LoRA that does not say which Flux model.*"
+                                          r"--model \(a hub id such as black-forest-labs/FLUX.1-dev"):
+        check_file(bfl)  # no dreamlora metadata naming its model, as files from sd-scripts
+    report = check_file(bfl, "builtin:tiny-flux")
+    assert (report.style, report.family, report.modules, report.errors) == ("kohya", "flux", 7, [])
+    assert report.names == "Black Forest Labs' Flux module names"
+    tools = {t.tool: t for t in report.tools}
+    assert tools["comfyui"].ok and tools["comfyui"].intended and tools["diffusers"].ok
+    assert tools["diffusers"].notes == []  # its Flux reader keeps each module's alpha (fused: 3, the others 1)
+    assert not tools["automatic1111"].intended and "runs no Flux model" in tools["automatic1111"].notes[0]
+    cli = CliRunner().invoke(app, ["check", str(bfl), "--model", "builtin:tiny-flux"])
+    assert cli.exit_code == 0, cli.output
+    assert "k.safetensors: kohya format in Black Forest Labs' Flux module names, 7 modules" in cli.output
+    assert "ComfyUI              loads all" in cli.output and "ok: every tool" in cli.output
+
+    # Shapes against the fused module (q, k, v stacked: 96 x 32), stems naming no module, and the header's variant.
+    tensors, meta = load_file(str(bfl)), {**read_lora(bfl).metadata, "modelspec.architecture": "flux-1-schnell/lora"}
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    tensors[f"{qkv}.lora_up.weight"] = tensors[f"{qkv}.lora_up.weight"][:95]
+    tensors[qkv.replace("_0_", "_5_") + ".lora_down.weight"] = tensors.pop(f"lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight")
+    tensors[qkv.replace("_0_", "_5_") + ".lora_up.weight"] = tensors.pop(f"lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight")
+    tensors[qkv.replace("_0_", "_5_") + ".alpha"] = tensors.pop("lora_unet_double_blocks_0_txt_attn_qkv.alpha")
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    errors = " ".join(check_file(tmp_path / "bad.safetensors", "builtin:tiny-flux").errors)
+    assert f"'{qkv}' gives 95 outputs (up (95, 6)), the layer 96 (unet module 'double_blocks.0.img_attn.qkv', " \
+           "weight (96, 32))" in errors
+    assert "1 of 7 modules name no module of the model ('lora_unet_double_blocks_5_img_attn_qkv')" in errors
+    assert "header 'modelspec.architecture' is 'flux-1-schnell/lora' but the base model is 'flux-1-dev/lora'" in errors
+
+
+def test_check_says_diffusers_refuses_a_flux_file_whose_linear1_is_not_flux1_wide(tmp_path, session_cache):
+    from dreamlora.interop.check import check_file
+    from dreamlora.interop.convert import convert_lora
+
+    singles = [f"transformer.single_transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")]
+    peft = tiny_flux_lora_file(tmp_path / "d.safetensors", singles)
+    report = check_file(convert_lora(peft, tmp_path / "k.safetensors", "kohya").out, "builtin:tiny-flux")
+    tools = {t.tool: t for t in report.tools}
+    assert tools["comfyui"].ok  # lora_unet_single_blocks_0_linear1: q, k, v and the MLP's input, 224 x 32
+    assert tools["diffusers"].loaded == 0 and "(3 x 3072 + 12288 = 21504 outputs); this file's have 224" in \
+        tools["diffusers"].notes[0]
+    assert report.errors == ["diffusers would not load 1 of 1 modules ('lora_unet_single_blocks_0_linear1')"]

@@ -23,10 +23,12 @@ from dataclasses import replace
 import torch
 
 from ..errors import ModelLoadError
-from ..models.flux_layout import BLOCKS, FUSED_PARTS, MLP_RATIO
+from ..models.flux_layout import BLOCKS, FUSED_PARTS, MLP_RATIO, bfl_module
 from .formats import LoraModule
+from .keymaps import UNET, ModelLayout, ModuleInfo, Style, Target, Tool
 
 SPLIT_KEY = "dreamlora.bfl_split"  # {bfl stem: [[part, rank], ...]}: how a fused adapter was stacked
+FLUX1_LINEAR1 = 3 * 3072 + MLP_RATIO * 3072  # outputs of FLUX.1's single-block linear1, where diffusers splits it
 TEXT_PREFIX = ("text_encoder.", "lora_te1_")
 
 _DIFFUSERS = re.compile(r"transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
@@ -166,3 +168,66 @@ def _text_path(flat: str) -> str:
     for word in _TEXT_WORDS:
         flat = flat.replace(word, word.replace("_", "\0"))
     return flat.replace("_", ".").replace("\0", "_")
+
+
+class BflLayout(ModelLayout):
+    """A Flux model's modules as kohya files name them (sd-scripts, ComfyUI, `dreamlora convert --to kohya`).
+
+    The transformer's Linear modules are BFL's, q/k/v fused: `Target("unet", "double_blocks.0.img_attn.qkv")` with
+    the fused weight's shape (the parts' outputs stacked); the text encoders are the model's. What each tool does:
+
+    - ComfyUI loads `lora_unet_` + any BFL weight path of the model (Forge too: its LoRA key maps are ComfyUI's);
+    - diffusers' Flux reader (`_convert_kohya_flux_lora_to_diffusers`) takes the double and single blocks and
+      CLIP-L (`lora_te_`, `lora_te1_`), each at its own alpha; the embedders and the final layer it names without
+      `transformer.`, so its loader drops them, and T5 keys (`lora_te2_`) it leaves out. It splits a single block's
+      linear1 at FLUX.1's widths: a file of other widths fails as a whole;
+    - AUTOMATIC1111 runs no Flux model.
+    """
+
+    kohya_names = "Black Forest Labs' Flux module names"
+    diffusers_reads_each_kohya_alpha = True
+
+    @classmethod
+    def of(cls, layout: ModelLayout) -> ModelLayout:
+        """The layout kohya files of this model are read with: BFL's for a Flux transformer (it has single-stream
+        blocks), `layout` itself for any other model."""
+        if not any(t.component == UNET and t.module.startswith("single_transformer_blocks.") for t in layout.modules):
+            return layout
+        parts: dict[Target, dict[int, ModuleInfo]] = {}
+        modules = {t: info for t, info in layout.modules.items() if t.component != UNET}
+        for target, info in layout.modules.items():
+            placed = bfl_module(target.module) if target.component == UNET else None
+            if placed is not None:
+                parts.setdefault(Target(UNET, placed[0]), {})[placed[1] or 0] = info
+        for target, infos in parts.items():
+            stacked = [infos[p] for p in sorted(infos)]
+            modules[target] = ModuleInfo("linear", (sum(i.shape[0] for i in stacked), stacked[0].shape[1]))
+        return cls(family=layout.family, unet_config=layout.unet_config, modules=modules, order=layout.order,
+                   installed={t: name for t, name in layout.installed.items() if t.component != UNET})
+
+    def resolve(self, tool: Tool, style: Style, stem: str) -> Target | None:
+        if tool == "automatic1111":
+            return None
+        if tool == "diffusers" and style == "kohya":
+            if stem.startswith("lora_unet_"):
+                return self.read(style, stem) if _BFL.fullmatch(stem) else None
+            if stem.startswith("lora_te2_"):
+                return None
+        return super().resolve(tool, style, stem)
+
+    def unsupported(self, tool: Tool) -> str | None:
+        if tool == "automatic1111":
+            return ("runs no Flux model; Forge, which does, reads Flux LoRA keys with ComfyUI's rules (the ComfyUI "
+                    "line)")
+        return super().unsupported(tool)
+
+    def file_refusal(self, tool: Tool, style: Style, modules: dict[str, LoraModule]) -> str | None:
+        refusal = super().file_refusal(tool, style, modules)
+        if refusal or tool != "diffusers" or style != "kohya":
+            return refusal
+        widths = sorted({int(m.up.shape[0]) for stem, m in modules.items()
+                         if re.fullmatch(r"lora_unet_single_blocks_\d+_linear1", stem)} - {FLUX1_LINEAR1})
+        if widths:
+            return (f"splits single blocks' linear1 at FLUX.1's widths (3 x 3072 + 12288 = {FLUX1_LINEAR1} outputs); "
+                    f"this file's have {widths[0]}, so it refuses the whole file")
+        return None
