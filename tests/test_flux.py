@@ -495,3 +495,24 @@ def test_check_says_diffusers_refuses_a_flux_file_whose_linear1_is_not_flux1_wid
     assert tools["diffusers"].loaded == 0 and "(3 x 3072 + 12288 = 21504 outputs); this file's have 224" in \
         tools["diffusers"].notes[0]
     assert report.errors == ["diffusers would not load 1 of 1 modules ('lora_unet_single_blocks_0_linear1')"]
+
+
+def test_baking_into_a_flux_single_file_writes_the_transformer_and_keeps_no_clip_change_silently(
+        tiny_flux, tmp_path, diffusers_reads_tiny_widths):
+    from dreamlora.errors import ConfigError
+    from dreamlora.interop.merge import bake_loras, merged_weight
+
+    stem = "transformer.transformer_blocks.0.attn.to_q"
+    lora = tiny_flux_lora_file(tmp_path / "q.safetensors", [stem], alpha=3.0)
+    out = bake_loras("builtin:tiny-flux", [lora], tmp_path / "baked.safetensors", save_dtype="fp32").out
+    loaded = load_base_model(str(out), single_file_config=str(builtin_model_dir("tiny-flux")))
+    base = dict(tiny_flux.unet.named_parameters())
+    for name, weight in loaded.unet.named_parameters():
+        changed = name == "transformer_blocks.0.attn.to_q.weight"
+        expected = merged_weight(base[name], read_lora(lora).modules[stem], 1.0) if changed else base[name]
+        assert torch.equal(weight, expected), name
+
+    with_clip = tiny_flux_lora_file(tmp_path / "qc.safetensors", [stem, DOUBLE_AND_CLIP[-1]])
+    with pytest.raises(ConfigError, match=r"flux single file holds the denoiser alone, so the LoRA's changes to "
+                                          r"text_encoder would be lost; bake into a diffusers folder"):
+        bake_loras("builtin:tiny-flux", [with_clip], tmp_path / "baked2.safetensors")

@@ -78,6 +78,7 @@ class FluxFamily:
     adapted_text_encoders: int = 1  # CLIP-L; T5 never
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS
     kohya_files: bool = False  # training writes diffusers keys; `dreamlora convert --to kohya` writes BFL names
+    single_file_text_encoders: bool = False  # its single file is BFL's transformer alone
     named_samplers: bool = False
     t5: FrozenT5Cache = field(default_factory=FrozenT5Cache, compare=False, hash=False, repr=False)
 
