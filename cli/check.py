@@ -29,8 +29,9 @@ def command(
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
     else:
-        typer.echo(f"{report.file}: {STYLE_NAMES.get(report.style, report.style)} format, {report.modules} modules, "
-                   f"checked for the {report.family} base model")
+        names = f" in {report.names}" if report.names else ""
+        typer.echo(f"{report.file}: {STYLE_NAMES.get(report.style, report.style)} format{names}, {report.modules} "
+                   f"modules, checked for the {report.family} base model")
         for tool in report.tools:
             status = "loads all" if tool.ok else f"loads {tool.loaded} of {tool.total}"
             aim = "" if tool.intended else " (not a reader of this format)"

@@ -68,9 +68,11 @@ TOY = "builtin:toy"  # the shipped toy-world model; its tiny UNet needs more ran
 class ModelConfig:
     name: str = setting(DEFAULT_MODEL, flag="--model", help="Base model: builtin:toy, builtin:tiny-sd, "
                         "builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, builtin:tiny-flux, a hub id, a "
-                        "diffusers folder, or a .safetensors/.ckpt checkpoint (SD 1.x/2.x/SDXL).")
+                        "diffusers folder, or a .safetensors/.ckpt checkpoint (SD 1.x/2.x/SDXL, or a Flux "
+                        "transformer file such as flux1-dev.safetensors with --model-config).")
     single_file_config: str | None = setting(None, flag="--model-config", path=True, help="For a single-file "
-                                             "checkpoint: a diffusers folder or hub id holding its configs.")
+                                             "checkpoint: a diffusers folder or hub id holding its configs (for a "
+                                             "Flux transformer file also its VAE, text encoders and tokenizers).")
     vae: str | None = setting(None, flag="--vae", path=True, help="Another VAE: a diffusers folder, a hub id or a "
                               ".safetensors file (e.g. an fp16-fixed SDXL VAE).")
 

@@ -117,6 +117,17 @@ def config_files(config: str | None) -> list[tuple[str, Path]]:
     return [(f"config/{p.relative_to(config).as_posix()}", p) for p in Path(config).rglob("*.json")]
 
 
+def config_weights_fingerprint(config: str) -> str:
+    """The weights a --model-config supplies beside a transformer file (its VAE and text encoders): a folder's weight
+    files but its transformer's own (never read), or a hub id's cached snapshot."""
+    folder = Path(config).expanduser()
+    if not folder.is_dir():
+        return hub_fingerprint(config)
+    return files_fingerprint([(p.relative_to(folder).as_posix(), p) for p in folder.rglob("*")
+                              if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                              and p.relative_to(folder).parts[0] != "transformer"])
+
+
 def hub_fingerprint(repo_id: str, marker: str = "model_index.json") -> str:
     """Repo id + the snapshot commit the local cache resolved (found through `marker`), which pins the weights."""
     from huggingface_hub import try_to_load_from_cache
@@ -155,6 +166,7 @@ def with_vae(model: ModelIdentity, vae: str) -> ModelIdentity:
 
 def _model_identity(name: str, single_file_config: str | None) -> ModelIdentity:
     from .models.builtin import BUILDER_VERSION, SHIPPED_DIR, builtin_spec
+    from .models.registry import transformer_file
 
     name = str(name)
     if name.startswith("builtin:"):
@@ -167,6 +179,8 @@ def _model_identity(name: str, single_file_config: str | None) -> ModelIdentity:
         return ModelIdentity(path.resolve().name, folder_fingerprint(path))
     if path.is_file():
         extra = single_file_config or ""
+        if single_file_config and transformer_file(path):  # the config's VAE and text encoders are the model too
+            extra += f"|weights:{config_weights_fingerprint(single_file_config)}"
         return ModelIdentity(path.name, files_fingerprint([("", path)] + config_files(single_file_config), extra))
     if HUB_ID.fullmatch(name):
         return ModelIdentity(name, hub_fingerprint(name))

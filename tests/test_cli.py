@@ -172,3 +172,18 @@ def test_a_bad_choice_or_a_non_finite_number_is_one_line(tmp_path):
     result = runner.invoke(app, ["train", str(ROOT / "sample_instances" / "polkaball"), "--class-word", "ball",
                                  "--out", str(tmp_path / "x.safetensors"), "--alpha", "inf"])
     assert "lora.alpha (flag --alpha): must be a finite number (got inf)" in one_error_line(result)
+
+
+def test_train_on_a_flux_transformer_file_without_model_config_is_one_line_naming_the_flag(tmp_path):
+    """BFL's flux1-dev.safetensors holds the transformer alone; its VAE and text encoders must come from somewhere."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "flux1-dev.safetensors"  # the key names are all that is read before refusing
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1), "guidance_in.in_layer.weight": torch.zeros(1)},
+              str(model))
+    result = runner.invoke(app, ["train", str(ROOT / "sample_instances" / "polkaball"), "--class-word", "ball",
+                                 "--out", str(tmp_path / "x.safetensors"), "--model", str(model), "--no-prior"])
+    line = one_error_line(result)
+    assert "flux1-dev.safetensors' is a Flux.1 [dev] transformer alone" in line
+    assert "pass --model-config with a diffusers Flux folder or hub id" in line

@@ -264,11 +264,11 @@ def test_family_detection_from_configs(name, family, version, session_cache):
                                             ("tiny-sd2", "StableDiffusionPipeline"),
                                             ("tiny-sdxl", "StableDiffusionXLPipeline")])
 def test_family_detection_from_checkpoint_keys(name, pipeline, tmp_path, session_cache):
-    from dreamlora.models.registry import checkpoint_pipeline
+    from dreamlora.models.registry import single_file_kind
 
     path = export_single_file(load_base_model(f"builtin:{name}"), tmp_path / "m.safetensors")
     with safe_open(str(path), framework="pt") as f:
-        assert checkpoint_pipeline(list(f.keys()), str(path)) == pipeline
+        assert single_file_kind(list(f.keys()), str(path)).pipeline_class == pipeline
 
 
 def configs(**changes) -> ModelConfigs:

@@ -191,11 +191,22 @@ HAND_WRITTEN_KINDS = {
         "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight",
         "first_stage_model.decoder.conv_in.weight",
     ],
-    "flux": [  # Black Forest Labs' own file: bare transformer names
+    "flux-schnell": [  # Black Forest Labs' own file: bare transformer names, no guidance embedding
         "double_blocks.0.img_attn.norm.key_norm.scale",
         "single_blocks.0.linear1.weight",
         "img_in.weight",
         "time_in.in_layer.weight",
+    ],
+    "flux-dev": [  # the transformer as ComfyUI saves a diffusion model, with [dev]'s guidance embedding
+        "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+        "model.diffusion_model.guidance_in.in_layer.weight",
+        "model.diffusion_model.final_layer.adaLN_modulation.1.weight",
+    ],
+    "flux-all-in-one": [  # ComfyUI's checkpoint of transformer, VAE and text encoders
+        "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+        "model.diffusion_model.guidance_in.in_layer.weight",
+        "vae.decoder.conv_in.weight",
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight",
     ],
     "lora": [  # diffusers / peft names
         "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
@@ -220,8 +231,8 @@ def test_checkpoint_kind_of_exported_models(sdxl, session_cache):
     state = sdxl_original_state_dict(sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2)
     assert checkpoint_kind(state) == "sdxl"
     assert checkpoint_kind(iter(state)) == "sdxl"  # any iterable of names, read once
-    # ComfyUI saves Flux under the same prefix as the SD UNets; the blocks still say Flux.
-    assert checkpoint_kind(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", *state]) == "flux"
+    # ComfyUI saves Flux under the same prefix as the SD UNets; the blocks still say Flux (with a VAE: all in one).
+    assert checkpoint_kind(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", *state]) == "flux-all-in-one"
     kohya = [f"{kohya_unet_module_name('mid_block.attentions.0.proj_in', sdxl.unet.config)}.{suffix}"
              for suffix in ("lora_down.weight", "lora_up.weight", "alpha")]
     assert checkpoint_kind(kohya + ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha"]) == "lora"

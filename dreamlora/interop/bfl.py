@@ -1,17 +1,8 @@
 """Flux LoRA files in Black Forest Labs' module names (what kohya's sd-scripts writes and ComfyUI reads), both ways.
 
-BFL's transformer fuses what diffusers splits:
-
-| BFL (`lora_unet_` + path, dots as `_`) | diffusers (`transformer.` + path) |
-|---|---|
-| `double_blocks.N.img_attn.qkv` | `transformer_blocks.N.attn.to_q`, `.to_k`, `.to_v` (stacked along the output) |
-| `double_blocks.N.txt_attn.qkv` | `transformer_blocks.N.attn.add_q_proj`, `.add_k_proj`, `.add_v_proj` |
-| `double_blocks.N.img_attn.proj` / `txt_attn.proj` | `attn.to_out.0` / `attn.to_add_out` |
-| `double_blocks.N.img_mlp.0`, `.2` / `txt_mlp.0`, `.2` | `ff.net.0.proj`, `ff.net.2` / `ff_context.net.0.proj`, `ff_context.net.2` |
-| `double_blocks.N.img_mod.lin` / `txt_mod.lin` | `norm1.linear` / `norm1_context.linear` |
-| `single_blocks.N.linear1` | `single_transformer_blocks.N.attn.to_q`, `.to_k`, `.to_v`, `proj_mlp` (stacked) |
-| `single_blocks.N.linear2` / `modulation.lin` | `proj_out` / `norm.linear` |
-
+BFL's transformer fuses what diffusers splits (the table is in models/flux_layout.py, which names the weights of
+single-file transformers the same way): kohya stems are `lora_unet_` + the BFL path with dots as `_`
+(`lora_unet_double_blocks_0_img_attn_qkv` for `transformer.transformer_blocks.0.attn.to_q`, `.to_k`, `.to_v`).
 CLIP-L is `lora_te1_text_model_encoder_layers_N_…` in BFL files and `text_encoder.text_model.encoder.layers.N.…` in
 diffusers ones.
 
@@ -32,23 +23,12 @@ from dataclasses import replace
 import torch
 
 from ..errors import ModelLoadError
+from ..models.flux_layout import BLOCKS, FUSED_PARTS, MLP_RATIO, bfl_module
 from .formats import LoraModule
+from .keymaps import UNET, ModelLayout, ModuleInfo, Style, Target, Tool
 
 SPLIT_KEY = "dreamlora.bfl_split"  # {bfl stem: [[part, rank], ...]}: how a fused adapter was stacked
-MLP_RATIO = 4  # Flux's single blocks: linear1 = q, k, v (each the width) and the MLP's input (4 x the width)
-
-# diffusers child of transformer_blocks.N -> (BFL child of double_blocks.N, part of the fused output or None)
-DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
-          "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
-          "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
-          "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
-          "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
-          "ff_context.net.2": ("txt_mlp.2", None), "norm1.linear": ("img_mod.lin", None),
-          "norm1_context.linear": ("txt_mod.lin", None)}
-SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
-          "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
-BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE), "single_transformer_blocks": ("single_blocks", SINGLE)}
-FUSED_PARTS = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 4}
+FLUX1_LINEAR1 = 3 * 3072 + MLP_RATIO * 3072  # outputs of FLUX.1's single-block linear1, where diffusers splits it
 TEXT_PREFIX = ("text_encoder.", "lora_te1_")
 
 _DIFFUSERS = re.compile(r"transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
@@ -188,3 +168,66 @@ def _text_path(flat: str) -> str:
     for word in _TEXT_WORDS:
         flat = flat.replace(word, word.replace("_", "\0"))
     return flat.replace("_", ".").replace("\0", "_")
+
+
+class BflLayout(ModelLayout):
+    """A Flux model's modules as kohya files name them (sd-scripts, ComfyUI, `dreamlora convert --to kohya`).
+
+    The transformer's Linear modules are BFL's, q/k/v fused: `Target("unet", "double_blocks.0.img_attn.qkv")` with
+    the fused weight's shape (the parts' outputs stacked); the text encoders are the model's. What each tool does:
+
+    - ComfyUI loads `lora_unet_` + any BFL weight path of the model (Forge too: its LoRA key maps are ComfyUI's);
+    - diffusers' Flux reader (`_convert_kohya_flux_lora_to_diffusers`) takes the double and single blocks and
+      CLIP-L (`lora_te_`, `lora_te1_`), each at its own alpha; the embedders and the final layer it names without
+      `transformer.`, so its loader drops them, and T5 keys (`lora_te2_`) it leaves out. It splits a single block's
+      linear1 at FLUX.1's widths: a file of other widths fails as a whole;
+    - AUTOMATIC1111 runs no Flux model.
+    """
+
+    kohya_names = "Black Forest Labs' Flux module names"
+    diffusers_reads_each_kohya_alpha = True
+
+    @classmethod
+    def of(cls, layout: ModelLayout) -> ModelLayout:
+        """The layout kohya files of this model are read with: BFL's for a Flux transformer (it has single-stream
+        blocks), `layout` itself for any other model."""
+        if not any(t.component == UNET and t.module.startswith("single_transformer_blocks.") for t in layout.modules):
+            return layout
+        parts: dict[Target, dict[int, ModuleInfo]] = {}
+        modules = {t: info for t, info in layout.modules.items() if t.component != UNET}
+        for target, info in layout.modules.items():
+            placed = bfl_module(target.module) if target.component == UNET else None
+            if placed is not None:
+                parts.setdefault(Target(UNET, placed[0]), {})[placed[1] or 0] = info
+        for target, infos in parts.items():
+            stacked = [infos[p] for p in sorted(infos)]
+            modules[target] = ModuleInfo("linear", (sum(i.shape[0] for i in stacked), stacked[0].shape[1]))
+        return cls(family=layout.family, unet_config=layout.unet_config, modules=modules, order=layout.order,
+                   installed={t: name for t, name in layout.installed.items() if t.component != UNET})
+
+    def resolve(self, tool: Tool, style: Style, stem: str) -> Target | None:
+        if tool == "automatic1111":
+            return None
+        if tool == "diffusers" and style == "kohya":
+            if stem.startswith("lora_unet_"):
+                return self.read(style, stem) if _BFL.fullmatch(stem) else None
+            if stem.startswith("lora_te2_"):
+                return None
+        return super().resolve(tool, style, stem)
+
+    def unsupported(self, tool: Tool) -> str | None:
+        if tool == "automatic1111":
+            return ("runs no Flux model; Forge, which does, reads Flux LoRA keys with ComfyUI's rules (the ComfyUI "
+                    "line)")
+        return super().unsupported(tool)
+
+    def file_refusal(self, tool: Tool, style: Style, modules: dict[str, LoraModule]) -> str | None:
+        refusal = super().file_refusal(tool, style, modules)
+        if refusal or tool != "diffusers" or style != "kohya":
+            return refusal
+        widths = sorted({int(m.up.shape[0]) for stem, m in modules.items()
+                         if re.fullmatch(r"lora_unet_single_blocks_\d+_linear1", stem)} - {FLUX1_LINEAR1})
+        if widths:
+            return (f"splits single blocks' linear1 at FLUX.1's widths (3 x 3072 + 12288 = {FLUX1_LINEAR1} outputs); "
+                    f"this file's have {widths[0]}, so it refuses the whole file")
+        return None

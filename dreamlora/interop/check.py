@@ -13,7 +13,8 @@ file and one base model it asks:
   should believe: no kohya `ss_*` entries in a diffusers file, no `lora_adapter_metadata` in a kohya file.
 
 What a tool does differently from training without failing (ComfyUI's alpha = rank for diffusers keys, DoRA handling)
-is a note.
+is a note. A Flux model's kohya files name Black Forest Labs' modules, q/k/v fused (`lora_unet_double_blocks_0_img_
+attn_qkv`): they are checked against those fused modules and each tool's rules for them (bfl.BflLayout).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from .formats import DIFFUSERS_METADATA_KEY, LoraData, LoraModule, parse_lora, r
 from .keymaps import READERS, TOOL_TITLES, TOOLS, ModelLayout, Target, Tool
 
 VERSION_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.prediction_type")
-_DIFFUSERS_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 SHOWN = 3  # keys named in a message
 
 
@@ -67,6 +67,7 @@ class CompatibilityReport:
     tools: list[ToolResult]
     errors: list[str]
     notes: list[str]
+    names: str | None = None  # the module names a kohya file uses when not the family's own (Flux: BFL's)
 
     def raise_for_errors(self) -> None:
         """Raises CompatibilityError listing every error, if there is one."""
@@ -77,6 +78,10 @@ class CompatibilityReport:
 
 def check_lora(data: LoraData, layout: ModelLayout) -> CompatibilityReport:
     """Check a parsed LoRA file against a base model's layout (see the module docstring)."""
+    from .bfl import BflLayout
+
+    if data.style == "kohya":
+        layout = BflLayout.of(layout)  # Flux's kohya files name BFL's modules (q/k/v fused), not diffusers'
     errors: list[str] = []
     notes: list[str] = []
     own = _own_targets(data, layout, errors)
@@ -98,7 +103,8 @@ def check_lora(data: LoraData, layout: ModelLayout) -> CompatibilityReport:
         notes.append(f"{len(data.embeddings)} bundled embeddings ({_some(sorted(data.embeddings))}) are not LoRA "
                      "weights and are not checked")
     return CompatibilityReport(file=data.source, style=data.style, family=layout.family.name,
-                               modules=len(data.modules), tools=tools, errors=errors, notes=notes)
+                               modules=len(data.modules), tools=tools, errors=errors, notes=notes,
+                               names=layout.kohya_names)
 
 
 def check_file(path: str | Path, model: str | None = None, single_file_config: str | None = None) -> CompatibilityReport:
@@ -108,7 +114,13 @@ def check_file(path: str | Path, model: str | None = None, single_file_config: s
         ConfigError: no model given and the file names none that can be found.
         ModelLoadError: the file or the model's configs cannot be read.
     """
+    from .bfl import is_flux_file
+
     data = read_lora(path)
+    if model is None and stored_model_name(data.metadata) is None and is_flux_file(list(data.modules), data.metadata):
+        raise ConfigError(f"'{data.source}' is a Flux.1 LoRA that does not say which Flux model it was made for; pass "
+                          "it with --model (a hub id such as black-forest-labs/FLUX.1-dev, a diffusers folder, or a "
+                          "transformer file with --model-config).")
     layout = layout_for(model, data.metadata, data.source, single_file_config)
     return check_lora(data, layout)
 
@@ -227,14 +239,14 @@ def _tool_result(tool: Tool, data: LoraData, layout: ModelLayout, own: dict[str,
         result.not_loaded = stems
         result.notes.append("does not read cloneofsimo's files: convert them with dreamlora convert")
         return result
-    if tool == "automatic1111" and not layout.a1111_loads_unet:
+    unsupported = layout.unsupported(tool)
+    if unsupported:
         result.intended = False
-        result.notes.append("loads only UNets with two resnets a level (SD's), which its LoRA key rules assume; "
-                            "this base model is not one, so its keys are not held to them")
-    if tool == "diffusers" and data.style == "kohya" and not all(s.startswith(_DIFFUSERS_KOHYA_PREFIXES) for s in stems):
+        result.notes.append(unsupported)
+    refusal = layout.file_refusal(tool, data.style, data.modules)
+    if refusal:
         result.not_loaded = stems
-        result.notes.append("takes a file for kohya's only when every key starts with lora_unet_, lora_te_, "
-                            "lora_te1_ or lora_te2_")
+        result.notes.append(refusal)
         return result
     for stem in stems:
         placed = layout.resolve(tool, data.style, stem)
@@ -246,17 +258,17 @@ def _tool_result(tool: Tool, data: LoraData, layout: ModelLayout, own: dict[str,
             result.loaded += 1
     if result.loaded == 0 and stems and tool == "automatic1111" and data.style != "kohya":
         result.notes.append("reads kohya keys (lora_unet_..., lora_te_...) only")
-    result.notes.extend(_tool_notes(tool, data, result))
+    result.notes.extend(_tool_notes(tool, data, layout, result))
     return result
 
 
-def _tool_notes(tool: Tool, data: LoraData, result: ToolResult) -> list[str]:
+def _tool_notes(tool: Tool, data: LoraData, layout: ModelLayout, result: ToolResult) -> list[str]:
     notes = []
     modules = data.modules.values()
     if tool == "comfyui" and data.style != "kohya" and result.loaded and any(m.alpha_value != m.rank for m in modules):
         notes.append("applies these keys at alpha = rank (it reads alpha from .alpha tensors only), not at the "
                      "file's alpha / rank")
-    if tool == "diffusers" and data.style == "kohya" and result.loaded:
+    if tool == "diffusers" and data.style == "kohya" and result.loaded and not layout.diffusers_reads_each_kohya_alpha:
         # diffusers turns kohya alphas into a peft alpha_pattern keyed by names peft never matches: a UNet module
         # whose alpha differs from the file's most common one gets the common one (seen with diffusers 0.42).
         unet = [m.alpha_value for s, m in data.modules.items() if s.startswith("lora_unet_")]

@@ -20,7 +20,9 @@ attention-processor names `unet.<attention>.processor.to_q` (with or without `un
 `self_attn.{q,k,v,out}_proj` and `mlp.fc1/fc2` of each encoder as `lora_te_`, `lora_te1_` (CLIP-L, or CLIP-H for SD 2),
 `lora_te2_` (SDXL's CLIP-G) and diffusers' `text_encoder(_2).text_model.encoder.layers.N...`; `text_projection` as
 `lora_te1_`/`lora_te2_text_projection`. It reads kohya, peft (`lora_A/lora_B`) and older diffusers parts, and alpha
-only from `.alpha` tensors. So a peft UNet key (`unet.down_blocks...to_q.lora_A.weight`) is not loaded.
+only from `.alpha` tensors. So a peft UNet key (`unet.down_blocks...to_q.lora_A.weight`) is not loaded; SD3's and
+Flux's `transformer.<diffusers path>` keys are (it maps them onto its own, BFL-style, modules). Flux's kohya files
+name BFL's modules (interop/bfl.py's `BflLayout`).
 
 diffusers (`loaders/lora_conversion_utils.py`, `loaders/lora_pipeline.py`): a file whose every key starts with
 `lora_unet_`/`lora_te_`/`lora_te1_`/`lora_te2_` is kohya's: underscores become dots and known compound names are
@@ -34,13 +36,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
     import torch
 
     from ..models.configs import ModelConfigs
     from ..models.family import ModelFamily, TextEncoderNaming
+    from .formats import LoraModule
 
 Tool = Literal["automatic1111", "comfyui", "diffusers"]
 TOOLS: tuple[Tool, ...] = ("automatic1111", "comfyui", "diffusers")
@@ -58,6 +61,8 @@ READERS: dict[str, tuple[Tool, ...]] = {
 }
 
 UNET = "unet"
+# diffusers takes a file for kohya's only when every key starts with one of these.
+DIFFUSERS_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 # The six text-encoder layer modules ComfyUI maps (its LORA_CLIP_MAP).
 _COMFY_CLIP_MODULES = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj",
@@ -97,6 +102,12 @@ class ModelLayout:
 
     Build it with `from_modules` (live models, adapters or not) or `from_configs` (meta device, no weights).
     """
+
+    # How kohya files name this model's modules, when not as the family's own kohya keys do (shown by the check).
+    kohya_names: ClassVar[str | None] = None
+    # Whether diffusers applies each kohya module at its own alpha (its SD reader gives UNet modules the file's
+    # most common one; see check._tool_notes).
+    diffusers_reads_each_kohya_alpha: ClassVar[bool] = False
 
     family: ModelFamily
     unet_config: dict
@@ -236,6 +247,20 @@ class ModelLayout:
                 return self.read(style, stem)
         return None
 
+    def unsupported(self, tool: Tool) -> str | None:
+        """Why `tool` does not load LoRA files into this model at all (its keys are then not held to its rules)."""
+        if tool == "automatic1111" and not self.a1111_loads_unet:
+            return ("loads only UNets with two resnets a level (SD's), which its LoRA key rules assume; this base "
+                    "model is not one, so its keys are not held to them")
+        return None
+
+    def file_refusal(self, tool: Tool, style: Style, modules: dict[str, LoraModule]) -> str | None:
+        """Why `tool` refuses a whole file of these modules (then it loads none of them), or None."""
+        if tool == "diffusers" and style == "kohya" and not all(s.startswith(DIFFUSERS_KOHYA_PREFIXES) for s in modules):
+            return ("takes a file for kohya's only when every key starts with lora_unet_, lora_te_, lora_te1_ or "
+                    "lora_te2_")
+        return None
+
     # AUTOMATIC1111 / Forge
 
     @cached_property
@@ -293,6 +318,8 @@ class ModelLayout:
             if original:
                 key_map["lora_unet_" + original.replace(".", "_")] = target
             key_map["lora_unet_" + target.module.replace(".", "_")] = target
+            if self.family.denoiser_prefix == "transformer":  # SD3's and Flux's diffusers keys (its q/k/v slices)
+                key_map[f"transformer.{target.module}"] = target
             procs = target.module.replace(".to_", ".processor.to_")
             if procs.endswith(".to_out.0"):
                 procs = procs[:-2]

@@ -102,6 +102,10 @@ def bake_loras(model: str | BaseModel, loras: list[str | Path], out: str | Path,
         if data.embeddings:
             notes.append(f"'{data.source}': {len(data.embeddings)} bundled embeddings are not merged")
     dtype = DTYPES[save_dtype]
+    lost = sorted({t.component for t in changed if t.component != UNET})
+    if single and lost and not base.family.single_file_text_encoders:
+        raise ConfigError(f"a {base.family.name} single file holds the denoiser alone, so the LoRA's changes to "
+                          f"{', '.join(lost)} would be lost; bake into a diffusers folder (--out without .safetensors)")
     if single:
         from ..models import export_single_file
 

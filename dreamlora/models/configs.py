@@ -8,7 +8,7 @@ or hub id supplies them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ModelLoadError
@@ -52,10 +52,17 @@ def read_model_configs(name: str, single_file_config: str | None = None) -> Mode
     if path.is_dir():
         return _folder_configs(path)
     if path.is_file():
+        from .registry import missing_config_message, transformer_file
+
+        kind = transformer_file(path)
         if not single_file_config:
+            if kind:
+                raise ModelLoadError(missing_config_message(name, kind))
             raise ModelLoadError(f"--model '{name}' is a single-file checkpoint: its memory can only be estimated "
                                  "from a diffusers folder or hub id with its configs. Pass --model-config.")
-        return read_model_configs(single_file_config)
+        configs = read_model_configs(single_file_config)
+        # A transformer file decides what its keys show (Flux: the guidance embedding), as loading does.
+        return replace(configs, unet={**configs.unet, **kind.transformer_config}) if kind else configs
     return _hub_configs(name)
 
 

@@ -94,6 +94,7 @@ class ModelFamily(Protocol):
     adapted_text_encoders: int | None  # how many encoders (from the first) take adapters; None: all (T5 never does)
     default_targets: tuple[str, ...]  # denoiser modules adapted when --lora-targets is left at its default
     kohya_files: bool  # whether LoRA files can be written in kohya naming (else --format diffusers only)
+    single_file_text_encoders: bool  # whether its single-file layout holds the text encoders (Flux's: the transformer)
     named_samplers: bool  # whether --sampler applies (flow-matching families sample with their own scheduler)
     cached_text_encoder: int | None  # the frozen encoder whose states the family caches (T5): it encodes the run's
     # prompts once and then stays off the accelerator, sampling included; None when every encoder runs as needed

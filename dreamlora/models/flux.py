@@ -14,6 +14,8 @@
 - σ is shifted by image size (the scheduler's use_dynamic_shifting): exp(μ), μ from 0.5 at 256 px to 1.15 at 1024 px.
 - Files: diffusers/peft keys (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, `text_encoder.`), which
   FluxPipeline.load_lora_weights reads; `dreamlora convert --to kohya` writes BFL names (interop/bfl.py).
+- Base models load from a diffusers folder or hub id, or from BFL's transformer file (`flux1-dev.safetensors`) with
+  --model-config for the rest (loading.py); single-file export writes the transformer in that layout (flux_layout.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ConfigError
 from .family import ImageGeometry, PromptEmbeddings, TextEncoderNaming, tokenize
 from .sd3 import FrozenT5Cache
 
@@ -77,6 +78,7 @@ class FluxFamily:
     adapted_text_encoders: int = 1  # CLIP-L; T5 never
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS
     kohya_files: bool = False  # training writes diffusers keys; `dreamlora convert --to kohya` writes BFL names
+    single_file_text_encoders: bool = False  # its single file is BFL's transformer alone
     named_samplers: bool = False
     cached_text_encoder: int | None = 1  # T5
     t5: FrozenT5Cache = field(default_factory=FrozenT5Cache, compare=False, hash=False, repr=False)
@@ -175,7 +177,11 @@ class FluxFamily:
         return FlowMatchingObjective(scheduler_config, settings, patch_size=2)
 
     def original_state_dict(self, base: Any) -> dict[str, torch.Tensor]:
-        raise ConfigError("single-file export of Flux models is not supported; save a diffusers folder instead.")
+        """The transformer alone in BFL's layout, as flux1-dev.safetensors is (ComfyUI's "Load Diffusion Model" and
+        `--model FILE --model-config <Flux folder>` read it); the VAE and text encoders stay in their own files."""
+        from .flux_layout import bfl_transformer_state_dict
+
+        return bfl_transformer_state_dict(base.unet.state_dict())
 
     def meta_denoiser_inputs(self, configs: ModelConfigs, rows: int, latent: int,
                              dtype: torch.dtype) -> tuple[list, dict]:

@@ -6,6 +6,8 @@
 - an existing folder in diffusers layout (model_index.json, unet/, vae/, ...);
 - an existing single-file checkpoint in the original (CompVis/LDM) layout: .safetensors, .ckpt, .pt,
   .pth; diffusers needs the model's configs to load one (`single_file_config`);
+- a Flux transformer alone in Black Forest Labs' layout (`flux1-dev.safetensors`): the transformer comes from the
+  file, the VAE, text encoders, tokenizers and scheduler from `single_file_config` (a diffusers Flux folder or hub id);
 - `org/name`: a Hugging Face hub id, loaded from the local cache (or the hub when it is reachable).
 
 Every failure becomes a ModelLoadError that quotes the value and says what to do.
@@ -28,7 +30,8 @@ from ..samplers import SAMPLERS
 from .builtin import builtin_model_dir, builtin_spec
 from .configs import ModelConfigs, read_model_configs
 from .family import ModelFamily
-from .registry import checkpoint_pipeline, detect_family, distilled_note, load_kwargs_for
+from .registry import (SingleFileKind, checkpoint_keys, detect_family, distilled_note, load_kwargs_for,
+                       missing_config_message, single_file_kind)
 
 if TYPE_CHECKING:  # diffusers takes seconds to import; only the type checker needs these here
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -39,7 +42,8 @@ ACCEPTED_FORMS = (
     "builtin:<name> (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, "
     "builtin:tiny-flux), "
     "a diffusers model folder, "
-    "a single-file checkpoint (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id (org/name)"
+    "a single-file checkpoint (.safetensors, .ckpt, .pt, .pth; a Flux transformer file with --model-config), "
+    "or a Hugging Face hub id (org/name)"
 )
 
 @dataclass
@@ -180,11 +184,14 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> BaseModel:
 def _load_single_file(path: Path, config: str | None, dtype: torch.dtype) -> BaseModel:
     import diffusers
 
+    # A safetensors file's keys say what it is (a kind that cannot be trained is refused before its config is read);
+    # a pickle checkpoint's keys cannot be listed without loading it, so its --model-config says what it is.
+    kind = single_file_kind(checkpoint_keys(path), str(path)) if path.suffix.lower() == ".safetensors" else None
     config = _resolve_single_file_config(config)
-    if path.suffix.lower() == ".safetensors":
-        pipeline_class = checkpoint_pipeline(_checkpoint_keys(path), str(path))
-    else:  # a pickle checkpoint's keys cannot be listed without loading it; its --model-config says what it is
-        pipeline_class = _config_pipeline(config) or "StableDiffusionPipeline"
+    kind = kind or SingleFileKind(_config_pipeline(config) or "StableDiffusionPipeline")
+    if kind.transformer_class:
+        return _load_transformer_file(path, config, kind, dtype)
+    pipeline_class = kind.pipeline_class
     loader, extra = getattr(diffusers, pipeline_class), load_kwargs_for(pipeline_class)
     what = f"single-file checkpoint '{path}'"
     try:
@@ -212,6 +219,45 @@ def _load_single_file(path: Path, config: str | None, dtype: torch.dtype) -> Bas
             "has the same architecture; a .ckpt must hold plain tensors (re-save it as .safetensors if not)."
         ) from exc
     return _base_model(pipe, model_identity(str(path), config))
+
+
+def _load_transformer_file(path: Path, config: str | None, kind: SingleFileKind, dtype: torch.dtype) -> BaseModel:
+    """A transformer file (BFL's flux1-dev.safetensors): the transformer through diffusers' from_single_file, which
+    converts BFL's layout, with the config's transformer config; the rest of the pipeline from the config's weights."""
+    import diffusers
+
+    if config is None:
+        raise ModelLoadError(missing_config_message(path, kind))
+    configs = _config_configs(config)
+    pipeline_class = configs.index.get("_class_name") if configs else None
+    if pipeline_class and pipeline_class != kind.pipeline_class:
+        raise ModelLoadError(f"--model-config '{config}' is a {pipeline_class} model; '{path.name}' is "
+                             f"{kind.description}, which needs a {kind.pipeline_class} folder or hub id.")
+    local_only = _hub_offline()
+    try:
+        with _quiet_loading():
+            transformer = getattr(diffusers, kind.transformer_class).from_single_file(
+                str(path), config=config, subfolder="transformer", dtype=dtype, local_files_only=local_only,
+                **kind.transformer_config)
+            # The transformer passed in is used as it is: the config's own transformer weights are never read.
+            pipe = getattr(diffusers, kind.pipeline_class).from_pretrained(
+                config, transformer=transformer, dtype=dtype, local_files_only=local_only,
+                **load_kwargs_for(kind.pipeline_class))
+    except Exception as exc:  # any library failure: the file, or the config's parts, are unusable
+        raise ModelLoadError(
+            f"cannot load {kind.description} file '{path}' with the VAE, text encoders and configs of '{config}': "
+            f"{_first_line(exc)}. Check that --model-config is a diffusers Flux.1 folder or hub id (with vae/, "
+            "text_encoder/, text_encoder_2/ and their tokenizers) and the file a whole transformer."
+        ) from exc
+    base = _base_model(pipe, model_identity(str(path), config))
+    differs = [f"{k}={configs.unet[k]}" for k, v in kind.transformer_config.items()
+               if configs and configs.unet.get(k, v) != v]
+    if differs:
+        base.notes.append(f"'{path.name}' is {kind.description} but --model-config '{config}' is the other variant "
+                          f"(its transformer has {', '.join(differs)}): the "
+                          "transformer follows the file, the scheduler (its noise shift) and pipeline settings are "
+                          "the config's; pass the matching variant's folder or hub id to have its own")
+    return base
 
 
 def _weights_only_refusal(path: Path) -> str | None:
@@ -370,25 +416,20 @@ def _resolve_single_file_config(config: str | None) -> str | None:
     )
 
 
-def _checkpoint_keys(path: Path) -> list[str]:
-    """The tensor names of a safetensors checkpoint, read from its header alone."""
-    from safetensors import safe_open
-
+def _config_configs(config: str | None) -> ModelConfigs | None:
+    """The configs of a --model-config, if they can be read."""
+    if config is None:
+        return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as exc:
-        raise ModelLoadError(f"--model '{path}' cannot be read as safetensors: {_first_line(exc)}") from exc
+        return read_model_configs(config)
+    except ModelLoadError:
+        return None
 
 
 def _config_pipeline(config: str | None) -> str | None:
     """The pipeline class a --model-config names in its model_index.json, if it can be read."""
-    if config is None:
-        return None
-    try:
-        return read_model_configs(config).index.get("_class_name")
-    except ModelLoadError:
-        return None
+    configs = _config_configs(config)
+    return configs.index.get("_class_name") if configs else None
 
 
 def _hub_offline() -> bool:

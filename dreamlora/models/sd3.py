@@ -69,6 +69,7 @@ class StableDiffusion3Family:
     adapted_text_encoders: int = 2  # CLIP-L and CLIP-G get adapters with --train-text-encoder; T5 never
     default_targets: tuple[str, ...] = TRANSFORMER_TARGETS
     kohya_files: bool = False  # files in diffusers format only
+    single_file_text_encoders: bool = False  # no single-file export
     named_samplers: bool = False  # samples with its own flow-matching Euler scheduler, whatever --sampler says
     cached_text_encoder: int | None = 2  # T5
     t5: FrozenT5Cache = field(default_factory=FrozenT5Cache, compare=False, hash=False, repr=False)

@@ -39,6 +39,7 @@ class StableDiffusionXLFamily:
     adapted_text_encoders: int | None = None  # every encoder gets adapters with --train-text-encoder
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     kohya_files: bool = True
+    single_file_text_encoders: bool = True
     named_samplers: bool = True  # --sampler picks any of SAMPLERS over the model's DDPM schedule
     cached_text_encoder: int | None = None
 

@@ -254,9 +254,12 @@ def export_sdxl_single_file(
 
 # --- what a checkpoint holds ---------------------------------------------------------------------
 
-CheckpointKind = Literal["sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux", "lora", "unknown"]
+CheckpointKind = Literal["sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux-dev", "flux-schnell", "flux-all-in-one",
+                         "lora", "unknown"]
 
 _LORA_KEY = re.compile(r"^lora_|\.lora_[AB]\.|\.lora_(?:down|up)\.|[._]lora\.(?:down|up)\.|\.lora_magnitude_vector")
+# What a checkpoint holds besides its denoiser: a VAE (LDM/SGM names, ComfyUI's newer `vae.`) or text encoders.
+_BESIDES_DENOISER = ("first_stage_model.", "vae.", "cond_stage_model.", "conditioner.", "text_encoders.")
 
 
 def checkpoint_kind(keys: Iterable[str]) -> CheckpointKind:
@@ -268,8 +271,11 @@ def checkpoint_kind(keys: Iterable[str]) -> CheckpointKind:
       `.lora_down/.lora_up/.alpha`), peft / diffusers (`*.lora_A.*`, `*.lora_B.*`) or older diffusers
       (`*_lora.down.*`, `*_lora.up.*`).
     - "sd3": MMDiT joint blocks, `model.diffusion_model.joint_blocks.*` (or bare `joint_blocks.*`).
-    - "flux": Flux's double-stream blocks, `model.diffusion_model.double_blocks.*` (or bare `double_blocks.*`,
-      as Black Forest Labs' own files name them).
+    - "flux-dev" / "flux-schnell": a Flux transformer alone in Black Forest Labs' layout (`flux1-dev.safetensors`):
+      double-stream blocks, bare `double_blocks.*` as BFL names them or under ComfyUI's `model.diffusion_model.`,
+      and no VAE or text encoder; [dev] has a guidance embedding (`guidance_in.*`), [schnell] none.
+    - "flux-all-in-one": Flux's blocks beside a VAE or text encoders (`first_stage_model.`, `vae.`,
+      `text_encoders.`, ...), as ComfyUI's all-in-one checkpoints bundle them.
     - "sdxl": the SGM UNet `model.diffusion_model.*` and OpenCLIP bigG as the second embedder,
       `conditioner.embedders.1.model.*`.
     - "sdxl-refiner": the SGM UNet and OpenCLIP as the first and only OpenCLIP embedder,
@@ -283,7 +289,8 @@ def checkpoint_kind(keys: Iterable[str]) -> CheckpointKind:
         keys: The checkpoint's tensor names (a state dict, or `safe_open(...).keys()`).
 
     Returns:
-        One of "sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux", "lora", "unknown".
+        One of "sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux-dev", "flux-schnell", "flux-all-in-one", "lora",
+        "unknown".
     """
     keys = list(keys)
     if not keys:
@@ -297,7 +304,9 @@ def checkpoint_kind(keys: Iterable[str]) -> CheckpointKind:
     if has(UNET_PREFIX + "joint_blocks.", "joint_blocks."):
         return "sd3"
     if has(UNET_PREFIX + "double_blocks.", "double_blocks."):
-        return "flux"
+        if has(*_BESIDES_DENOISER):
+            return "flux-all-in-one"
+        return "flux-dev" if has(UNET_PREFIX + "guidance_in.", "guidance_in.") else "flux-schnell"
     if not has(UNET_PREFIX):
         return "unknown"
     if has("conditioner.embedders.1.model."):
