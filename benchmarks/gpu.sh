@@ -6,6 +6,10 @@
 #
 #   bash benchmarks/gpu.sh               # on a CUDA machine; about 8 minutes on one H100/H200-class GPU
 #   bash benchmarks/gpu.sh --quick       # bf16 only, no compile row, no quality references: about 4 minutes
+#   bash benchmarks/gpu.sh --flux        # FLUX.1-dev at 512 px, rank 16, batch 1 + 1 prior, cached latents and T5
+#                                        # states (T5 on the CPU), checkpointing, 8-bit AdamW: NF4 (target <= 10 GB),
+#                                        # int8 (<= 16 GB) and bf16 transformers; random weights at full size
+#                                        # (builds a 24 GB folder first: about 10 minutes, 50 GB of disk)
 #   bash benchmarks/gpu.sh --cpu-smoke   # the same code paths on the CPU at reduced size (a few minutes)
 #
 # Results: one JSON line a row in $RESULTS (default: $OUT/dreamlora-bench.jsonl when $OUT is set,
@@ -15,11 +19,13 @@ cd "$(dirname "$0")/.."
 
 mode=gpu
 quick=0
+flux=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) mode=cpu-smoke ;;
     --quick) quick=1 ;;
-    *) echo "usage: bash benchmarks/gpu.sh [--cpu-smoke] [--quick]" >&2; exit 2 ;;
+    --flux) flux=1 ;;
+    *) echo "usage: bash benchmarks/gpu.sh [--cpu-smoke] [--quick] [--flux]" >&2; exit 2 ;;
   esac
 done
 
@@ -44,6 +50,12 @@ priors_args=(--preset "$mode" --json "$results" --timeout 400)
 if [[ $quick == 1 ]]; then
   export DREAMLORA_BENCH_QUICK=1  # train_step.py: bf16 rows only, no compile row
   priors_args+=(--no-quality)
+fi
+if [[ $flux == 1 && $mode == gpu ]]; then
+  echo "== Flux training steps" >&2
+  python benchmarks/train_step.py --preset gpu-flux --json "$results" --timeout 1200 >&2 || status=1
+  python benchmarks/report.py "$results" || status=1
+  exit $status
 fi
 echo "== training steps ($mode)" >&2
 python benchmarks/train_step.py "${train_args[@]}" >&2 || status=1

@@ -123,13 +123,13 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--models", default="sdxl")
     parser.add_argument("--flux", action="store_true",
-                        help="FLUX.1 [dev] at 512 and 1024 px, bf16/int8/NF4, on 10, 16 and 24 GiB (the README's "
+                        help="FLUX.1 [dev] at 512 and 1024 px, bf16/int8/NF4, on 10, 12, 16 and 24 GiB (the README's "
                              "Flux table)")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md between its markers")
     args = parser.parse_args()
     if args.flux:
         # From the settings (bf16, checkpointing, 8-bit AdamW), bf16 / int8 / NF4 transformer.
-        table = "\n".join(rows(["flux-dev"], [10, 16, 24], args.rank, resolutions=(512, 1024), text_modes=(False,),
+        table = "\n".join(rows(["flux-dev"], [10, 12, 16, 24], args.rank, resolutions=(512, 1024), text_modes=(False,),
                                quantizations=("none", "int8", "nf4"),
                                start={"train.mixed_precision": "bf16", "train.gradient_checkpointing": True,
                                       "train.optimizer": "adamw8bit"}))

@@ -88,11 +88,12 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
             for mp, gc, opt in (("bf16", True, "adamw8bit"), ("bf16", False, "adamw"), ("fp16", True, "adamw8bit")):
                 rows.append(row("train", "sdxl", mixed_precision=mp, gradient_checkpointing=gc, optimizer=opt,
                                 device="cuda", steps=8, warmup=3, rank=16, train_text_encoder=te))
-        rows += flux_rows("flux-dev", device="cuda", steps=8, warmup=3)
         if os.environ.get("DREAMLORA_BENCH_QUICK") == "1":  # gpu.sh --quick
             rows = [r for r in rows if r["mixed_precision"] == "bf16"]
         else:
             rows.append(row("train", "sd15", mixed_precision="bf16", compile=True, device="cuda", steps=25, warmup=10))
+    elif preset == "gpu-flux":  # gpu.sh --flux: FLUX.1-dev's transformer at full size (the folder takes minutes)
+        rows = flux_rows("flux-dev", device="cuda", steps=8, warmup=3)
     elif preset == "cpu-compile":  # torch.compile (inductor's C++ kernels) on the CPU; the first steps compile
         rows = [row("train", "tiny", steps=30, warmup=5), row("train", "tiny", steps=30, warmup=5, compile=True),
                 row("train", "small", steps=6, warmup=2), row("train", "small", steps=6, warmup=2, compile=True),
@@ -110,7 +111,7 @@ def preset_rows(preset: str, steps: int | None) -> list[dict]:
                                 steps=3, warmup=1, rank=16 if arch == "sdxl-mini" else 4, train_text_encoder=te))
         rows += [dict(r, mixed_precision=lean) for r in flux_rows("flux-mini", device="cpu", steps=3, warmup=1)]
     else:
-        raise SystemExit(f"unknown preset {preset!r}: cpu, cpu-compile, gpu or cpu-smoke")
+        raise SystemExit(f"unknown preset {preset!r}: cpu, cpu-compile, gpu, gpu-flux or cpu-smoke")
     if steps:
         for r in rows:
             r["steps"], r["warmup"] = steps, min(r["warmup"], steps // 2)
@@ -424,7 +425,7 @@ COLUMNS = [("kind", "kind"), ("model", "model"), ("resolution", "px"), ("device"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", help="cpu (default), cpu-compile, gpu or cpu-smoke")
+    parser.add_argument("--preset", default="cpu", help="cpu (default), cpu-compile, gpu, gpu-flux or cpu-smoke")
     parser.add_argument("--rows", help="only rows whose model is in this comma list (e.g. tiny,small,sd15)")
     parser.add_argument("--kinds", help="only these kinds (train,tensors,unet,plan)")
     parser.add_argument("--steps", type=int, help="steps a row (default: the preset's)")

@@ -113,7 +113,7 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
     # (transformers' save_pretrained writes nothing on non-main ranks of a process group).
     with accelerator.main_process_first():
         base = load_base_model(config.model.name, single_file_config=config.model.single_file_config,
-                               vae=config.model.vae)
+                               vae=config.model.vae, dtype=frozen_dtype(config.train.mixed_precision))
     for message in base.notes:
         note(progress, message)
     base.objective = training_objective(base, config)

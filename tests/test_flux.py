@@ -90,9 +90,22 @@ def trained(tmp_path_factory):
     return train(flux_config(tmp_path)), tmp_path
 
 
+def tiny_flux_renderer():
+    """diffusers' own FluxPipeline over builtin:tiny-flux, and a function rendering one seeded picture with it."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(builtin_model_dir("tiny-flux")))
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        return pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
+                    guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
+
+    return pipe, render
+
+
 @pytest.mark.slow  # over 3 s on 2 cores (trains tiny-flux): run by .ci/run with -m slow
 def test_trained_file_loads_in_the_flux_pipeline_key_for_key_and_scale_zero_is_the_base(trained):
-    from diffusers import FluxPipeline
     from peft import get_peft_model_state_dict
 
     result, _ = trained
@@ -104,13 +117,7 @@ def test_trained_file_loads_in_the_flux_pipeline_key_for_key_and_scale_zero_is_t
     assert any(".to_add_out." in k for k in keys)
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
 
-    pipe = FluxPipeline.from_pretrained(str(builtin_model_dir("tiny-flux")))
-    pipe.set_progress_bar_config(disable=True)
-
-    def render():
-        return pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
-                    guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
-
+    pipe, render = tiny_flux_renderer()
     base = render()
     pipe.load_lora_weights(str(result.output), adapter_name="subject")
     loaded = {f"{c}.{k}" for c in ("transformer", "text_encoder")
@@ -491,8 +498,8 @@ def test_check_reads_a_bfl_named_flux_file_and_says_which_tools_load_it(tmp_path
     tensors, meta = load_file(str(bfl)), {**read_lora(bfl).metadata, "modelspec.architecture": "flux-1-schnell/lora"}
     qkv = "lora_unet_double_blocks_0_img_attn_qkv"
     tensors[f"{qkv}.lora_up.weight"] = tensors[f"{qkv}.lora_up.weight"][:95]
-    tensors[qkv.replace("_0_", "_5_") + ".lora_down.weight"] = tensors.pop(f"lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight")
-    tensors[qkv.replace("_0_", "_5_") + ".lora_up.weight"] = tensors.pop(f"lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight")
+    tensors[qkv.replace("_0_", "_5_") + ".lora_down.weight"] = tensors.pop("lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight")
+    tensors[qkv.replace("_0_", "_5_") + ".lora_up.weight"] = tensors.pop("lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight")
     tensors[qkv.replace("_0_", "_5_") + ".alpha"] = tensors.pop("lora_unet_double_blocks_0_txt_attn_qkv.alpha")
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     errors = " ".join(check_file(tmp_path / "bad.safetensors", "builtin:tiny-flux").errors)

@@ -15,11 +15,11 @@ from dreamlora import train
 from dreamlora.identity import model_identity
 from dreamlora.lora import add_lora_adapters, trainable_parameters
 from dreamlora.memory.estimate import MemorySettings, denoiser_bytes
-from dreamlora.models import builtin_model_dir, load_base_model
+from dreamlora.models import load_base_model
 from dreamlora.priors import training_prior_spec
 from dreamlora.quantization import quantize_denoiser, quantized_weight_bytes
 
-from test_flux import flux_config
+from test_flux import flux_config, tiny_flux_renderer
 
 bnb = pytest.importorskip("bitsandbytes")
 KINDS = ("int8", "nf4")
@@ -119,8 +119,6 @@ def test_quantized_class_images_are_cached_apart():
 
 @pytest.mark.slow  # trains tiny-flux (about 5 s on 2 cores)
 def test_a_qlora_run_writes_a_file_flux_loads_over_the_unquantized_model(tmp_path):
-    from diffusers import FluxPipeline
-
     def shapes(path):
         with safe_open(str(path), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -130,13 +128,57 @@ def test_a_qlora_run_writes_a_file_flux_loads_over_the_unquantized_model(tmp_pat
     # the same adapters, key for key and shape for shape, as over the full-precision base: nothing of bitsandbytes'
     assert shapes(result.output) == shapes(plain_run.output)
     assert {k.split(".")[0] for k in shapes(result.output)} == {"transformer", "text_encoder"}
-    pipe = FluxPipeline.from_pretrained(str(builtin_model_dir("tiny-flux")))
-    pipe.set_progress_bar_config(disable=True)
-
-    def render():
-        return pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64, output_type="np",
-                    guidance_scale=3.5, generator=torch.Generator().manual_seed(0)).images
-
+    pipe, render = tiny_flux_renderer()
     plain = render()
     pipe.load_lora_weights(str(result.output), adapter_name="subject")
     assert np.abs(render() - plain).max() > 1e-3
+
+
+# --- T5 off the accelerator --------------------------------------------------------------------------------------
+
+
+def test_t5_encodes_every_prompt_of_the_run_once_before_training(tmp_path):
+    from dreamlora.data import training_set
+    from dreamlora.preflight import preflight_training_data
+    from dreamlora.training import encode_cached_prompts, training_prompts
+
+    config = flux_config(tmp_path, **{"prior.negative_prompt": "blurry"})
+    images = preflight_training_data(config.data, config.prior)
+    images.finish(64, lambda event: None)
+    instances = training_set(config.data, images.instance)
+    base = load_base_model("builtin:tiny-flux")
+    prompts = [*training_prompts(config, instances).values(), "", "blurry"]
+    encode_cached_prompts(base, config, prompts, torch.device("cpu"))
+    t5 = base.text_encoders[base.family.cached_text_encoder]
+    assert {p for p, _ in base.family.t5.states} == set(prompts)  # captions, class, validation, negatives
+    assert "a photo of sks ball" in prompts and "a photo of ball" in prompts
+    assert t5.device.type == "cpu" and not any(p.requires_grad for p in t5.parameters())
+
+
+@pytest.mark.slow  # five plans of tiny-flux (about 6 s on 2 cores)
+def test_the_plan_keeps_t5_off_the_card_after_encoding_and_the_budget_moves_it_to_the_cpu(tmp_path):
+    from dreamlora.memory import plan
+
+    def planned(**values):
+        return plan(flux_config(tmp_path, **{"train.mixed_precision": "bf16", **values}), device_type="cuda")
+
+    on_card, on_cpu = planned(), planned(**{"train.t5_on_cpu": True})
+    assert "prompt encoding" in on_card.memory.phases and "prompt encoding" not in on_cpu.memory.phases
+    # after encoding, the phases are the same wherever T5 encoded: it is on the CPU from then on
+    assert {k: v for k, v in on_card.memory.phases.items() if k != "prompt encoding"} == on_cpu.memory.phases
+    nf4 = planned(**{"train.base_quantization": "nf4"})
+    assert nf4.memory.training["frozen UNet"] < on_card.memory.training["frozen UNet"]
+    assert nf4.memory.training["dequantized layer"] > 0 == on_card.memory.training["dequantized layer"]
+    # a budget between the two: the ladder's first change is T5 on the CPU
+    assert on_card.memory.peak_phase == "prompt encoding"  # tiny-flux's T5 is its biggest part
+    between = round((on_card.memory.needs() + on_cpu.memory.needs()) / 2, 4)
+    fitted = planned(**{"train.memory_budget": between})
+    assert fitted.config.train.t5_on_cpu and "--t5-on-cpu" in fitted.changes[0]
+
+
+def test_a_half_precision_load_keeps_only_the_vae_in_fp32():
+    """A bf16 run loads FLUX.1's transformer and T5 in bf16 (host memory: 24 + 9.5 GB, not twice that in fp32);
+    the VAE encodes the caches in fp32."""
+    base = load_base_model("builtin:tiny-flux", dtype=torch.bfloat16)
+    assert base.unet.dtype == torch.bfloat16 and {t.dtype for t in base.text_encoders} == {torch.bfloat16}
+    assert base.vae.dtype == torch.float32

@@ -119,7 +119,9 @@ def load_base_model(
 
     Args:
         spec: `builtin:<name>`, a diffusers folder, a single-file checkpoint or a hub id `org/name`.
-        dtype: dtype of the loaded weights.
+        dtype: dtype of the loaded weights. Below fp32, the VAE still loads in fp32 (it encodes the caches in fp32),
+            and single SD/SDXL checkpoint files load in fp32 (their loader takes one dtype for every part): a run
+            in bf16 never holds FLUX.1's 12 B or T5-XXL's 4.7 B parameters in fp32 in host memory.
         single_file_config: For single-file checkpoints only: a diffusers folder or hub id with
             the same architecture, whose configs (not weights) describe the checkpoint (flag --model-config).
         vae: Another VAE to use (flag --vae): a diffusers folder, a hub id or a single .safetensors file.
@@ -150,7 +152,7 @@ def load_base_model(
             raise ModelLoadError(f"--model '{spec}' is not an existing file or folder, nor a hub id. "
                                  f"Accepted: {ACCEPTED_FORMS}.")
     if vae is not None:
-        replace_vae(base, vae, dtype)
+        replace_vae(base, vae, torch.float32)  # the VAE stays fp32 (it encodes the caches); see dtype above
     note = distilled_note(spec)
     if note:
         base.notes.append(note)
@@ -199,8 +201,8 @@ def _load_single_file(path: Path, config: str | None, dtype: torch.dtype) -> Bas
         # diffusers/models/model_loading_utils.py), so no pickled code runs; a file that needs
         # arbitrary unpickling fails there, and the message below says what to do.
         with _quiet_loading():
-            pipe = loader.from_single_file(str(path), config=config, dtype=dtype, local_files_only=_hub_offline(),
-                                           **extra)
+            pipe = loader.from_single_file(str(path), config=config, dtype=torch.float32,
+                                           local_files_only=_hub_offline(), **extra)
     except Exception as exc:  # any library failure: the file or its configs are unusable
         refusal = _weights_only_refusal(path)
         if refusal:
@@ -241,7 +243,7 @@ def _load_transformer_file(path: Path, config: str | None, kind: SingleFileKind,
                 **kind.transformer_config)
             # The transformer passed in is used as it is: the config's own transformer weights are never read.
             pipe = getattr(diffusers, kind.pipeline_class).from_pretrained(
-                config, transformer=transformer, dtype=dtype, local_files_only=local_only,
+                config, transformer=transformer, dtype=pipeline_dtypes(dtype), local_files_only=local_only,
                 **load_kwargs_for(kind.pipeline_class))
     except Exception as exc:  # any library failure: the file, or the config's parts, are unusable
         raise ModelLoadError(
@@ -303,7 +305,12 @@ def _from_pretrained(family: ModelFamily, name_or_path: str, dtype: torch.dtype,
     # use_safetensors left at None: safetensors where the folder has them, else weights_only pickles.
     with _quiet_loading():
         return getattr(diffusers, family.pipeline_class).from_pretrained(
-            name_or_path, dtype=dtype, local_files_only=local_files_only, **family.load_kwargs())
+            name_or_path, dtype=pipeline_dtypes(dtype), local_files_only=local_files_only, **family.load_kwargs())
+
+
+def pipeline_dtypes(dtype: torch.dtype) -> torch.dtype | dict:
+    """from_pretrained's dtype: every part in `dtype` but the VAE, which stays fp32."""
+    return dtype if dtype == torch.float32 else {"default": dtype, "vae": torch.float32}
 
 
 @contextlib.contextmanager
