@@ -169,6 +169,7 @@ def test_the_plan_keeps_t5_off_the_card_after_encoding_and_the_budget_moves_it_t
     nf4 = planned(**{"train.base_quantization": "nf4"})
     assert nf4.memory.training["frozen UNet"] < on_card.memory.training["frozen UNet"]
     assert nf4.memory.training["dequantized layer"] > 0 == on_card.memory.training["dequantized layer"]
+    assert "frozen denoiser in nf4" in "\n".join(nf4.lines()) and "T5 on the CPU" in "\n".join(on_cpu.lines())
     # a budget between the two: the ladder's first change is T5 on the CPU
     assert on_card.memory.peak_phase == "prompt encoding"  # tiny-flux's T5 is its biggest part
     between = round((on_card.memory.needs() + on_cpu.memory.needs()) / 2, 4)

@@ -54,7 +54,9 @@ class TrainingPlan:
         out.append(f"settings: mixed precision {t.mixed_precision}, gradient checkpointing "
                    f"{'on' if t.gradient_checkpointing else 'off'}, optimizer {t.optimizer}, batch {t.batch_size}, "
                    f"text encoder {'trained' if self.config.lora.train_text_encoder else 'frozen'}, "
-                   f"LoRA rank {self.config.lora.rank}")
+                   f"LoRA rank {self.config.lora.rank}"
+                   + (f", frozen denoiser in {t.base_quantization}" if t.base_quantization != "none" else "")
+                   + (", T5 on the CPU" if t.t5_on_cpu else ""))
         out.append(f"estimated peak {'accelerator' if self.device != 'cpu' else 'tensor'} memory: {gib(m.peak)} "
                    f"({m.peak_phase}); by phase: " + ", ".join(f"{k} {gib(v)}" for k, v in m.phases.items()))
         out.append("training peak: " + ", ".join(f"{k} {gib(v)}" for k, v in m.training.items() if v))
