@@ -208,7 +208,7 @@ def evaluate(
     from .atomic import check_writable
     from .lora import read_lora_file
     from .models import load_base_model
-    from .sampling import attach_lora, model_for_lora, render_images
+    from .sampling import attach_lora, model_for_lora, place_for_sampling, render_images, sampling_device
 
     started = time.time()
     try:
@@ -231,7 +231,9 @@ def evaluate(
     instances, instance_folder, notes = _instance_images(settings.instance_dir, data.get("instance_dir"))
     sets = chosen_sets(settings)
     model = model or model_for_lora(info, lora_path)
-    base = load_base_model(model, single_file_config=single_file_config)
+    device, dtype = sampling_device()
+    base = load_base_model(model, single_file_config=single_file_config, dtype=dtype)
+    place_for_sampling(base, device)
     use_oracle = base.identity in ORACLE_MODELS if settings.oracle is None else settings.oracle
     scorers = load_scorers(settings.dino, settings.clip, [b for s in sets for b in s.backgrounds], instances,
                            use_oracle)

@@ -106,7 +106,9 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
     token, class_word = data.get("token") or "sks", data.get("class_word") or ""
     prompts = [fill_prompt(p, token, class_word) for p in settings.prompts]
     model = model or (model_for_lora(info, lora_path) if lora_path else DEFAULT_MODEL)
-    base = load_base_model(model, single_file_config=single_file_config)
+    device, dtype = sampling_device()
+    base = load_base_model(model, single_file_config=single_file_config, dtype=dtype)
+    place_for_sampling(base, device, [*prompts, settings.negative_prompt, ""])
     labelled = {f"--prompt {i + 1}" if len(prompts) > 1 else "--prompt": p for i, p in enumerate(prompts)}
     if settings.negative_prompt:
         labelled["--negative-prompt"] = settings.negative_prompt
@@ -147,10 +149,33 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
     save_png(make_grid(rows, labels, [f"seed {s}" for s in settings.seeds], title=title), out)
     sidecar = out.with_suffix(".json")
     record = {"model": base.identity, "lora": Path(lora_path).name if lora_path else None, "token": token,
-              "class_word": class_word, "resolution": resolution, **asdict(settings), "prompts_filled": prompts,
+              "class_word": class_word, "resolution": resolution, "device": device.type, **asdict(settings),
+              "prompts_filled": prompts,
               "images": records}
     write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
     return SampleResult(out, [image_dir / Path(r["file"]).name for r in records], sidecar)
+
+
+def sampling_device() -> tuple[torch.device, torch.dtype]:
+    """Where `sample` and `eval` render: a CUDA GPU in half precision (bf16 where it runs it) when there is one,
+    else the CPU in fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def place_for_sampling(base, device: torch.device, prompts: list[str] | None = None) -> None:
+    """Move the model to `device`. SD3's/Flux's T5 first encodes `prompts` (the family caches them) and then stays
+    on the CPU, so the transformer and T5-XXL need not fit together; with `prompts` None it goes along."""
+    index = base.family.cached_text_encoder if prompts is not None else None
+    if index is not None:
+        t5 = base.text_encoders[index]
+        t5.to(device)
+        base.family.encode_prompts(base.tokenizers, base.text_encoders, list(dict.fromkeys(prompts)))
+        t5.to("cpu")
+    for i, module in enumerate((base.unet, base.vae, *base.text_encoders)):
+        if i - 2 != index:
+            module.to(device)
 
 
 def check_outputs(out: Path) -> None:

@@ -183,3 +183,14 @@ def test_a_half_precision_load_keeps_only_the_vae_in_fp32():
     base = load_base_model("builtin:tiny-flux", dtype=torch.bfloat16)
     assert base.unet.dtype == torch.bfloat16 and {t.dtype for t in base.text_encoders} == {torch.bfloat16}
     assert base.vae.dtype == torch.float32
+
+
+def test_sampling_placement_encodes_the_prompts_with_t5_first_and_leaves_it_behind():
+    from dreamlora.sampling import place_for_sampling, render_images
+
+    base = load_base_model("builtin:tiny-flux")
+    place_for_sampling(base, torch.device("cpu"), ["a photo of sks ball", ""])
+    base.text_encoders[base.family.cached_text_encoder].to("meta")  # never used again
+    images = render_images(base.pipeline(), "a photo of sks ball", [0], steps=1, guidance=3.5, resolution=64,
+                           family=base.family)
+    assert images[0].size == (64, 64)
