@@ -232,8 +232,8 @@ def make_class_images(class_prompt: str, out_dir: str | Path, num_images: int, *
     settings = PriorConfig(sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                            batch_size=batch_size, seed=seed)
     dtype_name = {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    # vae_dtype left at fp32: the VAE loads in fp32 whatever the dtype (models.loading.load_base_model)
     spec = prior_spec(settings, class_prompt, ModelIdentity(base.identity, base.fingerprint),
                       resolution or base.default_resolution, device=state.device.type, dtype=dtype_name)
-    # (the VAE loads in fp32 whatever the dtype: models.loading.load_base_model)
     return generate_priors(base, spec, out_dir, num_images, batch_size=batch_size, overwrite=overwrite,
                            accelerator=state if state.num_processes > 1 else None, progress=progress)

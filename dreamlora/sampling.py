@@ -150,8 +150,7 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
     sidecar = out.with_suffix(".json")
     record = {"model": base.identity, "lora": Path(lora_path).name if lora_path else None, "token": token,
               "class_word": class_word, "resolution": resolution, "device": device.type, **asdict(settings),
-              "prompts_filled": prompts,
-              "images": records}
+              "prompts_filled": prompts, "images": records}
     write_text_atomic(sidecar, json.dumps(record, indent=2) + "\n")
     return SampleResult(out, [image_dir / Path(r["file"]).name for r in records], sidecar)
 
@@ -164,17 +163,33 @@ def sampling_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def place_for_sampling(base, device: torch.device, prompts: list[str] | None = None) -> None:
-    """Move the model to `device`. SD3's/Flux's T5 first encodes `prompts` (the family caches them) and then stays
-    on the CPU, so the transformer and T5-XXL need not fit together; with `prompts` None it goes along."""
-    index = base.family.cached_text_encoder if prompts is not None else None
-    if index is not None:
-        t5 = base.text_encoders[index]
-        t5.to(device)
-        base.family.encode_prompts(base.tokenizers, base.text_encoders, list(dict.fromkeys(prompts)))
+def cache_t5_states(base, prompts: list[str], device: torch.device, *, stay: bool = False) -> torch.nn.Module | None:
+    """SD3/Flux: T5 encodes `prompts` on `device`, a few at a time (the family caches their states), then goes to
+    the CPU unless `stay`: T5-XXL (9 GB in bf16) and the transformer need not share the accelerator.
+
+    Returns T5, or None for families that cache no encoder's states.
+    """
+    from .memory import CACHE_PROMPTS
+
+    index = base.family.cached_text_encoder
+    if index is None:
+        return None
+    t5 = base.text_encoders[index]
+    t5.to(device)
+    unique = list(dict.fromkeys(prompts))
+    for start in range(0, len(unique), CACHE_PROMPTS):
+        base.family.encode_prompts(base.tokenizers, base.text_encoders, unique[start:start + CACHE_PROMPTS])
+    if not stay:
         t5.to("cpu")
-    for i, module in enumerate((base.unet, base.vae, *base.text_encoders)):
-        if i - 2 != index:
+    return t5
+
+
+def place_for_sampling(base, device: torch.device, prompts: list[str] | None = None) -> None:
+    """Move the model to `device`. SD3's/Flux's T5 first encodes `prompts` and then stays on the CPU
+    (`cache_t5_states`); with `prompts` None it goes along."""
+    t5 = cache_t5_states(base, prompts, device) if prompts is not None else None
+    for module in (base.unet, base.vae, *base.text_encoders):
+        if module is not t5:
             module.to(device)
 
 

@@ -27,7 +27,7 @@ from .data import (ImageSet, LatentCache, class_set, crop_origin, derive_seed, d
 from .buckets import assign_bucket, batch_at, bucket_sizes, group_by_bucket, resize_to_bucket
 from .errors import ConfigError, DreamLoraError, NumericalError, TrainingError
 from .losses import LossParts, offset_noise, prior_preservation_loss
-from .memory import CACHE_BATCH, CACHE_PROMPTS, GIB, apply_memory_budget
+from .memory import CACHE_BATCH, GIB, apply_memory_budget
 from .lora import (add_lora_adapters, adapter_state_dict, load_adapter_state_dict, lora_metadata, save_lora_file,
                    trainable_parameters)
 from .models import BaseModel, load_base_model
@@ -39,7 +39,7 @@ from .quantization import quantize_denoiser
 from .threads import cpu_threads
 from .tracking import log_grid, start_tracking, tracker_names
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
-from .sampling import render_validation_grid
+from .sampling import cache_t5_states, render_validation_grid
 from .selection import CheckpointScorer
 
 # Settings that may change between a run and its resume without changing what is learned.
@@ -123,11 +123,11 @@ def _run(config: DreamLoraConfig, progress: ProgressCallback, held: contextlib.E
             if config.data.job == "dreambooth" else []:
         note(progress, message)
     instances = training_set(config.data, images.instance)
-    for message in prompt_length_warnings(training_prompts(config, instances), base.tokenizers[0]):
+    prompts = training_prompts(config, instances)
+    for message in prompt_length_warnings(prompts, base.tokenizers[0]):
         note(progress, message)
     grid_prompts = validation_prompts(config, instances)
-    encode_cached_prompts(base, config, [*training_prompts(config, instances).values(), "",
-                                         config.prior.negative_prompt], accelerator.device)
+    encode_cached_prompts(base, config, [*prompts.values(), "", config.prior.negative_prompt], accelerator.device)
     place_frozen(base, accelerator.device, frozen_dtype(config.train.mixed_precision), config.train.base_quantization)
     use_channels_last(base, accelerator.device, config)
     classes = class_images(config, base, resolution, accelerator, progress,
@@ -523,16 +523,10 @@ def encode_cached_prompts(base: BaseModel, config: DreamLoraConfig, prompts: lis
     --t5-on-cpu, and then leaves it: T5-XXL (9 GB in bf16) and the transformer need not fit together. Prompts met
     later (--eval-every's) are encoded where T5 is. Shuffled tags make new prompts every step: T5 stays then."""
     index = base.family.cached_text_encoder
-    if index is None:
-        return
-    encoder = base.text_encoders[index]
-    encoder.requires_grad_(False)
-    encoder.to(device="cpu" if config.train.t5_on_cpu else device, dtype=frozen_dtype(config.train.mixed_precision))
-    unique = list(dict.fromkeys(prompts))
-    for start in range(0, len(unique), CACHE_PROMPTS):
-        base.family.encode_prompts(base.tokenizers, base.text_encoders, unique[start:start + CACHE_PROMPTS])
-    if not config.data.shuffle_tags:
-        encoder.to("cpu")
+    if index is not None:  # frozen, in the run's dtype, before it encodes (place_frozen does the rest after)
+        base.text_encoders[index].requires_grad_(False).to(dtype=frozen_dtype(config.train.mixed_precision))
+    cache_t5_states(base, prompts, torch.device("cpu") if config.train.t5_on_cpu else device,
+                    stay=config.data.shuffle_tags)
 
 
 def stays_on_cpu(base: BaseModel, module: torch.nn.Module) -> bool:

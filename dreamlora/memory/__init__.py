@@ -12,12 +12,12 @@
 """
 
 from ..models.configs import ModelConfigs, read_model_configs
-from .estimate import (BUDGET_RESERVE_GIB, BUDGET_SLACK, CACHE_BATCH, CACHE_PROMPTS, GIB, TEXT_TOKENS, MemoryEstimate, MemorySettings,
-                       estimate_memory, unet_inputs)
+from .estimate import (BUDGET_RESERVE_GIB, BUDGET_SLACK, CACHE_BATCH, CACHE_PROMPTS, GIB, TEXT_TOKENS, MemoryEstimate,
+                       MemorySettings, estimate_memory, unet_inputs)
 from .meta import LiveBytes, meta_text_encoder, meta_unet, meta_vae, parameter_bytes
 from .plan import TrainingPlan, accelerator_type, apply_memory_budget, fit_budget, format_bytes, plan
 
-__all__ = ["BUDGET_RESERVE_GIB", "BUDGET_SLACK", "CACHE_BATCH", "CACHE_PROMPTS", "GIB", "TEXT_TOKENS", "LiveBytes", "MemoryEstimate",
-           "MemorySettings", "ModelConfigs", "TrainingPlan", "accelerator_type", "apply_memory_budget",
+__all__ = ["BUDGET_RESERVE_GIB", "BUDGET_SLACK", "CACHE_BATCH", "CACHE_PROMPTS", "GIB", "TEXT_TOKENS", "LiveBytes",
+           "MemoryEstimate", "MemorySettings", "ModelConfigs", "TrainingPlan", "accelerator_type", "apply_memory_budget",
            "estimate_memory", "fit_budget", "format_bytes", "meta_text_encoder", "meta_unet", "meta_vae",
            "parameter_bytes", "plan", "read_model_configs", "unet_inputs"]

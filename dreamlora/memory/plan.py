@@ -148,8 +148,8 @@ def fit_budget(config: DreamLoraConfig, models: ModelConfigs, settings_for, budg
     """The first settings on a ladder of memory savers that fit `budget_gib`, cheapest in speed and quality first.
 
     The ladder only turns savers on: half-precision frozen weights (CUDA, when mixed precision is "no"),
-    SD3's/Flux's T5 encoding the prompts on the CPU (it costs the start a little, training nothing), 8-bit AdamW (only where it saves memory: LoRA tensors are mostly too small for 8-bit states),
-    gradient checkpointing, halving the batch while doubling gradient accumulation (same images a
+    SD3's/Flux's T5 encoding the prompts on the CPU (it costs the start a little, training nothing), 8-bit AdamW
+    (only where it saves memory: LoRA tensors are mostly too small for 8-bit states), gradient checkpointing, halving the batch while doubling gradient accumulation (same images a
     step), and last, text-encoder training off.
 
     Raises:
