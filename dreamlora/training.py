@@ -436,6 +436,9 @@ def prepare_run_dir(config: DreamLoraConfig, run_dir: Path, accelerator) -> int:
         if not config.output.overwrite:
             raise TrainingError(f"run folder '{run_dir}' holds checkpoints of an earlier run. "
                                 "Pass --resume to continue it or --overwrite to start over.")
+        # Every process has read `latest` before the main one deletes: a process that looked after the deletion
+        # would skip the barrier below, and the two would wait at different barriers for ever.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with disk_errors(run_dir):
                 checkpoints.remove_run_files(run_dir)  # only what runs wrote: a user's notes stay
