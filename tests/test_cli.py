@@ -187,3 +187,14 @@ def test_train_on_a_flux_transformer_file_without_model_config_is_one_line_namin
     line = one_error_line(result)
     assert "flux1-dev.safetensors' is a Flux.1 [dev] transformer alone" in line
     assert "pass --model-config with a diffusers Flux folder or hub id" in line
+
+
+def test_base_quantization_without_bitsandbytes_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    result = runner.invoke(app, ["train", str(ROOT / "sample_instances" / "polkaball"), "--class-word", "ball",
+                                 "--out", str(tmp_path / "x.safetensors"), "--model", "builtin:tiny-flux",
+                                 "--no-prior", "--steps", "1", "--base-quantization", "nf4"])
+    line = one_error_line(result)
+    assert "--base-quantization nf4 needs a working bitsandbytes" in line
+    assert "pass --base-quantization none" in line
+    assert not (tmp_path / "x.safetensors").exists()
