@@ -13,6 +13,7 @@ detector alone.
 
     python benchmarks/oracle_labels.py --make runs/toy-bench/seed{0,1,2}-{prior,noprior}.safetensors --view /tmp/view
     python benchmarks/oracle_labels.py
+    python benchmarks/oracle_labels.py --oracle runs/oracle-crumpled   # a retrained oracle, same labels
 """
 
 from __future__ import annotations
@@ -89,13 +90,13 @@ def load_renders() -> list[Image.Image]:
     return renders
 
 
-def score() -> dict:
+def score(oracle_dir: Path | None = None) -> dict:
     from dreamlora.evaluation import subject_present
     from dreamlora.toyworld.oracle import load_oracle
 
     labels = {int(k): v for k, v in json.loads((HERE / "labels.json").read_text())["labels"].items()}
     renders = load_renders()
-    oracle = load_oracle()
+    oracle = load_oracle(oracle_dir)  # default: the shipped oracle
     reading = oracle.read(renders)
     present = subject_present(reading, oracle.config.subject_class, oracle.config.subject_color)
     figures = {}
@@ -115,11 +116,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make", type=Path, nargs="+", help="LoRA files to render the labelling set from")
     parser.add_argument("--view", type=Path, help="with --make: enlarged, numbered sheets for labelling")
+    parser.add_argument("--oracle", type=Path, help="score this oracle folder (train_oracle --out) instead of the shipped one")
     args = parser.parse_args()
     if args.make:
         make(args.make, args.view)
         return
-    figures = score()
+    figures = score(args.oracle)
     print(f"{figures['labelled']} renders labelled by eye, {figures['subject in labels']} showing the subject")
     for name in ("subject present", "dots alone"):
         f = figures[name]
