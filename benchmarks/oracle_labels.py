@@ -13,7 +13,7 @@ detector alone.
 
     python benchmarks/oracle_labels.py --make runs/toy-bench/seed{0,1,2}-{prior,noprior}.safetensors --view /tmp/view
     python benchmarks/oracle_labels.py
-    python benchmarks/oracle_labels.py --oracle runs/oracle-crumpled   # a retrained oracle, same labels
+    python benchmarks/oracle_labels.py --oracle runs/oracle   # an oracle from `train_oracle --out runs/oracle`
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make", type=Path, nargs="+", help="LoRA files to render the labelling set from")
     parser.add_argument("--view", type=Path, help="with --make: enlarged, numbered sheets for labelling")
-    parser.add_argument("--oracle", type=Path, help="score this oracle folder (train_oracle --out) instead of the shipped one")
+    parser.add_argument("--oracle", type=Path,
+                        help="score this oracle folder (train_oracle --out) instead of the shipped one")
     args = parser.parse_args()
     if args.make:
         make(args.make, args.view)
