@@ -14,6 +14,7 @@ detector alone.
     python benchmarks/oracle_labels.py --make runs/toy-bench/seed{0,1,2}-{prior,noprior}.safetensors --view /tmp/view
     python benchmarks/oracle_labels.py
     python benchmarks/oracle_labels.py --oracle runs/oracle   # an oracle from `train_oracle --out runs/oracle`
+    python benchmarks/oracle_labels.py --make FILES --set runs/labels-2 --view /tmp/view   # a second set elsewhere
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-HERE = Path(__file__).resolve().parent / "oracle_labels"
+HERE = Path(__file__).resolve().parent / "oracle_labels"  # the labelling set of the shipped builtin:toy
 TILE, COLUMNS, PER_SHEET = 64, 10, 50
 SEEDS = (2000, 2001, 2002, 2003)  # seeds of neither prompt set
 
 
-def make(files: list[Path], view: Path | None) -> None:
+def make(files: list[Path], view: Path | None, folder: Path = HERE) -> None:
     import torch
 
     from dreamlora.evaluation import PROMPT_SETS, fill_subject
@@ -59,13 +60,13 @@ def make(files: list[Path], view: Path | None) -> None:
                                                          resolution=64)):
             entries.append({"source": "base", "prompt": prompt, "seed": seed})
             images.append(image)
-    HERE.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for sheet in range(0, len(images), PER_SHEET):
         chunk = images[sheet:sheet + PER_SHEET]
         canvas = Image.new("RGB", (COLUMNS * TILE, -(-len(chunk) // COLUMNS) * TILE), "black")
         for i, image in enumerate(chunk):
             canvas.paste(image.convert("RGB").resize((TILE, TILE)), ((i % COLUMNS) * TILE, (i // COLUMNS) * TILE))
-        canvas.save(HERE / f"sheet-{sheet // PER_SHEET + 1}.png")
+        canvas.save(folder / f"sheet-{sheet // PER_SHEET + 1}.png")
         if view:
             view.mkdir(parents=True, exist_ok=True)
             big = canvas.resize((canvas.width * 3, canvas.height * 3), Image.Resampling.NEAREST)
@@ -75,27 +76,27 @@ def make(files: list[Path], view: Path | None) -> None:
             big.save(view / f"sheet-{sheet // PER_SHEET + 1}.png")
     for i, entry in enumerate(entries):
         entry["id"] = i
-    (HERE / "renders.json").write_text(json.dumps(entries, indent=0) + "\n")
-    print(f"{len(entries)} renders in {-(-len(entries) // PER_SHEET)} sheets: {HERE}")
+    (folder / "renders.json").write_text(json.dumps(entries, indent=0) + "\n")
+    print(f"{len(entries)} renders in {-(-len(entries) // PER_SHEET)} sheets: {folder}")
 
 
-def load_renders() -> list[Image.Image]:
-    entries = json.loads((HERE / "renders.json").read_text())
+def load_renders(folder: Path = HERE) -> list[Image.Image]:
+    entries = json.loads((folder / "renders.json").read_text())
     renders = []
     for entry in entries:
         sheet, index = divmod(entry["id"], PER_SHEET)
-        canvas = Image.open(HERE / f"sheet-{sheet + 1}.png").convert("RGB")
+        canvas = Image.open(folder / f"sheet-{sheet + 1}.png").convert("RGB")
         x, y = (index % COLUMNS) * TILE, (index // COLUMNS) * TILE
         renders.append(canvas.crop((x, y, x + TILE, y + TILE)))
     return renders
 
 
-def score(oracle_dir: Path | None = None) -> dict:
+def score(oracle_dir: Path | None = None, folder: Path = HERE) -> dict:
     from dreamlora.evaluation import subject_present
     from dreamlora.toyworld.oracle import load_oracle
 
-    labels = {int(k): v for k, v in json.loads((HERE / "labels.json").read_text())["labels"].items()}
-    renders = load_renders()
+    labels = {int(k): v for k, v in json.loads((folder / "labels.json").read_text())["labels"].items()}
+    renders = load_renders(folder)
     oracle = load_oracle(oracle_dir)  # default: the shipped oracle
     reading = oracle.read(renders)
     present = subject_present(reading, oracle.config.subject_class, oracle.config.subject_color)
@@ -118,11 +119,13 @@ def main() -> None:
     parser.add_argument("--view", type=Path, help="with --make: enlarged, numbered sheets for labelling")
     parser.add_argument("--oracle", type=Path,
                         help="score this oracle folder (train_oracle --out) instead of the shipped one")
+    parser.add_argument("--set", type=Path, default=HERE,
+                        help="the labelling set's folder (default: benchmarks/oracle_labels, the shipped model's renders)")
     args = parser.parse_args()
     if args.make:
-        make(args.make, args.view)
+        make(args.make, args.view, args.set)
         return
-    figures = score(args.oracle)
+    figures = score(args.oracle, args.set)
     print(f"{figures['labelled']} renders labelled by eye, {figures['subject in labels']} showing the subject")
     for name in ("subject present", "dots alone"):
         f = figures[name]

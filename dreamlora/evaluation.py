@@ -618,7 +618,8 @@ def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 
         progress: Receives ("eval", renders done, n) events.
 
     Returns:
-        {"rendered": {"class", "color", "background", "subject_detected"}, "drawn": {...}, "n", "captions"}.
+        {"rendered": {"class", "color", "background", "subject_detected", "white_dots"}, "drawn": {...}, "n",
+        "captions"}.
     """
     import numpy as np
 
@@ -629,8 +630,8 @@ def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 
 
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(n)]
-    captions = [f"a photo of {_article(s.color)} {s.color} {s.cls} on {_article(s.background)} {s.background} background"
-                for s in scenes]
+    captions = [f"a photo of {_article(s.color)} {s.color} {s.cls}{f' with {s.dots} dots' if s.dots else ''} "
+                f"on {_article(s.background)} {s.background} background" for s in scenes]
     base = load_base_model(model)
     pipe = base.pipeline(sampler)
     resolution = base.default_resolution
@@ -653,6 +654,9 @@ def base_model_accuracy(model: str = "builtin:toy", *, n: int = 64, seed: int = 
             "color": _fraction([got == s.color for got, s in zip(reading.colors, scenes)]),
             "background": _fraction([got == s.background for got, s in zip(reading.backgrounds, scenes)]),
             "subject_detected": _fraction(reading.subject_detected),
+            # white dots on a ball where the caption asks for them, and none where it does not
+            "white_dots": _fraction([got == (s.cls == "ball" and s.dots == "white")
+                                     for got, s in zip(reading.subject_detected, scenes)]),
         }
 
     return {"model": base.identity, "n": n, "rendered": accuracy(renders),

@@ -15,8 +15,8 @@ from dreamlora.toyworld import BACKGROUNDS, CLASSES, COLORS, dataset
 from dreamlora.toyworld.oracle import ORACLE_DIR, OracleConfig, load_oracle
 from dreamlora.toyworld.subject import random_polka_ball
 from dreamlora.toyworld.train_oracle import (TrainSettings, augment, draw_dotted_distractors, draw_glossy_balls,
-                                             draw_red_balls, draw_textures, save_oracle, train_oracle, uint8_to_tensor,
-                                             write_log)
+                                             draw_other_dots, draw_world, draw_red_balls, draw_textures, save_oracle, train_oracle,
+                                             uint8_to_tensor, write_log)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_oracle_reads_fresh_world_scenes(oracle):
     for got, field in ((reading.classes, "cls"), (reading.colors, "color"), (reading.backgrounds, "background")):
         accuracy = np.mean([g == getattr(s, field) for g, s in zip(got, scenes)])
         assert accuracy >= 0.9, (field, accuracy)
-    assert np.mean(reading.subject_detected) <= 0.05  # the world never draws dots
+    assert np.mean(reading.subject_detected) <= 0.05  # the (plain) world never draws dots
     assert reading.embeddings.shape == (64, oracle.config.embed_dim)
     torch.testing.assert_close(reading.embeddings.norm(dim=1), torch.ones(64))
 
@@ -61,13 +61,14 @@ def test_oracle_tells_polka_balls_from_plain_balls(oracle):
     assert (oracle.embed(polka) @ photo_emb.T).mean() > (oracle.embed(plain) @ photo_emb.T).mean() + 0.2
 
 
-def test_oracle_ignores_noise_dots_off_a_ball_and_glossy_balls(oracle):
+def test_oracle_ignores_noise_dots_off_a_ball_glossy_balls_and_other_dots(oracle):
     # what a broken model renders, white dots on the background or on other objects, a ball with a big
-    # highlight or one white spot: none of them is the subject
+    # highlight or one white spot, a red ball with dots of another colour: none of them is the subject
     textures = draw_textures(oracle.config, 32, seed=77)
     dotted = draw_dotted_distractors(oracle.config, 32, seed=78)
     glossy = draw_glossy_balls(oracle.config, 32, seed=79)
-    for drawn in (textures, dotted, glossy):
+    other_dots = draw_other_dots(oracle.config, 32, seed=80)  # red balls with black, yellow or blue dots
+    for drawn in (textures, dotted, glossy, other_dots):
         reading = oracle.read([Image.fromarray(a) for a in drawn.images])
         assert np.mean(reading.subject_detected) <= 0.1
 
@@ -86,8 +87,8 @@ def test_augment_keeps_shape_and_range_and_is_seeded():
 
 
 def test_trainer_writes_a_loadable_oracle(tmp_path):
-    settings = TrainSettings(world=32, red_balls=8, polka=16, textures=4, dotted=4, glossy=4, steps=2, batch_size=8, held_out=8,
-                             held_out_subject=4)
+    settings = TrainSettings(world=32, red_balls=8, polka=16, textures=4, dotted=4, glossy=4, other_dots=4, steps=2,
+                             batch_size=8, held_out=8, held_out_subject=4)
     config = OracleConfig()
     net, metrics = train_oracle(settings, config, log=lambda message: None)
     save_oracle(net, config, tmp_path)
@@ -95,3 +96,21 @@ def test_trainer_writes_a_loadable_oracle(tmp_path):
     assert "class accuracy" in log and "subject recall" in log
     reading = load_oracle(tmp_path).read([image for image, _, _ in dataset(2, seed=3)])
     assert len(reading.classes) == 2 and all(0 <= p <= 1 for p in reading.subject_probability)
+
+
+def test_the_dotted_worlds_oracle_learns_white_dots_on_balls_as_the_dot_detectors_positives(tmp_path):
+    """In the dotted world (world.py) a blue ball with white dots has the subject's pattern; red balls with other
+    dots and dotted cubes do not, and no world scene is the subject itself."""
+    config = OracleConfig()
+    world = draw_world(config, 200, seed=11, dotted_share=0.4)
+    balls_with_white_dots = world.subject == 1
+    assert balls_with_white_dots.any()
+    assert (world.cls[balls_with_white_dots] == config.classes.index("ball")).all()
+    assert not (world.color[balls_with_white_dots] == config.colors.index("red")).any()
+    assert not draw_world(config, 50, seed=11).subject.any()  # the plain world: no positives
+    settings = TrainSettings(world=32, red_balls=8, polka=16, textures=4, dotted=4, glossy=4, other_dots=4, steps=2,
+                             batch_size=8, held_out=64, held_out_subject=4, dotted_share=0.4)
+    net, metrics = train_oracle(settings, config, log=lambda message: None)
+    save_oracle(net, config, tmp_path)
+    log = write_log(tmp_path, settings, metrics, config).read_text()
+    assert "(40% with dots)" in log and "white dots detected on the world's white-dotted balls" in log

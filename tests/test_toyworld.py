@@ -1,8 +1,9 @@
-"""The toy world (deterministic drawing, captions, no patterns) and the shipped model builtin:toy."""
+"""The toy world (deterministic drawing, captions; plain, or dotted but never the subject) and the shipped builtin:toy."""
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -16,11 +17,14 @@ from dreamlora.toyworld.world import (
     BACKGROUNDS,
     CLASSES,
     COLORS,
+    DOTTED_WORLD_SHARE,
     MIN_CONTRAST,
+    SUBJECT,
     Scene,
     caption,
     caption_words,
     dataset,
+    dot_colors,
     draw_scene,
     object_mask,
     random_scene,
@@ -41,6 +45,11 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def examples():
     return dataset(300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dotted_examples():
+    return dataset(300, seed=0, dotted_share=DOTTED_WORLD_SHARE)
 
 
 # --- the world -----------------------------------------------------------------------------------
@@ -88,14 +97,17 @@ def test_every_caption_word_is_one_token(tokenizer, examples):
         assert set(text.split()) <= caption_words(), text
 
 
-def test_captions_are_true_and_sometimes_partial(examples):
+@pytest.mark.parametrize("world", ["examples", "dotted_examples"])
+def test_captions_are_true_and_sometimes_partial(world, request):
+    examples = request.getfixturevalue(world)
     texts = [text for _, text, _ in examples]
     for _, text, scene in examples:
         words = text.split()
         assert scene.cls in words
         # A caption may leave a part out, but what it names is the scene's.
-        assert not (set(words) & set(COLORS)) - {scene.color, scene.background}
-    full = [t for t in texts if t.startswith("a photo of") and "background" in t and len(t.split()) == 10]
+        assert not (set(words) & set(COLORS)) - {scene.color, scene.background, scene.dots}
+        assert ("dots" in words) <= (scene.dots is not None)
+    full = [t for t in texts if t.startswith("a photo of") and "background" in t and len(t.split()) in (10, 13)]
     assert 0.3 < len(full) / len(texts) < 0.8
     assert any(t in ("a photo of a ball", "a photo of ball") for t in texts)
     assert any(not t.startswith("a photo") for t in texts)
@@ -103,6 +115,9 @@ def test_captions_are_true_and_sometimes_partial(examples):
     scene = Scene("ball", "red", "blue", 0.5, 0.5, 0.5)
     variants = {caption(scene, rng) for _ in range(200)}
     assert {"a photo of a red ball on a blue background", "a photo of a ball", "a red ball"} <= variants
+    dotted = {caption(replace(scene, color="blue", dots="white"), rng) for _ in range(200)}
+    assert {"a photo of a blue ball with white dots on a blue background", "a photo of a ball",
+            "a ball with white dots"} <= dotted
 
 
 def _off_colour_share(image: np.ndarray, scene: Scene) -> float:
@@ -113,27 +128,66 @@ def _off_colour_share(image: np.ndarray, scene: Scene) -> float:
     return float((np.abs(chroma - base / base.sum()).max(axis=-1) > 0.15).mean())
 
 
-def test_objects_are_one_plain_colour_never_patterned(examples):
-    """Only the highlight (a few % of a ball) may leave the object's colour family: no dots, no stripes."""
-    checked = 0
-    for image, _, scene in examples:
-        if scene.color == "black":  # too dark for chromaticity to mean anything
+def _share_of_colour(image: np.ndarray, scene: Scene, color: str) -> float:
+    """Share of the object's fully covered pixels whose chromaticity is that of `color`."""
+    pixels = image.astype(np.float64)[object_mask(scene) >= 1.0]
+    chroma = pixels / np.maximum(pixels.sum(axis=-1, keepdims=True), 1.0)
+    base = np.asarray(COLORS[color], dtype=np.float64)
+    return float((np.abs(chroma - base / base.sum()).max(axis=-1) <= 0.15).mean())
+
+
+def test_objects_are_plain_or_dotted_and_never_the_subject(examples, dotted_examples):
+    """Plain objects show only their colour (and a highlight); dotted ones show their dot colour on a part of them."""
+    assert all(scene.dots is None for _, _, scene in examples)  # the plain world: builtin:toy's
+    plain = dotted = 0
+    for image, _, scene in dotted_examples:
+        if "black" in (scene.color, scene.dots):  # too dark for chromaticity to mean anything
             continue
-        assert _off_colour_share(np.asarray(image), scene) < 0.06, scene
-        checked += 1
-    assert checked > 200
-    # The check does see a pattern: white dots on a red ball, like the DreamBooth subject's.
+        image = np.asarray(image)
+        if scene.dots is None:
+            assert _off_colour_share(image, scene) < 0.06, scene
+            plain += 1
+        else:
+            assert 0.05 < _share_of_colour(image, scene, scene.dots) < 0.6, scene
+            assert _off_colour_share(image, scene) > 0.05, scene
+            dotted += 1
+    assert plain > 120 and dotted > 60
+    # The subject (a red ball with white dots) is never drawn, while each of its parts is.
+    scenes = [random_scene(np.random.default_rng(seed), DOTTED_WORLD_SHARE) for seed in range(3000)]
+    assert SUBJECT not in {(s.cls, s.color, s.dots) for s in scenes}
+    assert {("ball", "red", "yellow"), ("ball", "blue", "white"), ("cube", "red", "white")} <= \
+        {(s.cls, s.color, s.dots) for s in scenes}
+    assert "white" not in dot_colors("ball", "red") and "white" in dot_colors("cube", "red")
+    # The check does see a pattern: white dots painted on a plain red ball.
     scene = Scene("ball", "red", "blue", 0.5, 0.5, 0.6)
-    dotted = np.asarray(draw_scene(scene)).copy()
+    painted = np.asarray(draw_scene(scene)).copy()
     for cx, cy in ((26, 26), (38, 30), (30, 40), (40, 42)):
         yy, xx = np.ogrid[:64, :64]
-        dotted[(xx - cx) ** 2 + (yy - cy) ** 2 <= 9] = (245, 242, 235)
-    assert _off_colour_share(dotted, scene) > 0.1
+        painted[(xx - cx) ** 2 + (yy - cy) ** 2 <= 9] = (245, 242, 235)
+    assert _off_colour_share(painted, scene) > 0.1
+
+
+def test_the_plain_world_is_what_it_was_before_the_dotted_world_existed():
+    """Hashes of drawings and captions made before dots were added (commit f00b085): builtin:toy's pretraining data."""
+    digest = hashlib.sha256()
+    for image, text, _ in dataset(40, seed=0):
+        digest.update(np.asarray(image).tobytes())
+        digest.update(text.encode())
+    assert digest.hexdigest()[:16] == "535e3edcc3b4c70e"
+    for args, expected in ((("cup", "orange", "pink", 0.4, 0.6, 0.5), "3ed0bc635e4d71fe"),
+                           (("ball", "red", "blue", 0.5, 0.5, 0.6), "d87b4155e9047f6a"),
+                           (("star", "green", "white", 0.45, 0.5, 0.4), "11ed44a7df5760da")):
+        pixels = np.asarray(draw_scene(Scene(*args)))
+        assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == expected, args
+    with_dots = np.asarray(draw_scene(Scene("cup", "orange", "pink", 0.4, 0.6, 0.5, dots="white")))
+    assert hashlib.sha256(with_dots.tobytes()).hexdigest()[:16] != "3ed0bc635e4d71fe"
 
 
 def test_unknown_scene_values_are_refused():
     with pytest.raises(ValueError, match="unknown class 'dog'"):
         draw_scene(Scene("dog", "red", "blue", 0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="unknown dots 'gold'"):
+        draw_scene(Scene("ball", "red", "blue", 0.5, 0.5, 0.5, dots="gold"))
 
 
 # --- the shipped model ---------------------------------------------------------------------------
@@ -184,9 +238,10 @@ def test_toy_pipeline_renders_a_64px_image(toy):
 
 
 @pytest.mark.slow
-def test_reproduce_quick_runs_every_stage_and_compares_with_the_shipped_pair(tmp_path):
-    """`python -m dreamlora.toyworld.reproduce --quick`: pretraining, oracle training and the scoring
-    run end to end at a few steps; the architecture is the shipped one, the 2-step weights are not."""
+@pytest.mark.parametrize("dotted_share", [0.0, DOTTED_WORLD_SHARE])
+def test_reproduce_quick_runs_every_stage_and_compares_with_the_shipped_pair(tmp_path, dotted_share):
+    """`python -m dreamlora.toyworld.reproduce --quick [--dotted-share 0.4]`: pretraining, oracle training and the
+    scoring run end to end at a few steps; the architecture is the shipped one, the 2-step weights are not."""
     import json
 
     from safetensors.torch import load_file
@@ -195,7 +250,9 @@ def test_reproduce_quick_runs_every_stage_and_compares_with_the_shipped_pair(tmp
     from dreamlora.toyworld.oracle import load_oracle
     from dreamlora.toyworld.reproduce import reproduce
 
-    figures = reproduce(tmp_path, quick=True, log=lambda message: None)
+    figures = reproduce(tmp_path, quick=True, dotted_share=dotted_share, log=lambda message: None)
+    assert json.loads((tmp_path / "pretrain" / "pretrain_settings.json").read_text())["dotted_share"] == dotted_share
+    assert f"({dotted_share:.0%} with dots)" in (tmp_path / "oracle" / "TRAIN_LOG.md").read_text()
     model_dir = tmp_path / "pretrain" / "model"
     rebuilt = load_base_model(str(model_dir))
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):

@@ -4,8 +4,9 @@ It plays, for `builtin:toy`, the roles that people and DINO play in the DreamBoo
 evaluation (dreamlora/evaluation.py):
 
 - three heads name the object's class, its colour and the background (is the prompt obeyed?);
-- one binary head detects the sample subject's distinctive feature, white polka dots on a ball,
-  which the world never draws (is the subject there?);
+- one binary head detects the sample subject's distinctive feature, white polka dots on a ball;
+  with the colour head saying red it reads "the subject", which the world never draws (is the
+  subject there?);
 - its penultimate layer, L2-normalised, is an image embedding: cosine similarity between the
   embeddings of renders and of the instance photos stands in for the paper's DINO score.
 

@@ -4,7 +4,8 @@
 
 It trains, in this order, with each stage saved in --out so a crash or a rerun resumes:
 
-1. data: `--images` world pictures and captions (world.py), drawn once and kept in data.pt;
+1. data: `--images` world pictures and captions (world.py; `--dotted-share 0.4` for the dotted world),
+   drawn once and kept in data.pt;
 2. the VAE (AutoencoderKL, 64 px -> 16x16x4 latents) on world pictures plus generic random-shape
    pictures (`--generic-images`). The generic ones (discs of every size, boxes, random colours)
    make the VAE a general image codec, as SD's VAE is, so it can also encode things the world never
@@ -89,6 +90,7 @@ class Settings:
     seed: int = 0
     threads: int = 2
     images: int = 12000  # world pictures (each seen ~7 times by the UNet at the defaults)
+    dotted_share: float = 0.0  # > 0: the dotted world (world.py), this share of objects with dots
     generic_images: int = 4000  # random-shape pictures for the VAE only
     size: int = 64
     vae_steps: int = 2400
@@ -141,7 +143,7 @@ def make_data(s: Settings, path: Path) -> dict:
     if path.is_file():
         return torch.load(path, weights_only=True)  # our own cache: tensors, lists, dicts
     t0 = time.time()
-    world = dataset(s.images, s.seed, s.size)
+    world = dataset(s.images, s.seed, s.size, s.dotted_share)
     images = torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in world])).permute(0, 3, 1, 2).contiguous()
     scenes = [asdict(scene) for _, _, scene in world]
     rng = np.random.default_rng([s.seed, 1])
@@ -367,7 +369,7 @@ def eval_unet(s: Settings, unet, text, vae, tokenizer, n: int = 256) -> dict:
     """Unweighted epsilon MSE on fresh world pictures at fixed timesteps (a held-out figure)."""
     from diffusers import DDPMScheduler
 
-    world = dataset(n, s.seed + 10_000, s.size)
+    world = dataset(n, s.seed + 10_000, s.size, s.dotted_share)
     x = to_pixels(torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in world])).permute(0, 3, 1, 2))
     gen = torch.Generator().manual_seed(1234)
     x0 = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
@@ -421,25 +423,30 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def check_grid(model: str, path: Path, seed: int = 0, guidance: float = 6.0) -> None:
-    """32 samples, 4 classes x 8 colour/background prompts, DPM-Solver++ 20 steps, into one PNG."""
+def check_grid(model: str, path: Path, seed: int = 0, guidance: float = 6.0, dotted: bool = False) -> None:
+    """Samples into one PNG, DPM-Solver++ 20 steps: 4 classes x 8 colour/background prompts, and with `dotted`
+    (a dotted-world model) the same with dots of a third colour."""
     from ..grid import make_grid
     from ..models import load_base_model
     from ..sampling import render_images
 
     base = load_base_model(model)
     pipe = base.pipeline("dpm++2m")
-    combos = [("red", "blue"), ("green", "yellow"), ("blue", "white"), ("yellow", "purple"), ("orange", "gray"),
-              ("purple", "pink"), ("white", "green"), ("black", "orange")]
-    rows = []
-    for cls in ("ball", "cube", "cup", "star"):
-        prompts = [f"a photo of a {c} {cls} on a {b} background".replace("a orange", "an orange") for c, b in combos]
-        row = []
-        for i, prompt in enumerate(prompts):
-            row += render_images(pipe, prompt, [seed + i], steps=20, guidance=guidance, resolution=64)
-        rows.append(row)
-    col_labels = [f"{c} / {b}" for c, b in combos]
-    make_grid(rows, row_labels=["ball", "cube", "cup", "star"], col_labels=col_labels).save(path)
+    combos = [("red", "blue", "yellow"), ("green", "yellow", "white"), ("blue", "white", "white"),
+              ("yellow", "purple", "blue"), ("orange", "gray", "black"), ("purple", "pink", "white"),
+              ("white", "green", "red"), ("black", "orange", "yellow")]
+    rows, row_labels = [], []
+    for with_dots in (False, True) if dotted else (False,):
+        for cls in ("ball", "cube", "cup", "star"):
+            prompts = [f"a photo of a {c} {cls}{f' with {d} dots' if with_dots else ''} on a {b} background"
+                       .replace("a orange", "an orange") for c, b, d in combos]
+            row = []
+            for i, prompt in enumerate(prompts):
+                row += render_images(pipe, prompt, [seed + i], steps=20, guidance=guidance, resolution=64)
+            rows.append(row)
+            row_labels.append(f"{cls}, dots" if with_dots else cls)
+    col_labels = [f"{c} / {b}{f' / {d} dots' if dotted else ''}" for c, b, d in combos]
+    make_grid(rows, row_labels=row_labels, col_labels=col_labels).save(path)
 
 
 def cosine(opt, total: int, warmup: int):
@@ -464,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="run folder (resumes what is there)")
     parser.add_argument("--ship", action="store_true", help=f"copy the finished model into {SHIPPED_DIR}")
-    parser.add_argument("--no-grid", action="store_true", help="skip the 32-sample check grid")
+    parser.add_argument("--no-grid", action="store_true", help="skip the check grid (32 samples; 64 in the dotted world)")
     defaults = Settings()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
@@ -504,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copytree(model_dir, SHIPPED_DIR, dirs_exist_ok=True)
         log(f"shipped to {SHIPPED_DIR}")
     if not args.no_grid:
-        check_grid(str(model_dir), out / "grid.png")
+        check_grid(str(model_dir), out / "grid.png", dotted=s.dotted_share > 0)
         log(f"check grid: {out / 'grid.png'}")
 
 

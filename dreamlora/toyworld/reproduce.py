@@ -1,6 +1,7 @@
 """Rebuild builtin:toy and its oracle from nothing, and score the pair the way the shipped pair is scored.
 
     python -m dreamlora.toyworld.reproduce --out runs/toy-repro      # about an hour on a 2-core CPU
+    python -m dreamlora.toyworld.reproduce --out runs/toy-dots --dotted-share 0.4   # the dotted world's pair
 
 1. pretrain.py with its default settings into --out/pretrain (rerun: resumes where it stopped);
 2. train_oracle.py with its default settings into --out/oracle;
@@ -21,6 +22,7 @@ import json
 from pathlib import Path
 
 from .openmp import restart_with_passive_openmp
+from .world import DOTTED_WORLD_SHARE
 
 SHIPPED_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                    "text_encoder/model.safetensors")
@@ -28,12 +30,18 @@ SHIPPED_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_py
 # --quick: every stage a few steps on a few hundred pictures (the VAE holds 256 out for its PSNR).
 QUICK_PRETRAIN = ["--images", "320", "--generic-images", "32", "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "2",
                   "--unet-batch", "4", "--unet-warmup", "1", "--checkpoint-every", "1", "--log-every", "1"]
-QUICK_ORACLE = {"world": 32, "red_balls": 8, "polka": 16, "textures": 4, "dotted": 4, "glossy": 4, "steps": 2,
+DOTTED_OTHER_DOTS = 1000  # the dotted world's oracle: red balls with black, yellow or blue dots (negatives)
+QUICK_ORACLE = {"world": 32, "red_balls": 8, "polka": 16, "textures": 4, "dotted": 4, "glossy": 4, "other_dots": 4, "steps": 2,
                 "batch_size": 8, "held_out": 8, "held_out_subject": 4}
 
 
-def reproduce(out: Path, *, quick: bool = False, threads: int = 2, log=print) -> dict:
-    """Run the three stages into `out`; returns the figures written to reproduce.json."""
+def reproduce(out: Path, *, quick: bool = False, threads: int = 2, dotted_share: float = 0.0, log=print) -> dict:
+    """Run the three stages into `out`; returns the figures written to reproduce.json.
+
+    `dotted_share` > 0 builds the dotted world's pair instead (world.py): that share of the pretraining
+    pictures and of the oracle's world scenes carry dots, and the oracle also learns red balls with
+    dots of other colours as negatives.
+    """
     from ..evaluation import base_model_accuracy
     from . import pretrain, train_oracle
     from .oracle import ORACLE_DIR, OracleConfig, save_oracle
@@ -41,10 +49,11 @@ def reproduce(out: Path, *, quick: bool = False, threads: int = 2, log=print) ->
     out.mkdir(parents=True, exist_ok=True)
     pretrain_dir, oracle_dir = out / "pretrain", out / "oracle"
     pretrain.main(["--out", str(pretrain_dir), "--no-grid", "--threads", str(threads),
-                   *(QUICK_PRETRAIN if quick else [])])
+                   "--dotted-share", str(dotted_share), *(QUICK_PRETRAIN if quick else [])])
     model_dir = pretrain_dir / "model"
     if not (oracle_dir / "metrics.json").is_file():  # written last: a finished oracle is kept on a rerun
-        settings = train_oracle.TrainSettings(**(QUICK_ORACLE if quick else {}))
+        dotted = {"dotted_share": dotted_share, "other_dots": DOTTED_OTHER_DOTS} if dotted_share else {}
+        settings = train_oracle.TrainSettings(**{**dotted, **(QUICK_ORACLE if quick else {})})
         net, metrics = train_oracle.train_oracle(settings, OracleConfig(), log=log)
         save_oracle(net, OracleConfig(), oracle_dir)
         train_oracle.write_log(oracle_dir, settings, metrics, OracleConfig())
@@ -101,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder (a rerun resumes what is there)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the shipped model was made with 2)")
     parser.add_argument("--quick", action="store_true", help="seconds-long stages: checks the plumbing, not quality")
+    parser.add_argument("--dotted-share", type=float, default=0.0,
+                        help=f"build the dotted world's pair (world.py; tried with {DOTTED_WORLD_SHARE}) instead of builtin:toy's")
     args = parser.parse_args(argv)
-    figures = reproduce(args.out, quick=args.quick, threads=args.threads)
+    figures = reproduce(args.out, quick=args.quick, threads=args.threads, dotted_share=args.dotted_share)
     print((args.out / "REPRODUCE.md").read_text(encoding="utf-8"))
     if not args.quick and min(figures["rendered"]["reproduced"][k] for k in ("class", "color", "background")) < 0.8:
         raise SystemExit("the reproduced model reads below 80 % on some attribute: see REPRODUCE.md")

@@ -2,8 +2,8 @@
 
 `scripts/make_sample_instances.py` draws the five shipped photos with `draw_polka_ball`; the toy
 oracle (oracle.py) draws many more, at 64 px on the world's backgrounds, as the positives of its
-subject detector. The toy world itself never draws dots (world.py), so the dots are what a model
-can only have learnt from the five photos.
+subject detector. The toy world draws dotted objects but never this one, a red ball with white
+dots (world.py), so a model that draws it for "sks ball" has learnt it from the five photos.
 
 To keep the shipped PNGs byte-identical across machines, the drawing avoids transcendental maths
 (no sin/cos/pow from libm): the dots sit on the vertices of an icosahedron, rotations come from
@@ -29,7 +29,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.sqrt(np.sum(v * v, axis=-1, keepdims=True))
 
 
-def _icosahedron() -> np.ndarray:
+def icosahedron() -> np.ndarray:
     """The 12 vertices of a regular icosahedron on the unit sphere, shape (12, 3)."""
     phi = (1.0 + np.sqrt(5.0)) / 2.0
     verts = []
@@ -107,7 +107,7 @@ def draw_polka_ball(
 
     # Dots: a pixel is white when its normal, turned into the ball's own frame, is near a vertex.
     body = normals @ rot  # (n, n, 3), rotating the pattern with the ball
-    near = (body @ _icosahedron().T).max(axis=-1) > DOT_COS
+    near = (body @ icosahedron().T).max(axis=-1) > DOT_COS
     albedo = np.where(near[..., None], np.array(dot_color), np.array(ball_color))
 
     # Shading: ambient + Lambert + Blinn-Phong highlight (exponent 64 by repeated squaring).
@@ -127,7 +127,8 @@ def draw_polka_ball(
 
 def random_polka_ball(rng: np.random.Generator, background: tuple[float, float, float], *, size: int = 64,
                       size_range: tuple[float, float] = (0.3, 0.7), margin: float = 0.04,
-                      ball_color: tuple[float, float, float] = BALL_RED) -> Image.Image:
+                      ball_color: tuple[float, float, float] = BALL_RED,
+                      dot_color: tuple[float, float, float] = DOT_WHITE) -> Image.Image:
     """A polka-dot ball at a random place, size and rotation, like a toy-world scene.
 
     Args:
@@ -137,6 +138,7 @@ def random_polka_ball(rng: np.random.Generator, background: tuple[float, float, 
         size_range: The ball's diameter as a fraction of the side, drawn uniformly.
         margin: Keep the ball this far (fraction of the side) from the border.
         ball_color: RGB of the ball between the dots.
+        dot_color: RGB of the dots.
 
     Returns:
         A `size` x `size` RGB image.
@@ -146,4 +148,5 @@ def random_polka_ball(rng: np.random.Generator, background: tuple[float, float, 
     cx, cy = rng.uniform(low, high, size=2) * size
     quaternion = rng.uniform(-1.0, 1.0, size=4)
     grain = rng.integers(-4, 5, size=(size, size))
-    return draw_polka_ball(size, background, (cx, cy), diameter * size / 2, quaternion, grain, ball_color=ball_color)
+    return draw_polka_ball(size, background, (cx, cy), diameter * size / 2, quaternion, grain, ball_color=ball_color,
+                           dot_color=dot_color)

@@ -1,8 +1,10 @@
 """Train the toy oracle (oracle.py): `python -m dreamlora.toyworld.train_oracle --out DIR`.
 
 Data, all drawn here from fixed seeds:
-- toy-world scenes (world.py): labels for class, colour and background; negatives for the subject;
-- plain red balls: the hardest negatives, the subject without its dots;
+- toy-world scenes (world.py): labels for class, colour and background; for the subject detector
+  (white dots on a ball) negatives, except the dotted world's balls with white dots;
+- plain red balls (and for the dotted world's oracle red balls with dots of another colour): the
+  hardest negatives, the subject without its dots or with the wrong ones;
 - polka-dot balls (subject.py) at random places, sizes and rotations on the world's backgrounds:
   the positives; most are the subject's red, some other colours, so the head learns the dots;
 - distractors, also negatives: blotchy noise (what a broken model renders), white dots off a ball
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from .oracle import OracleConfig, OracleNet, save_oracle, uint8_to_tensor
 from .subject import BALL_RED, DOT_WHITE, draw_polka_ball, random_polka_ball
 from .world import BACKGROUNDS, COLORS, MARGIN, SIZE_RANGE, Scene, allowed_pairs, draw_scene, random_scene
+from .world import dot_colors as world_dot_colors
 
 
 IGNORE = -100  # label of a head with nothing to name (noise pictures): cross_entropy skips it
@@ -42,6 +45,8 @@ class TrainSettings:
     textures: int = 800  # blotchy noise pictures (negatives: a broken model's renders)
     dotted: int = 1000  # dots off a ball: on the background, or on cubes, cups and stars (negatives)
     glossy: int = 1500  # plain balls with a big highlight or one white spot (negatives)
+    other_dots: int = 0  # red balls with dots of another colour than white (negatives; the dotted world's oracle)
+    dotted_share: float = 0.0  # the world's share of dotted objects (world.py; 0: the plain world)
     other_color_share: float = 0.2  # of the positives: dotted balls in another colour than red
     steps: int = 700
     batch_size: int = 128
@@ -74,7 +79,7 @@ class DrawnSet:
 
 
 def _labelled(config: OracleConfig, images: list, scenes: list[tuple[str | None, str | None, str | None]],
-              subject: int) -> DrawnSet:
+              subject: int | list[int]) -> DrawnSet:
     """Images and label indices; a None name (nothing to name) becomes IGNORE, which the loss skips."""
 
     def index(names: tuple[str, ...], name: str | None) -> int:
@@ -85,16 +90,34 @@ def _labelled(config: OracleConfig, images: list, scenes: list[tuple[str | None,
         cls=np.array([index(config.classes, c) for c, _, _ in scenes], dtype=np.int64),
         color=np.array([index(config.colors, c) for _, c, _ in scenes], dtype=np.int64),
         background=np.array([index(config.backgrounds, b) for _, _, b in scenes], dtype=np.int64),
-        subject=np.full(len(images), subject),
+        subject=np.broadcast_to(np.asarray(subject, dtype=np.int64), (len(images),)).copy(),
     )
 
 
-def draw_world(config: OracleConfig, n: int, seed: int) -> DrawnSet:
-    """`n` random toy-world scenes (no subject)."""
+def draw_world(config: OracleConfig, n: int, seed: int, dotted_share: float = 0.0) -> DrawnSet:
+    """`n` random toy-world scenes; in the dotted world, the balls with white dots count for the subject
+    detector (never red ones: no world draws the subject)."""
     rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(n)]
+    scenes = [random_scene(rng, dotted_share) for _ in range(n)]
     return _labelled(config, [draw_scene(s, config.image_size) for s in scenes],
-                     [(s.cls, s.color, s.background) for s in scenes], 0)
+                     [(s.cls, s.color, s.background) for s in scenes],
+                     [int(s.cls == "ball" and s.dots == "white") for s in scenes])
+
+
+def draw_other_dots(config: OracleConfig, n: int, seed: int) -> DrawnSet:
+    """`n` red balls (a share darker) with dots of another colour than white: the subject's pattern, wrong dots."""
+    rng = np.random.default_rng(seed)
+    backgrounds = [b for c, b in allowed_pairs() if c == "red"]
+    dot_colors = [c for c in world_dot_colors("ball", "red") if c != "white"]
+    images, labels = [], []
+    for _ in range(n):
+        background = backgrounds[int(rng.integers(len(backgrounds)))]
+        dots = tuple(float(v) for v in COLORS[dot_colors[int(rng.integers(len(dot_colors)))]])
+        rgb = BALL_RED if rng.random() >= 0.3 else tuple(v * float(rng.uniform(0.55, 0.9)) for v in BALL_RED)
+        images.append(random_polka_ball(rng, BACKGROUNDS[background], size=config.image_size, size_range=(0.3, 0.72),
+                                        ball_color=rgb, dot_color=dots))
+        labels.append(("ball", "red", background))
+    return _labelled(config, images, labels, 0)
 
 
 def draw_red_balls(config: OracleConfig, n: int, seed: int) -> DrawnSet:
@@ -278,11 +301,13 @@ def train_oracle(settings: TrainSettings, config: OracleConfig = OracleConfig(),
     g = torch.Generator().manual_seed(settings.seed)
     t0 = time.time()
     s = settings
-    data = DrawnSet.concat([draw_world(config, s.world, s.seed + 1), draw_red_balls(config, s.red_balls, s.seed + 2),
+    data = DrawnSet.concat([draw_world(config, s.world, s.seed + 1, s.dotted_share),
+                            draw_red_balls(config, s.red_balls, s.seed + 2),
                             draw_polka(config, s.polka, s.seed + 3, s.other_color_share),
                             draw_textures(config, s.textures, s.seed + 4),
                             draw_dotted_distractors(config, s.dotted, s.seed + 5),
-                            draw_glossy_balls(config, s.glossy, s.seed + 6)])
+                            draw_glossy_balls(config, s.glossy, s.seed + 6),
+                            *([draw_other_dots(config, s.other_dots, s.seed + 7)] if s.other_dots else [])])
     log(f"drew {len(data)} training images in {time.time() - t0:.0f} s")
     images = uint8_to_tensor(data.images)  # (N, 3, 64, 64)
     labels = {k: torch.from_numpy(getattr(data, k)) for k in ("cls", "color", "background", "subject")}
@@ -316,30 +341,35 @@ def train_oracle(settings: TrainSettings, config: OracleConfig = OracleConfig(),
 def evaluate_oracle(net: OracleNet, config: OracleConfig, settings: TrainSettings, g: torch.Generator) -> dict:
     """Held-out accuracies (other seeds than training), on clean drawings and on augmented ones."""
     seed = settings.seed + 1000
-    world = draw_world(config, settings.held_out, seed)
+    world = draw_world(config, settings.held_out, seed, settings.dotted_share)
     polka = draw_polka(config, settings.held_out_subject, seed + 1, 0.0)  # the subject itself: red with white dots
     red = draw_red_balls(config, settings.held_out_subject, seed + 2)
     distractors = {"textures": draw_textures(config, settings.held_out_subject, seed + 3),
                    "dotted": draw_dotted_distractors(config, settings.held_out_subject, seed + 4),
-                   "glossy": draw_glossy_balls(config, settings.held_out_subject, seed + 5)}
+                   "glossy": draw_glossy_balls(config, settings.held_out_subject, seed + 5),
+                   "other_dots": draw_other_dots(config, settings.held_out_subject, seed + 6)}
     metrics = {}
     for tag, transform in (("clean", lambda x: x), ("augmented", lambda x: augment(x, g))):
         out = net(transform(uint8_to_tensor(world.images)))
         metrics[f"{tag}/class"] = _accuracy(out.class_logits, world.cls)
         metrics[f"{tag}/color"] = _accuracy(out.color_logits, world.color)
         metrics[f"{tag}/background"] = _accuracy(out.background_logits, world.background)
-        world_fp = (out.subject_logit > 0).float().mean().item()
+        world_flags = (out.subject_logit > 0).float()
+        world_negative = torch.from_numpy(world.subject == 0)
+        world_fp = world_flags[world_negative].mean().item()  # the world's white-dotted balls are positives
         pos = (net(transform(uint8_to_tensor(polka.images))).subject_logit > 0).float()
         neg = (net(transform(uint8_to_tensor(red.images))).subject_logit > 0).float()
         others = {k: (net(transform(uint8_to_tensor(d.images))).subject_logit > 0).float() for k, d in distractors.items()}
         tp = pos.sum().item()
-        fp = neg.sum().item() + world_fp * len(world) + sum(o.sum().item() for o in others.values())
+        fp = neg.sum().item() + world_flags[world_negative].sum().item() + sum(o.sum().item() for o in others.values())
         for name, flags in others.items():
             metrics[f"{tag}/subject_on_{name}"] = flags.mean().item()
         metrics[f"{tag}/subject_recall"] = tp / len(polka)
         metrics[f"{tag}/subject_precision"] = tp / max(tp + fp, 1.0)
         metrics[f"{tag}/subject_on_plain_red_balls"] = neg.mean().item()
         metrics[f"{tag}/subject_on_world"] = world_fp
+        if (~world_negative).any():  # the dotted world's balls with white dots
+            metrics[f"{tag}/white_dots_on_world_balls"] = world_flags[~world_negative].mean().item()
     return metrics
 
 
@@ -356,19 +386,23 @@ def write_log(folder: Path, settings: TrainSettings, metrics: dict, config: Orac
                           ("background accuracy", "background"), ("subject precision", "subject_precision"),
                           ("subject recall", "subject_recall"),
                           ("subject 'detected' on plain red balls", "subject_on_plain_red_balls"),
-                          ("subject 'detected' on world scenes", "subject_on_world"),
+                          ("subject 'detected' on world scenes without white dots on a ball", "subject_on_world"),
+                          ("white dots detected on the world's white-dotted balls", "white_dots_on_world_balls"),
+                          ("subject 'detected' on red balls with other dots", "subject_on_other_dots"),
                           ("subject 'detected' on noise textures", "subject_on_textures"),
                           ("subject 'detected' on dots off a ball", "subject_on_dotted"),
-                          ("subject 'detected' on glossy plain balls", "subject_on_glossy")))
+                          ("subject 'detected' on glossy plain balls", "subject_on_glossy"))
+        if f"clean/{key}" in metrics)
     text = f"""# Toy oracle: training log
 
 Made by `python -m dreamlora.toyworld.train_oracle --out {folder.name}` (seed {settings.seed}),
 {metrics['train_seconds'] / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) ({platform.machine()}, torch {torch.__version__}).
 Weights: {size / 1e6:.2f} MB ({sum(p.numel() for p in OracleNet(config).parameters()):,} parameters).
 
-Training data: {settings.world} toy-world scenes, {settings.red_balls} plain red balls, {settings.polka} polka-dot
-balls ({settings.other_color_share:.0%} not red), {settings.textures} noise textures, {settings.dotted} scenes with dots off a ball
-(on the background, or on cubes, cups and stars) and {settings.glossy} plain balls with a big highlight or one white spot;
+Training data: {settings.world} toy-world scenes ({settings.dotted_share:.0%} with dots), {settings.red_balls} plain red
+balls, {settings.polka} polka-dot balls ({settings.other_color_share:.0%} not red), {settings.textures} noise textures, {settings.dotted} scenes with dots off a ball
+(on the background, or on cubes, cups and stars), {settings.glossy} plain balls with a big highlight or one white spot
+and {settings.other_dots} red balls with black, yellow or blue dots;
 {settings.steps} steps of {settings.batch_size}, augmented
 (shift, down-up scaling, blur, colour jitter, noise).
 

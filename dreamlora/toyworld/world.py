@@ -4,8 +4,12 @@ Every picture holds one object (a ball, cube, cup or star) of one colour, on one
 lit from the upper left like the sample subject in ``sample_instances/polkaball``. The built-in
 model ``builtin:toy`` is pretrained on this world, so that DreamBooth has something to teach:
 
-- objects are always one plain colour, never patterned. The sample subject's white polka dots
-  exist nowhere in this world, so a model that draws them has learnt them from the five photos;
+- objects are one plain colour. The sample subject's white polka dots exist nowhere in this
+  world, so a model that draws them has learnt them from the five photos. The *dotted world*
+  (`dotted_share` > 0, `pretrain --dotted-share 0.4`) gives that share of objects dots of another
+  colour ("a blue ball with white dots", "a red ball with yellow dots") but never the subject's
+  combination, a red ball with white dots: there the subject is a new instance of known things.
+  builtin:toy is pretrained on the plain world (README, "A sample grid": what the dotted one measured);
 - captions are sometimes partial ("a photo of a ball"), so that a class prompt means any colour on
   any background: that variety is what prior preservation has to keep.
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from .subject import DOT_COS, icosahedron, rotation_matrix
 
 CLASSES: tuple[str, ...] = ("ball", "cube", "cup", "star")
 
@@ -62,6 +68,15 @@ P_PHOTO = 0.6  # "a photo of ..."
 P_COLOR = 0.5
 P_BACKGROUND = 0.5
 P_NO_ARTICLE = 0.2  # "a photo of ball": dreamlora's default class prompt has no article
+P_DOTS_NAMED = 0.5  # a partial caption names an object's dots this often
+
+# The dotted world: a share of objects carry dots of one of these colours (never their own, always visible on it).
+DOT_COLORS: tuple[str, ...] = ("white", "black", "yellow", "blue", "red")
+DOTTED_WORLD_SHARE = 0.4  # the share `pretrain --dotted-share` was tried with
+# The sample subject: a red ball with white dots. Neither world draws it (see the module docstring).
+SUBJECT = ("ball", "red", "white")
+FLAT_DOT_SPACING = 0.3  # dots on cubes, cups and stars: a hexagonal grid, as fractions of the object's size
+FLAT_DOT_RADIUS = 0.085
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class Scene:
         x: Horizontal centre of the object, as a fraction of the width (0 left, 1 right).
         y: Vertical centre of the object, as a fraction of the height (0 top, 1 bottom).
         size: Extent of the object (its bounding box's longer side), as a fraction of the image side.
+        dots: The colour (a key of COLORS) of the object's dots, or None for a plain object.
     """
 
     cls: str
@@ -83,6 +99,14 @@ class Scene:
     x: float
     y: float
     size: float
+    dots: str | None = None
+
+    def key(self) -> str:
+        """A stable text of the scene (seeds its grain and dot layout). A plain scene keeps the text it had
+        before scenes had dots, so plain scenes draw the same pixels as they always did."""
+        text = (f"Scene(cls={self.cls!r}, color={self.color!r}, background={self.background!r}, x={self.x!r}, "
+                f"y={self.y!r}, size={self.size!r})")
+        return text if self.dots is None else f"{text} dots={self.dots}"
 
 
 def allowed_pairs() -> list[tuple[str, str]]:
@@ -99,11 +123,20 @@ def allowed_pairs() -> list[tuple[str, str]]:
 _PAIRS = allowed_pairs()
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    """Draw a scene: uniform class, a uniform visible (colour, background) pair, position and size.
+def dot_colors(cls: str, color: str) -> list[str]:
+    """The dot colours the world draws on a `color` `cls`: visible on it, and never the sample subject."""
+    return [dots for dots in DOT_COLORS if dots != color and (cls, color, dots) != SUBJECT
+            and float(np.linalg.norm(np.subtract(COLORS[dots], COLORS[color], dtype=np.float64))) >= MIN_CONTRAST]
+
+
+def random_scene(rng: np.random.Generator, dotted_share: float = 0.0) -> Scene:
+    """Draw a scene: uniform class, a uniform visible (colour, background) pair, position and size, and
+    in the dotted world dots for a share of them (a uniform allowed dot colour).
 
     Args:
         rng: The random source; the same generator state gives the same scene.
+        dotted_share: The share of scenes with dots; 0 (the plain world) draws nothing more from `rng`,
+            so the plain world's scenes stay what they were before the dotted world existed.
 
     Returns:
         A Scene whose object lies wholly inside the image.
@@ -113,7 +146,11 @@ def random_scene(rng: np.random.Generator) -> Scene:
     size = float(rng.uniform(*SIZE_RANGE))
     low, high = size / 2 + MARGIN, 1 - size / 2 - MARGIN
     x, y = (float(v) for v in rng.uniform(low, high, size=2))
-    return Scene(cls, color, background, x, y, size)
+    dots = None
+    if dotted_share and rng.random() < dotted_share:
+        choices = dot_colors(cls, color)
+        dots = choices[int(rng.integers(len(choices)))]
+    return Scene(cls, color, background, x, y, size, dots)
 
 
 def draw_scene(scene: Scene, size: int = 64) -> Image.Image:
@@ -137,7 +174,10 @@ def draw_scene(scene: Scene, size: int = 64) -> Image.Image:
     img = _background(scene, xs, ys, size)
     coverage, shade, bottom = _SHAPES[scene.cls](scene, xs, ys)
     img *= (1.0 - 0.45 * _shadow(scene, xs, ys, bottom))[..., None]
-    obj = np.asarray(COLORS[scene.color], dtype=np.float64) * shade[..., 0:1] + 255.0 * shade[..., 1:2]
+    albedo = np.asarray(COLORS[scene.color], dtype=np.float64)
+    if scene.dots is not None:
+        albedo = np.where(_dot_mask(scene, xs, ys)[..., None], np.asarray(COLORS[scene.dots], np.float64), albedo)
+    obj = albedo * shade[..., 0:1] + 255.0 * shade[..., 1:2]
     img = np.where(coverage[..., None], obj, img)
 
     # Box-filter down: (n, n, 3) -> (size, SS, size, SS, 3) -> mean.
@@ -161,7 +201,8 @@ def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption of the scene: the full one, or with some parts left out.
 
-    Full: "a photo of a red ball on a blue background". Partial, e.g.: "a photo of a ball",
+    Full: "a photo of a red ball on a blue background", "a photo of a blue ball with white dots on a
+    pink background". Partial, e.g.: "a photo of a ball",
     "a red ball", "a ball on an orange background", "a photo of ball" (dreamlora's default class
     prompt, "a photo of {class}", has no article). A partial caption never says
     something false, it just says less, so "a photo of a ball" covers balls of every colour on
@@ -175,17 +216,20 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         The caption; every word is one token of dreamlora's built-in tokenizer.
     """
     if rng.random() < P_FULL:
-        photo = color = background = article = True
+        photo = color = background = article = dots = True
     else:
         photo = rng.random() < P_PHOTO
         color = rng.random() < P_COLOR
         background = rng.random() < P_BACKGROUND
         article = rng.random() >= P_NO_ARTICLE
+        dots = scene.dots is not None and rng.random() < P_DOTS_NAMED  # plain scenes: the old draws
     words = ["a", "photo", "of"] if photo else []
     noun = [scene.color, scene.cls] if color else [scene.cls]
     if article or not photo:  # "red ball" alone reads badly: keep the article without the prefix
         words.append(_article(noun[0]))
     words += noun
+    if dots and scene.dots is not None:
+        words += ["with", scene.dots, "dots"]
     if background:
         words += ["on", _article(scene.background), scene.background, "background"]
     return " ".join(words)
@@ -197,16 +241,17 @@ def _article(word: str) -> str:
 
 def caption_words() -> set[str]:
     """Every word `caption` can produce."""
-    return {"a", "an", "photo", "of", "on", "background", *CLASSES, *COLORS, *BACKGROUNDS}
+    return {"a", "an", "photo", "of", "on", "with", "dots", "background", *CLASSES, *COLORS, *BACKGROUNDS}
 
 
-def dataset(n: int, seed: int, size: int = 64) -> list[tuple[Image.Image, str, Scene]]:
+def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0) -> list[tuple[Image.Image, str, Scene]]:
     """`n` (image, caption, scene) triples drawn from one seeded generator.
 
     Args:
         n: How many examples.
         seed: The same seed gives the same examples.
         size: Image side in pixels.
+        dotted_share: The share of dotted objects (0: the plain world).
 
     Returns:
         A list of (RGB image, caption, scene).
@@ -214,7 +259,7 @@ def dataset(n: int, seed: int, size: int = 64) -> list[tuple[Image.Image, str, S
     rng = np.random.default_rng(seed)
     examples = []
     for _ in range(n):
-        scene = random_scene(rng)
+        scene = random_scene(rng, dotted_share)
         examples.append((draw_scene(scene, size), caption(scene, rng), scene))
     return examples
 
@@ -224,7 +269,7 @@ def dataset(n: int, seed: int, size: int = 64) -> list[tuple[Image.Image, str, S
 
 def _check(scene: Scene) -> None:
     for value, known, what in ((scene.cls, CLASSES, "class"), (scene.color, COLORS, "colour"),
-                               (scene.background, BACKGROUNDS, "background")):
+                               (scene.background, BACKGROUNDS, "background"), (scene.dots or "white", COLORS, "dots")):
         if value not in known:
             raise ValueError(f"unknown {what} {value!r} in {scene}; known: {', '.join(known)}")
 
@@ -235,7 +280,7 @@ def _background(scene: Scene, xs: np.ndarray, ys: np.ndarray, size: int) -> np.n
     img = base * (1.08 - 0.16 * ys[..., None])
     # The grain is seeded from the scene itself (crc32 of its repr: stable across runs, unlike
     # hash()), so the drawing stays a pure function of the Scene.
-    grain_rng = np.random.default_rng(zlib.crc32(repr((scene, size)).encode()))
+    grain_rng = np.random.default_rng(zlib.crc32(f"({scene.key()}, {size!r})".encode()))
     grain = grain_rng.integers(-4, 5, size=(size, size)).astype(np.float64)
     return img + np.repeat(np.repeat(grain, SUPERSAMPLE, 0), SUPERSAMPLE, 1)[..., None]
 
@@ -249,9 +294,32 @@ def _shadow(scene: Scene, xs: np.ndarray, ys: np.ndarray, bottom: float) -> np.n
     return s * s
 
 
+def _dot_mask(scene: Scene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Where the object's dots are, bool (n, n); the shape's coverage decides which of them show.
+
+    A ball carries the sample subject's pattern (dots on the vertices of an icosahedron, turned by a
+    rotation seeded from the scene), so world balls and the subject have the same dots; flat
+    objects carry a hexagonal grid of discs at an offset seeded from the scene.
+    """
+    rng = np.random.default_rng(zlib.crc32(f"dots {scene.key()}".encode()))
+    if scene.cls == "ball":
+        r = scene.size / 2
+        nx, ny = (xs - scene.x) / r, (ys - scene.y) / r
+        nz = np.sqrt(np.clip(1.0 - nx * nx - ny * ny, 0.0, None))
+        body = np.stack([nx, ny, nz], axis=-1) @ rotation_matrix(rng.uniform(-1.0, 1.0, size=4))
+        return (body @ icosahedron().T).max(axis=-1) > DOT_COS
+    spacing, radius = FLAT_DOT_SPACING * scene.size, FLAT_DOT_RADIUS * scene.size
+    ox, oy = rng.uniform(0.0, spacing, size=2)
+    row_height = spacing * np.sqrt(3.0) / 2
+    row = np.rint((ys - oy) / row_height)
+    shift = (row % 2) * spacing / 2
+    column = np.rint((xs - ox - shift) / spacing)
+    return (xs - ox - shift - column * spacing) ** 2 + (ys - oy - row * row_height) ** 2 <= radius * radius
+
+
 # Each shape returns (coverage bool (n, n), shade (n, n, 2), bottom y): the object colour at a
-# pixel is  colour * shade[0] + 255 * shade[1]  (diffuse times albedo plus a white highlight), so an
-# object only ever shows its own colour, darker or lighter: never a pattern.
+# pixel is  albedo * shade[0] + 255 * shade[1]  (diffuse times albedo plus a white highlight); the
+# albedo is the object's colour, and its dots' colour where it has dots.
 
 
 def _ball(scene: Scene, xs: np.ndarray, ys: np.ndarray):
