@@ -16,6 +16,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
 PHRASINGS = (  # (name, template); {bg_article} {bg} as in the evaluation's prompt sets
@@ -25,10 +27,20 @@ PHRASINGS = (  # (name, template); {bg_article} {bg} as in the evaluation's prom
     ("one more word: 'a photo of a sks ball'", "a photo of a sks ball on {bg_article} {bg} background"),
     ("one word less: 'photo of sks ball'", "photo of sks ball on {bg_article} {bg} background"),
 )
+CLASS_TEMPLATE = "a photo of a ball on {bg_article} {bg} background"  # bleed: should stay near 0
 
 
-def probe(lora: Path) -> dict[str, float]:
-    """Subject present (fraction of renders) per phrasing, report-set backgrounds x seeds, 20 DPM-Solver++ steps."""
+def token_id(tokenizer, token: str = "sks") -> int:
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    assert len(ids) == 1, f"{token!r} is not one token"
+    return ids[0]
+
+
+def probe(lora: Path, token_embedding: torch.Tensor | None = None) -> dict[str, float]:
+    """Subject present (fraction of renders) per phrasing, report-set backgrounds x seeds, 20 DPM-Solver++ steps.
+
+    `token_embedding`: a learned input embedding of "sks" to put in the text encoder first (pivotal_probe.py).
+    """
     from dreamlora.evaluation import PROMPT_SETS, subject_present
     from dreamlora.lora import read_lora_file
     from dreamlora.models import load_base_model
@@ -38,11 +50,14 @@ def probe(lora: Path) -> dict[str, float]:
     report = PROMPT_SETS["report"]
     base = load_base_model("builtin:toy")
     pipe = base.pipeline("dpm++2m")
+    if token_embedding is not None:
+        with torch.no_grad():
+            pipe.text_encoder.get_input_embeddings().weight[token_id(pipe.tokenizer)] = token_embedding
     attach_lora(pipe, base, lora, read_lora_file(lora).metadata, "probe")
     pipe.set_adapters(["probe"], adapter_weights=[1.0])
     oracle = load_oracle()
     figures = {}
-    for name, template in PHRASINGS:
+    for name, template in PHRASINGS + (("the class prompt 'a photo of a ball on …'", CLASS_TEMPLATE),):
         images = []
         for bg in report.backgrounds:
             prompt = template.format(bg=bg, bg_article="an" if bg[0] in "aeiou" else "a")
