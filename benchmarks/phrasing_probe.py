@@ -6,7 +6,7 @@ counts the renders that show the subject (a red ball with white dots, as `dreaml
 training phrase ("a photo of sks ball") against one-word changes of it says how far the subject travels with the
 token into other contexts.
 
-    python benchmarks/phrasing_probe.py                      # trains the README's main job first (about 3 min)
+    python benchmarks/phrasing_probe.py [--seed 1]           # trains the README's main job first (about 3 min)
     python benchmarks/phrasing_probe.py --lora polkaball.safetensors
 """
 
@@ -68,6 +68,7 @@ def probe(lora: Path, token_embedding: torch.Tensor | None = None) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="the training seed (without --lora)")
     parser.add_argument("--lora", type=Path, help="a DreamBooth file of the sample subject on builtin:toy "
                                                   "(default: train the README's main job into a temporary folder)")
     args = parser.parse_args()
@@ -77,7 +78,8 @@ def main() -> None:
             from dreamlora import load_config, train
 
             config = load_config(INSTANCES / "dreamlora.toml", {"output.path": str(Path(tmp) / "sks.safetensors"),
-                                                               "validation.final": False, "validation.eval_every": 0})
+                                                               "validation.final": False, "validation.eval_every": 0,
+                                                               "train.seed": args.seed})
             lora = train(config).output
         figures = probe(lora)
     print(f"subject present on the report set's backgrounds and seeds ({lora.name}):")

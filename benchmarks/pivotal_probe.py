@@ -12,7 +12,7 @@ setting yet; this script gets one for a single run by wrapping two functions of 
 Then it trains the README's main job (everything else the recipe's) and runs the phrasing probe with the learned
 row put into the text encoder. The LoRA file it writes has no embedding in it: the row lives only in this process.
 
-    python benchmarks/pivotal_probe.py --embedding-lr 1e-3
+    python benchmarks/pivotal_probe.py --embedding-lr 1e-3 [--seed 1]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from phrasing_probe import INSTANCES, probe, token_id
 
 
-def train_with_token_embedding(output: Path, embedding_lr: float) -> tuple[torch.Tensor, float, bool]:
+def train_with_token_embedding(output: Path, embedding_lr: float, seed: int = 0) -> tuple[torch.Tensor, float, bool]:
     """The main job with the token's embedding learnt too; returns (the row, how far it moved, other rows intact)."""
     import dreamlora.training as training
     from diffusers.optimization import get_scheduler
@@ -59,7 +59,7 @@ def train_with_token_embedding(output: Path, embedding_lr: float) -> tuple[torch
     training.add_adapters, training.make_optimizer = add_adapters_and_token, optimizer_with_token
     try:
         config = load_config(INSTANCES / "dreamlora.toml", {"output.path": str(output), "validation.final": False,
-                                                           "validation.eval_every": 0})
+                                                           "validation.eval_every": 0, "train.seed": seed})
         train(config)
     finally:
         training.add_adapters, training.make_optimizer = add_adapters, make_optimizer
@@ -71,12 +71,13 @@ def train_with_token_embedding(output: Path, embedding_lr: float) -> tuple[torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embedding-lr", type=float, default=1e-3, help="learning rate of the token's embedding")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         lora = Path(tmp) / "sks.safetensors"
-        row, moved, others_intact = train_with_token_embedding(lora, args.embedding_lr)
+        row, moved, others_intact = train_with_token_embedding(lora, args.embedding_lr, args.seed)
         figures = probe(lora, token_embedding=row)
-    print(f"token embedding learnt at lr {args.embedding_lr:g}: moved by {moved:.2f} of its norm; "
+    print(f"seed {args.seed}, token embedding learnt at lr {args.embedding_lr:g}: moved by {moved:.2f} of its norm; "
           f"every other row unchanged: {others_intact}")
     print("subject present on the report set's backgrounds and seeds:")
     for name, value in figures.items():
