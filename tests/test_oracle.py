@@ -15,8 +15,8 @@ from dreamlora.toyworld import BACKGROUNDS, CLASSES, COLORS, dataset
 from dreamlora.toyworld.oracle import ORACLE_DIR, OracleConfig, load_oracle
 from dreamlora.toyworld.subject import random_polka_ball
 from dreamlora.toyworld.train_oracle import (TrainSettings, augment, draw_dotted_distractors, draw_glossy_balls,
-                                             draw_other_dots, draw_world, draw_red_balls, draw_textures, save_oracle, train_oracle,
-                                             uint8_to_tensor, write_log)
+                                             draw_other_dots, draw_red_balls, draw_textures, draw_world, save_oracle,
+                                             train_oracle, uint8_to_tensor, write_log)
 
 ROOT = Path(__file__).resolve().parents[1]
 

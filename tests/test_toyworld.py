@@ -122,14 +122,11 @@ def test_captions_are_true_and_sometimes_partial(world, request):
 
 def _off_colour_share(image: np.ndarray, scene: Scene) -> float:
     """Share of the object's fully covered pixels whose chromaticity is far from the object colour."""
-    pixels = image.astype(np.float64)[object_mask(scene) >= 1.0]
-    chroma = pixels / np.maximum(pixels.sum(axis=-1, keepdims=True), 1.0)
-    base = np.asarray(COLORS[scene.color], dtype=np.float64)
-    return float((np.abs(chroma - base / base.sum()).max(axis=-1) > 0.15).mean())
+    return 1.0 - _share_of_colour(image, scene, scene.color)
 
 
 def _share_of_colour(image: np.ndarray, scene: Scene, color: str) -> float:
-    """Share of the object's fully covered pixels whose chromaticity is that of `color`."""
+    """Share of the object's fully covered pixels whose chromaticity is within 0.15 of `color`'s."""
     pixels = image.astype(np.float64)[object_mask(scene) >= 1.0]
     chroma = pixels / np.maximum(pixels.sum(axis=-1, keepdims=True), 1.0)
     base = np.asarray(COLORS[color], dtype=np.float64)

@@ -108,7 +108,7 @@ def draw_other_dots(config: OracleConfig, n: int, seed: int) -> DrawnSet:
     """`n` red balls (a share darker) with dots of another colour than white: the subject's pattern, wrong dots."""
     rng = np.random.default_rng(seed)
     backgrounds = [b for c, b in allowed_pairs() if c == "red"]
-    dot_colors = [c for c in world_dot_colors("ball", "red") if c != "white"]
+    dot_colors = world_dot_colors("ball", "red")  # never white: that is the subject
     images, labels = [], []
     for _ in range(n):
         background = backgrounds[int(rng.integers(len(backgrounds)))]

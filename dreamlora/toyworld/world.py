@@ -111,13 +111,13 @@ class Scene:
 
 def allowed_pairs() -> list[tuple[str, str]]:
     """(colour, background) pairs with enough contrast to see the object, in a fixed order."""
-    pairs = []
-    for color, rgb in COLORS.items():
-        for background, bg_rgb in BACKGROUNDS.items():
-            distance = float(np.linalg.norm(np.subtract(rgb, bg_rgb, dtype=np.float64)))
-            if color != background and distance >= MIN_CONTRAST:
-                pairs.append((color, background))
-    return pairs
+    return [(color, background) for color, rgb in COLORS.items() for background, bg_rgb in BACKGROUNDS.items()
+            if color != background and _contrast(rgb, bg_rgb) >= MIN_CONTRAST]
+
+
+def _contrast(rgb: tuple[int, int, int], other: tuple[int, int, int]) -> float:
+    """RGB distance between two colours: how well one shows on the other."""
+    return float(np.linalg.norm(np.subtract(rgb, other, dtype=np.float64)))
 
 
 _PAIRS = allowed_pairs()
@@ -126,7 +126,7 @@ _PAIRS = allowed_pairs()
 def dot_colors(cls: str, color: str) -> list[str]:
     """The dot colours the world draws on a `color` `cls`: visible on it, and never the sample subject."""
     return [dots for dots in DOT_COLORS if dots != color and (cls, color, dots) != SUBJECT
-            and float(np.linalg.norm(np.subtract(COLORS[dots], COLORS[color], dtype=np.float64))) >= MIN_CONTRAST]
+            and _contrast(COLORS[dots], COLORS[color]) >= MIN_CONTRAST]
 
 
 def random_scene(rng: np.random.Generator, dotted_share: float = 0.0) -> Scene:
