@@ -153,6 +153,11 @@ class LoraConfig:
                                              help="Text-encoder modules that get adapters (comma-separated).")
     text_encoder_lr: float | None = setting(None, flag="--text-encoder-lr", low=0, low_open=True,
                                             help="Learning rate of the text-encoder adapters (default: --lr).")
+    train_token_embedding: bool = setting(False, flag="--train-token-embedding/--no-train-token-embedding",
+                                          help="Also learn the token's own input embedding (pivotal tuning), "
+                                               "stored in the file as AUTOMATIC1111's bundled embedding.")
+    token_embedding_lr: float = setting(1e-3, flag="--token-embedding-lr", low=0, low_open=True,
+                                        help="Learning rate of the token's embedding (no weight decay).")
     dora: bool = setting(False, flag="--dora/--no-dora",
                          help="DoRA (peft): a learned magnitude per output channel on top of the LoRA update. "
                               "Written with --format diffusers only: no kohya reader applies peft's DoRA.")
@@ -603,6 +608,12 @@ def validate(config: DreamLoraConfig) -> list[str]:
               or "{class}" not in c.data.class_prompt, "data.class_word",
               "is required with --class-dir: the class prompt of the regularisation images names it")
         check(_fills(c.data.class_prompt), "data.class_prompt", f"{prompt_problem(c.data.class_prompt)}")
+    check(not c.lora.train_token_embedding or c.data.job == "dreambooth", "lora.train_token_embedding",
+          "needs a subject token (a DreamBooth run): a fine-tune's captions name no token to learn")
+    # The token's vectors are learnt inside the text encoder the adapters train: it runs every step, and in a
+    # multi-process run its gradients are synchronised with the adapters'.
+    check(not c.lora.train_token_embedding or c.lora.train_text_encoder, "lora.train_token_embedding",
+          "needs --train-text-encoder (the token's embedding is learnt inside the text encoder it trains)")
     check(c.data.keep_tags == 0 or c.data.shuffle_tags, "data.keep_tags", "only applies with --shuffle-tags")
     check(c.data.bucket_step % 8 == 0, "data.bucket_step", f"must be a multiple of 8 (got {c.data.bucket_step})")
     check(not (c.data.buckets and c.data.crop == "random"), "data.buckets",

@@ -208,7 +208,8 @@ def evaluate(
     from .atomic import check_writable
     from .lora import read_lora_file
     from .models import load_base_model
-    from .sampling import attach_lora, model_for_lora, place_for_sampling, render_images, sampling_device
+    from .sampling import (attach_lora, model_for_lora, place_for_sampling, render_images, sampling_device,
+                           set_lora_scale)
 
     started = time.time()
     try:
@@ -245,11 +246,7 @@ def evaluate(
     resolution = base.default_resolution
 
     def render(prompts: list[str], seeds: list[int], adapter_on: bool) -> list[Image.Image]:
-        if adapter_on:
-            pipe.enable_lora()
-            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
-        else:
-            pipe.disable_lora()  # the adapter is skipped entirely: exactly the base model
+        set_lora_scale(pipe, 1.0 if adapter_on else 0.0, ADAPTER_NAME)  # 0: exactly the base model
         return [image for prompt in prompts for image in render_images(
             pipe, prompt, seeds, steps=settings.steps, guidance=settings.guidance, resolution=resolution,
             family=base.family)]

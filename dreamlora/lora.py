@@ -37,6 +37,7 @@ from peft.tuners.lora import LoraLayer
 from .atomic import atomic_path
 from .errors import ConfigError, ModelLoadError
 from .models.family import ModelFamily
+from .token_embedding import HOLDER, bundle_tensors, learned_token
 
 ADAPTER_NAME = "default"
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -44,6 +45,7 @@ DEFAULT_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 # The safetensors header key diffusers reads the adapter config from (diffusers.loaders.lora_base).
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+TOKEN_KEY = f"{HOLDER}.vectors"  # a learnt token embedding in adapter_state_dict (checkpoints)
 
 # Header values travel in every copy of the file and some UIs show them; keep them small.
 MAX_NAME_CHARS = 256
@@ -203,7 +205,8 @@ def adapter_state_dict(unet: torch.nn.Module, text_encoders: list[torch.nn.Modul
 
     Keys are ``unet.<peft key>`` and ``text_encoder.<peft key>`` (``text_encoder_2.`` ...), with
     text-encoder module paths in role form (see :func:`_text_role_name`) so a checkpoint survives
-    a transformers upgrade. Tensors are the live ones (not copies); save or clone them.
+    a transformers upgrade, and a learnt token embedding as ``text_encoder.dreamlora_token.vectors``.
+    Tensors are the live ones (not copies); save or clone them.
     """
     state: dict[str, torch.Tensor] = {}
     for prefix, model, is_text in _adapted_models(unet, text_encoders):
@@ -212,6 +215,8 @@ def adapter_state_dict(unet: torch.nn.Module, text_encoders: list[torch.nn.Modul
                 module, leaf = _split_peft_key(key)
                 key = f"{_text_role_name(module)}.{leaf}"
             state[f"{prefix}.{key}"] = value
+        if is_text and (holder := learned_token(model)) is not None:
+            state[f"{prefix}.{TOKEN_KEY}"] = holder.vectors
     return state
 
 
@@ -227,6 +232,19 @@ def load_adapter_state_dict(
     remaining = dict(state)
     for prefix, model, is_text in _adapted_models(unet, text_encoders):
         part = {k[len(prefix) + 1 :]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix + ".")}
+        holder = learned_token(model) if is_text else None
+        vectors = part.pop(TOKEN_KEY, None)
+        if (holder is None) != (vectors is None):
+            raise ModelLoadError(
+                f"adapter checkpoint {'lacks' if vectors is None else 'holds'} a learnt token embedding for the "
+                f"{prefix}. Resume with the train_token_embedding setting of the run that wrote it."
+            )
+        if holder is not None:
+            if vectors.shape != holder.vectors.shape:
+                raise ModelLoadError(f"adapter checkpoint's token embedding is {tuple(vectors.shape)}, the "
+                                     f"{prefix} needs {tuple(holder.vectors.shape)}. Resume with the run's --token.")
+            with torch.no_grad():
+                holder.vectors.copy_(vectors)
         if is_text:
             installed = {_text_role_name(n): n for n, _ in model.named_modules()}
             part = {
@@ -339,6 +357,8 @@ def to_diffusers_state_dict(
         _check_alpha(alpha, _lora_layers(model))
         adapter_metadata.update({f"{prefix}.{k}": v for k, v in _portable_config(model).items()})
     for key, value in adapter_state_dict(unet, text_encoders).items():
+        if key.endswith(TOKEN_KEY):
+            continue  # written as a bundled embedding (save_lora_file)
         if key.endswith(".lora_magnitude_vector"):
             # DoRA magnitudes as `...lora_magnitude_vector.weight`: diffusers loads the UNet's either way, but its
             # text-encoder path (through transformers 5.x) finds them only with the .weight its module has.
@@ -384,6 +404,7 @@ def save_lora_file(
     dtype: torch.dtype = torch.float16,
     metadata: dict[str, str],
     check: bool = True,
+    token: str | None = None,
 ) -> None:
     """Write the adapters as one .safetensors file, atomically, after the compatibility check.
 
@@ -404,6 +425,8 @@ def save_lora_file(
         metadata: Header entries, usually from :func:`lora_metadata`. ``format`` and
             ``lora_adapter_metadata`` are set here.
         check: Run the compatibility check (dreamlora.interop.check) before writing.
+        token: The subject's token: a learnt token embedding is written as its bundled embedding
+            (``bundle_emb.<token>.*``, dreamlora.token_embedding).
 
     Raises:
         CompatibilityError: A tool the format is written for would not load the file as trained.
@@ -423,6 +446,10 @@ def save_lora_file(
         raise ValueError(f"format must be 'kohya' or 'diffusers', got {format!r}")
     if not tensors:
         raise ValueError("no LoRA adapter found in the UNet or text encoders; call add_lora_adapters first")
+    if any(learned_token(te) is not None for te in text_encoders):
+        if not token:
+            raise ValueError("a learnt token embedding needs the token it is written under")
+        tensors.update(bundle_tensors(text_encoders, token, dtype))
     if format == "diffusers":
         header = header_for("peft", header, parse_lora(tensors, {}, Path(path).name).modules,
                             adapter_config=adapter_metadata)

@@ -7,6 +7,8 @@ proves the file loads. Scale 0 turns the adapter off: it is the base model, exac
 from __future__ import annotations
 
 import json
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from .errors import ConfigError, ModelLoadError, NumericalError
 __all__ = ["SampleResult", "SampleSettings", "attach_lora", "render_images", "sample"]
 from .grid import make_grid
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
+from .token_embedding import BUNDLE_PREFIX, attach_bundles, set_learned_token_scale, split_bundle
 
 ADAPTER_NAME = "dreamlora"
 
@@ -63,7 +66,8 @@ def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
         ModelLoadError: the file's tensors do not fit the model.
     """
     try:
-        pipe.load_lora_weights(str(lora_path), adapter_name=adapter_name)
+        with adapters_only(lora_path, metadata) as (adapters, bundles):
+            pipe.load_lora_weights(str(adapters), adapter_name=adapter_name)
     # read_lora_file has checked the file's structure; what diffusers and peft still raise (ValueError,
     # KeyError, RuntimeError for shapes, IndexError or TypeError for key layouts they do not expect) means the
     # file does not fit this model.
@@ -71,6 +75,7 @@ def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
         reason = str(exc).splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
                              f"{reason}. Pass the --model it was trained on.") from exc
+    attach_bundles(bundles, base.tokenizers, text_encoders_of(pipe), Path(lora_path).name)
     # kohya files name the base model in ss_base_model_version; diffusers-format files (which carry no ss_* entries
     # since readers took them for kohya networks) by their modelspec architecture.
     here = base.family.file_metadata(base.default_resolution)
@@ -82,6 +87,26 @@ def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
                         f"{here[key]}: its pictures may be off. Pass the --model it was trained on."]
             break
     return []
+
+
+@contextmanager
+def adapters_only(lora_path: str | Path, metadata: dict[str, str]):
+    """(a file diffusers loads, {token: vectors}): the file itself, or without its bundled embedding
+    (diffusers refuses keys that are not LoRA weights), written to a temporary file with the same header."""
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(str(lora_path), framework="pt", device="cpu") as f:
+        bundled = [k for k in f.keys() if k.startswith(BUNDLE_PREFIX)]
+        if not bundled:
+            yield Path(lora_path), {}
+            return
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    adapters, bundles = split_bundle(tensors)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(lora_path).name
+        safetensors.torch.save_file(adapters, str(path), metadata=metadata)
+        yield path, bundles
 
 
 def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Path, *, model: str | None = None,
@@ -121,13 +146,8 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
             note(progress, message)
 
     def set_scale(scale: float) -> None:
-        if not lora_path:
-            return
-        if scale == 0:
-            pipe.disable_lora()  # the adapter is skipped entirely: exactly the base model
-        else:
-            pipe.enable_lora()
-            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+        if lora_path:
+            set_lora_scale(pipe, scale)
 
     resolution = settings.resolution or base.default_resolution
     rows, labels, records = [], [], []
@@ -292,13 +312,31 @@ def unpacked_latents(pipe, latents: torch.Tensor, resolution: int) -> torch.Tens
 
 
 def set_adapters_enabled(modules, enabled: bool) -> None:
-    """Switch in-memory peft adapters on or off (off = the base model's exact forward)."""
+    """Switch in-memory peft adapters and a learnt token embedding on or off (off = the base model's exact forward)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    modules = list(modules)
     for module in modules:
         for layer in module.modules():
             if isinstance(layer, BaseTunerLayer):
                 layer.enable_adapters(enabled)
+    set_learned_token_scale(modules, 1.0 if enabled else 0.0)
+
+
+def set_lora_scale(pipe, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
+    """A loaded LoRA file's strength in `pipe`, its bundled token embedding's included; 0 is exactly the base model."""
+    if scale == 0:
+        pipe.disable_lora()  # the adapter is skipped entirely
+    else:
+        pipe.enable_lora()
+        pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    set_learned_token_scale(text_encoders_of(pipe), scale)
+
+
+def text_encoders_of(pipe) -> list:
+    """The pipeline's text encoders, in order (text_encoder, text_encoder_2, ...)."""
+    names = ["text_encoder"] + [f"text_encoder_{i}" for i in range(2, 4)]
+    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
 
 
 def render_validation_grid(base, prompts: list[str], seeds: list[int], path: Path, *, steps: int, guidance: float,

@@ -37,6 +37,7 @@ from .identity import ModelIdentity
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .quantization import quantize_denoiser
 from .threads import cpu_threads
+from .token_embedding import attach_learned_token, learned_token_parameters, token_ids
 from .tracking import log_grid, start_tracking, tracker_names
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import cache_t5_states, render_validation_grid
@@ -622,6 +623,9 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
                           dropout=lora.dropout, unet_targets=denoiser_targets(base, config),
                           train_text_encoder=lora.train_text_encoder, text_targets=lora.text_target_modules,
                           dora=lora.dora)
+    if lora.train_token_embedding:  # pivotal tuning: the token's own vectors, from its base rows
+        for tokenizer, encoder in zip(base.tokenizers, adapted_encoders(base)):
+            attach_learned_token(encoder, token_ids(tokenizer, config.data.token), trainable=True)
     for module in (base.unet, *base.text_encoders):
         for param in trainable_parameters(module):
             param.data = param.data.to(device=device, dtype=torch.float32)
@@ -657,9 +661,13 @@ def make_optimizer(base: BaseModel, config: DreamLoraConfig):
 
     t, lora = config.train, config.lora
     groups = [{"params": trainable_parameters(base.unet), "lr": t.learning_rate}]
+    token_vectors = learned_token_parameters(base.text_encoders)
     if lora.train_text_encoder:
-        text_params = [p for te in base.text_encoders for p in trainable_parameters(te)]
+        text_params = [p for te in base.text_encoders for p in trainable_parameters(te)
+                       if not any(p is v for v in token_vectors)]
         groups.append({"params": text_params, "lr": lora.text_encoder_lr or t.learning_rate})
+    if token_vectors:  # no weight decay: it would pull the vectors towards zero, not towards the base rows
+        groups.append({"params": token_vectors, "lr": lora.token_embedding_lr, "weight_decay": 0.0})
     if t.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -972,7 +980,7 @@ def save_output(output: Path, base: BaseModel, config: DreamLoraConfig, resoluti
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.output.save_dtype]
     try:
         save_lora_file(output, base.unet, base.text_encoders, base.family, format=config.output.format,
-                       alpha=config.lora.resolved_alpha, dtype=dtype, metadata=metadata)
+                       alpha=config.lora.resolved_alpha, dtype=dtype, metadata=metadata, token=config.data.token)
     except CompatibilityError as exc:
         raise CompatibilityError(f"{exc}. '{output}' was not written; the trained weights are kept in the run folder: "
                                  "run the same command with --resume and another --format to write them") from None

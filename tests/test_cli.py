@@ -190,6 +190,11 @@ def test_train_on_a_flux_transformer_file_without_model_config_is_one_line_namin
 
 
 def test_base_quantization_without_bitsandbytes_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    # diffusers imports its pipelines lazily, and one imported while bitsandbytes is blocked fails to import at all
+    # (a machine without bitsandbytes has no such entry): import them first, as earlier tests of a full run do.
+    import diffusers.pipelines.flux.pipeline_flux  # noqa: F401
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion  # noqa: F401
+
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
     result = runner.invoke(app, ["train", str(ROOT / "sample_instances" / "polkaball"), "--class-word", "ball",
                                  "--out", str(tmp_path / "x.safetensors"), "--model", "builtin:tiny-flux",

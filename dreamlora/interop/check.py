@@ -100,8 +100,10 @@ def check_lora(data: LoraData, layout: ModelLayout) -> CompatibilityReport:
     errors.extend(_format_header_problems(data))
     notes.extend(_hash_notes(data))
     if data.embeddings:
-        notes.append(f"{len(data.embeddings)} bundled embeddings ({_some(sorted(data.embeddings))}) are not LoRA "
-                     "weights and are not checked")
+        notes.append(f"{len(data.embeddings)} bundled embedding tensors ({_some(sorted(data.embeddings))}) are not "
+                     "LoRA weights and are not checked: AUTOMATIC1111 registers them as embeddings and dreamlora "
+                     "sample/eval load them; diffusers' load_lora_weights refuses a file holding them (`dreamlora "
+                     "convert` writes the adapters alone)")
     return CompatibilityReport(file=data.source, style=data.style, family=layout.family.name,
                                modules=len(data.modules), tools=tools, errors=errors, notes=notes,
                                names=layout.kohya_names)

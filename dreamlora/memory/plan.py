@@ -188,7 +188,10 @@ def fit_budget(config: DreamLoraConfig, models: ModelConfigs, settings_for, budg
         if step(f"{describe('train.batch_size')} {max(1, b // 2)} with {describe('train.gradient_accumulation_steps')} "
                 f"{a * 2}", batch_size=max(1, b // 2), gradient_accumulation_steps=a * 2):
             return current, changes, estimate
-    if current.lora.train_text_encoder and step(f"{describe('lora.train_text_encoder')} off", train_text_encoder=False):
+    # The token's embedding is learnt inside the trained text encoder: it goes off with it.
+    off = describe('lora.train_text_encoder') + (f" and {describe('lora.train_token_embedding')}"
+                                                 if current.lora.train_token_embedding else "")
+    if current.lora.train_text_encoder and step(f"{off} off", train_text_encoder=False, train_token_embedding=False):
         return current, changes, estimate
     raise ConfigError(
         f"{describe('train.memory_budget')} {budget_gib:g} GiB is too small: with the leanest settings "
