@@ -28,6 +28,9 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
     "prior-no-te": ("prior, `--no-train-text-encoder`", {"lora.train_text_encoder": False}),
+    "prior-pivotal": ("prior, `--train-token-embedding`", {"lora.train_token_embedding": True}),
+    "noprior-pivotal": ("`--no-prior --train-token-embedding`", {"prior.enabled": False,
+                                                                  "lora.train_token_embedding": True}),
 }
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),

@@ -150,3 +150,31 @@ def test_export_of_a_checkpoint_carries_the_bundle(pivotal, tmp_path):
     tensors = load_file(exported.output)
     assert BUNDLE_KEY in tensors
     assert not torch.equal(tensors[BUNDLE_KEY], load_file(result.output)[BUNDLE_KEY])  # step 2, not step 4
+
+
+def test_the_readmes_diffusers_recipe_gives_what_dreamlora_loads(pivotal):
+    """README, "Loading the file": the adapters through load_lora_weights, the vectors put in by hand."""
+    from safetensors import safe_open
+
+    from dreamlora.models import load_base_model
+    from dreamlora.sampling import attach_lora
+
+    result, _ = pivotal
+    prompt_ids = None
+    outputs = []
+    for by_hand in (False, True):
+        base = load_base_model("builtin:tiny-sd")
+        pipe = base.pipeline()
+        if by_hand:
+            tensors = load_file(result.output)
+            vectors = tensors.pop("bundle_emb.sks.string_to_param.*")
+            pipe.load_lora_weights({k: v for k, v in tensors.items()}, adapter_name="dog")
+            ids = pipe.tokenizer("sks", add_special_tokens=False).input_ids
+            pipe.text_encoder.get_input_embeddings().weight.data[ids] = vectors.to(pipe.text_encoder.dtype)
+        else:
+            with safe_open(str(result.output), "pt") as f:
+                attach_lora(pipe, base, result.output, f.metadata(), "dog")
+        prompt_ids = pipe.tokenizer("a photo of sks ball", return_tensors="pt").input_ids
+        with torch.no_grad():
+            outputs.append(pipe.text_encoder(prompt_ids).last_hidden_state)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
