@@ -16,8 +16,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
 PHRASINGS = (  # (name, template); {bg_article} {bg} as in the evaluation's prompt sets
@@ -30,16 +28,10 @@ PHRASINGS = (  # (name, template); {bg_article} {bg} as in the evaluation's prom
 CLASS_TEMPLATE = "a photo of a ball on {bg_article} {bg} background"  # bleed: should stay near 0
 
 
-def token_id(tokenizer, token: str = "sks") -> int:
-    ids = tokenizer(token, add_special_tokens=False).input_ids
-    assert len(ids) == 1, f"{token!r} is not one token"
-    return ids[0]
-
-
-def probe(lora: Path, token_embedding: torch.Tensor | None = None) -> dict[str, float]:
+def probe(lora: Path) -> dict[str, float]:
     """Subject present (fraction of renders) per phrasing, report-set backgrounds x seeds, 20 DPM-Solver++ steps.
 
-    `token_embedding`: a learned input embedding of "sks" to put in the text encoder first (pivotal_probe.py).
+    A learnt token embedding bundled in the file (--train-token-embedding) is loaded with it.
     """
     from dreamlora.evaluation import PROMPT_SETS, subject_present
     from dreamlora.lora import read_lora_file
@@ -50,9 +42,6 @@ def probe(lora: Path, token_embedding: torch.Tensor | None = None) -> dict[str, 
     report = PROMPT_SETS["report"]
     base = load_base_model("builtin:toy")
     pipe = base.pipeline("dpm++2m")
-    if token_embedding is not None:
-        with torch.no_grad():
-            pipe.text_encoder.get_input_embeddings().weight[token_id(pipe.tokenizer)] = token_embedding
     attach_lora(pipe, base, lora, read_lora_file(lora).metadata, "probe")
     pipe.set_adapters(["probe"], adapter_weights=[1.0])
     oracle = load_oracle()
