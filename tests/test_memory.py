@@ -123,6 +123,29 @@ def test_budget_turns_savers_on_until_the_estimate_fits(tmp_path, no_weights):
     assert "fits" in p.lines()[-1]
 
 
+def test_the_last_saver_turns_the_token_embedding_off_with_the_text_encoder(tmp_path, monkeypatch):
+    """The token's embedding is learnt inside the trained text encoder: the ladder cannot keep one without the other."""
+    import importlib
+
+    plan_module = importlib.import_module("dreamlora.memory.plan")  # the package's `plan` is the function
+
+    class Estimate:  # 2 GiB with a trained text encoder, 1 GiB without; no other saver changes anything
+        def __init__(self, c):
+            self.peak = (2 if c.lora.train_text_encoder else 1) * GIB
+
+        def needs(self):
+            return self.peak / GIB
+
+    monkeypatch.setattr(plan_module, "estimate_memory", lambda models, c: Estimate(c))
+    monkeypatch.setattr(plan_module, "detect_family", lambda models: SimpleNamespace(cached_text_encoder=None))
+    start = config(tmp_path, **{"lora.train_text_encoder": True, "lora.train_token_embedding": True,
+                                "train.gradient_checkpointing": True})
+    fitted, changes, _ = plan_module.fit_budget(start, None, lambda c: c, 1.5, "cpu")
+    assert not fitted.lora.train_text_encoder and not fitted.lora.train_token_embedding
+    assert changes == ["lora.train_text_encoder (flag --train-text-encoder) and lora.train_token_embedding "
+                       "(flag --train-token-embedding) off (estimate 1.00 GiB)"]
+
+
 @pytest.mark.slow  # over 5 s on 2 cores: run by .ci/run with -m slow
 def test_a_budget_nothing_fits_is_one_error_naming_the_flag(tmp_path, no_weights):
     with pytest.raises(ConfigError, match=r"--memory-budget.*too small.*Lower --resolution"):
