@@ -246,7 +246,7 @@ def evaluate(
     resolution = base.default_resolution
 
     def render(prompts: list[str], seeds: list[int], adapter_on: bool) -> list[Image.Image]:
-        set_lora_scale(pipe, 1.0 if adapter_on else 0.0, ADAPTER_NAME)  # 0: exactly the base model
+        set_lora_scale(pipe, base, 1.0 if adapter_on else 0.0, ADAPTER_NAME)  # 0: exactly the base model
         return [image for prompt in prompts for image in render_images(
             pipe, prompt, seeds, steps=settings.steps, guidance=settings.guidance, resolution=resolution,
             family=base.family)]

@@ -75,7 +75,7 @@ def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
         reason = str(exc).splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"LoRA file '{lora_path}' does not fit the model '{base.identity}': "
                              f"{reason}. Pass the --model it was trained on.") from exc
-    attach_bundles(bundles, base.tokenizers, text_encoders_of(pipe), Path(lora_path).name)
+    attach_bundles(bundles, base.tokenizers, base.text_encoders, Path(lora_path).name)  # the pipeline's own modules
     # kohya files name the base model in ss_base_model_version; diffusers-format files (which carry no ss_* entries
     # since readers took them for kohya networks) by their modelspec architecture.
     here = base.family.file_metadata(base.default_resolution)
@@ -147,7 +147,7 @@ def sample(lora_path: str | Path | None, settings: SampleSettings, out: str | Pa
 
     def set_scale(scale: float) -> None:
         if lora_path:
-            set_lora_scale(pipe, scale)
+            set_lora_scale(pipe, base, scale)
 
     resolution = settings.resolution or base.default_resolution
     rows, labels, records = [], [], []
@@ -323,20 +323,15 @@ def set_adapters_enabled(modules, enabled: bool) -> None:
     set_learned_token_scale(modules, 1.0 if enabled else 0.0)
 
 
-def set_lora_scale(pipe, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
-    """A loaded LoRA file's strength in `pipe`, its bundled token embedding's included; 0 is exactly the base model."""
+def set_lora_scale(pipe, base, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
+    """A loaded LoRA file's strength in `pipe` (built over `base`'s modules), its bundled token embedding's
+    included; 0 is exactly the base model."""
     if scale == 0:
         pipe.disable_lora()  # the adapter is skipped entirely
     else:
         pipe.enable_lora()
         pipe.set_adapters([adapter_name], adapter_weights=[scale])
-    set_learned_token_scale(text_encoders_of(pipe), scale)
-
-
-def text_encoders_of(pipe) -> list:
-    """The pipeline's text encoders, in order (text_encoder, text_encoder_2, ...)."""
-    names = ["text_encoder"] + [f"text_encoder_{i}" for i in range(2, 4)]
-    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
+    set_learned_token_scale(base.text_encoders, scale)
 
 
 def render_validation_grid(base, prompts: list[str], seeds: list[int], path: Path, *, steps: int, guidance: float,

@@ -38,7 +38,7 @@ class LearnedToken(torch.nn.Module):
         super().__init__()
         if len(ids) != vectors.shape[0]:
             raise ValueError(f"{len(ids)} token ids but {vectors.shape[0]} vectors")
-        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self.ids = tuple(ids)  # plain ints: the hook compares with them every forward, with no device sync
         self.vectors = torch.nn.Parameter(vectors.detach().clone().float())  # (pieces, hidden)
         self.scale = 1.0  # 0: the base embedding exactly; 1: the learnt vectors exactly
 
@@ -49,7 +49,7 @@ def _substitute(layer: torch.nn.Embedding, args: tuple, output: torch.Tensor) ->
     if holder.scale == 0:
         return output
     input_ids = args[0]  # (batch, length)
-    for piece, token_id in enumerate(holder.ids.tolist()):
+    for piece, token_id in enumerate(holder.ids):
         vector = holder.vectors[piece]
         if holder.scale != 1:
             vector = torch.lerp(layer.weight[token_id].to(vector.dtype), vector, holder.scale)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from ..errors import ConfigError, ModelLoadError
+from ..token_embedding import BUNDLE_PREFIX
 from .keymaps import UNET, ModelLayout, Style, Target
 
 if TYPE_CHECKING:
@@ -182,8 +183,8 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
     styles: dict[str, str] = {}  # style -> an example key
     embeddings: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if key.startswith("bundle_emb."):  # AUTOMATIC1111's embeddings bundled into a LoRA file
-            embeddings[key.removeprefix("bundle_emb.")] = tensor
+        if key.startswith(BUNDLE_PREFIX):  # AUTOMATIC1111's embeddings bundled into a LoRA file
+            embeddings[key.removeprefix(BUNDLE_PREFIX)] = tensor
             continue
         style, stem, part = _split_key(key)
         if style is None:
