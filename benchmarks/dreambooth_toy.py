@@ -28,9 +28,7 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
     "prior-no-te": ("prior, `--no-train-text-encoder`", {"lora.train_text_encoder": False}),
-    "prior-pivotal": ("prior, `--train-token-embedding`", {"lora.train_token_embedding": True}),
-    "noprior-pivotal": ("`--no-prior --train-token-embedding`", {"prior.enabled": False,
-                                                                  "lora.train_token_embedding": True}),
+    "prior-no-pivotal": ("prior, `--no-train-token-embedding`", {"lora.train_token_embedding": False}),
 }
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),

@@ -6,7 +6,7 @@ counts the renders that show the subject (a red ball with white dots, as `dreaml
 training phrase ("a photo of sks ball") against one-word changes of it says how far the subject travels with the
 token into other contexts.
 
-    python benchmarks/phrasing_probe.py [--seed 1]           # trains the README's main job first (about 3 min)
+    python benchmarks/phrasing_probe.py [--seed 1]           # trains the main job without the token embedding (3 min)
     python benchmarks/phrasing_probe.py --lora polkaball.safetensors
 """
 
@@ -68,7 +68,10 @@ def main() -> None:
 
             config = load_config(INSTANCES / "dreamlora.toml", {"output.path": str(Path(tmp) / "sks.safetensors"),
                                                                "validation.final": False, "validation.eval_every": 0,
-                                                               "train.seed": args.seed})
+                                                               "train.seed": args.seed,
+                                                               # the job before builtin:toy learnt the token's
+                                                               # embedding (pivotal_probe.py: with it)
+                                                               "lora.train_token_embedding": False})
             lora = train(config).output
         figures = probe(lora)
     print(f"subject present on the report set's backgrounds and seeds ({lora.name}):")

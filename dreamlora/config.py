@@ -154,7 +154,7 @@ class LoraConfig:
     text_encoder_lr: float | None = setting(None, flag="--text-encoder-lr", low=0, low_open=True,
                                             help="Learning rate of the text-encoder adapters (default: --lr).")
     train_token_embedding: bool = setting(False, flag="--train-token-embedding/--no-train-token-embedding",
-                                          help="Also learn the token's own input embedding (pivotal tuning), "
+                                          recommended={TOY: True}, help="Also learn the token's own input embedding (pivotal tuning), "
                                                "stored in the file as AUTOMATIC1111's bundled embedding.")
     token_embedding_lr: float = setting(1e-3, flag="--token-embedding-lr", low=0, low_open=True,
                                         help="Learning rate of the token's embedding (no weight decay).")
@@ -409,7 +409,8 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
         values.setdefault("prior.enabled", bool(values.get("prior.class_dir")))
     model = values.get("model.name", DEFAULT_MODEL)
     for key, value in recommended_settings(model if isinstance(model, str) else "").items():
-        values.setdefault(key, value)
+        if key not in values and not _ruled_out(key, value, values):
+            values[key] = value
     config = DreamLoraConfig()
     unread = {key for key, value in values.items() if not _assign(config, key, value, problems)}
     # A value that could not be read keeps its default; the others are still checked, so all show at once.
@@ -417,6 +418,14 @@ def load_config(toml_path: str | Path | None = None, overrides: dict[str, Any] |
     if problems:
         raise ConfigError(format_problems(problems))
     return config
+
+
+def _ruled_out(key: str, value: Any, values: dict[str, Any]) -> bool:
+    """Whether a recommended value conflicts with what the user chose; it then gives way instead of failing
+    validation (builtin:toy learns the token's embedding, which a fine-tune or a frozen text encoder cannot)."""
+    if key == "lora.train_token_embedding" and value:
+        return values.get("data.job") == "finetune" or values.get("lora.train_text_encoder") is False
+    return False
 
 
 def with_epochs(config: DreamLoraConfig, images: int, processes: int) -> DreamLoraConfig:

@@ -88,6 +88,19 @@ def test_token_embedding_needs_a_trained_text_encoder(tmp_path):
         pivotal_config(tmp_path, **{"lora.train_text_encoder": False})
 
 
+def test_the_toy_learns_the_token_embedding_unless_the_run_rules_it_out(tmp_path):
+    """builtin:toy recommends it; a recommendation gives way to a frozen text encoder or a fine-tune instead of
+    failing validation, while the user's own explicit request still does."""
+    toy = {"data.instance_dir": str(INSTANCES), "data.class_word": "ball", "output.path": str(tmp_path / "t.safetensors")}
+    assert load_config(None, toy).lora.train_token_embedding
+    assert not load_config(None, {**toy, "lora.train_text_encoder": False}).lora.train_token_embedding
+    finetune = {"data.job": "finetune", "data.instance_dir": str(INSTANCES), "output.path": str(tmp_path / "f.safetensors")}
+    assert not load_config(None, finetune).lora.train_token_embedding
+    assert not load_config(None, {**toy, "model.name": "builtin:tiny-sd"}).lora.train_token_embedding
+    with pytest.raises(ConfigError, match="train_token_embedding"):
+        load_config(None, {**toy, "lora.train_text_encoder": False, "lora.train_token_embedding": True})
+
+
 def test_the_file_bundles_the_learnt_row_and_nothing_else_of_the_vocabulary_moves(pivotal, tiny_sd):
     result, _ = pivotal
     tensors = load_file(result.output)
