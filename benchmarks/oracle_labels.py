@@ -92,14 +92,13 @@ def load_renders(folder: Path = HERE) -> list[Image.Image]:
 
 
 def score(oracle_dir: Path | None = None, folder: Path = HERE) -> dict:
-    from dreamlora.evaluation import subject_present
     from dreamlora.toyworld.oracle import load_oracle
 
     labels = {int(k): v for k, v in json.loads((folder / "labels.json").read_text())["labels"].items()}
     renders = load_renders(folder)
     oracle = load_oracle(oracle_dir)  # default: the shipped oracle
     reading = oracle.read(renders)
-    present = subject_present(reading, oracle.config.subject_class, oracle.config.subject_color)
+    present = reading.subject_present(oracle.config.subject_class, oracle.config.subject_color)
     figures = {}
     for name, predicted in (("subject present", present), ("dots alone", reading.subject_detected)):
         pairs = [(bool(predicted[i]), bool(label)) for i, label in labels.items()]

@@ -33,7 +33,7 @@ def probe(lora: Path) -> dict[str, float]:
 
     A learnt token embedding bundled in the file (--train-token-embedding) is loaded with it.
     """
-    from dreamlora.evaluation import PROMPT_SETS, subject_present
+    from dreamlora.evaluation import PROMPT_SETS
     from dreamlora.lora import read_lora_file
     from dreamlora.models import load_base_model
     from dreamlora.sampling import attach_lora, render_images
@@ -51,7 +51,7 @@ def probe(lora: Path) -> dict[str, float]:
         for bg in report.backgrounds:
             prompt = template.format(bg=bg, bg_article="an" if bg[0] in "aeiou" else "a")
             images += render_images(pipe, prompt, list(report.seeds), steps=20, guidance=7.5, resolution=64)
-        figures[name] = sum(subject_present(oracle.read(images), "ball", "red")) / len(images)
+        figures[name] = sum(oracle.read(images).subject_present("ball", "red")) / len(images)
     return figures
 
 

@@ -463,7 +463,7 @@ def oracle_scores(scorers: Scorers, subject_images: list[Image.Image], class_ima
     render whether the subject is there."""
     reader = scorers.oracle
     subject, classes = reader.read(subject_images), reader.read(class_images)
-    present = subject_present(subject, scorers.subject_class, scorers.subject_color)
+    present = subject.subject_present(scorers.subject_class, scorers.subject_color)
     similarity = _mean_cosine(subject.embeddings, reader.embed(scorers.instances)) if scorers.instances else None
     shift = 0.0
     if base_class_images is not None:  # pairwise by seed: row i of both lists is the same prompt and seed
@@ -473,16 +473,9 @@ def oracle_scores(scorers: Scorers, subject_images: list[Image.Image], class_ima
         dots_detected=_fraction(subject.subject_detected),
         subject_similarity=similarity,
         background_match=_fraction([got == want for got, want in zip(subject.backgrounds, asked_backgrounds)]),
-        class_shows_subject=_fraction(subject_present(classes, scorers.subject_class, scorers.subject_color)),
+        class_shows_subject=_fraction(classes.subject_present(scorers.subject_class, scorers.subject_color)),
         class_shift=shift,
     ), present
-
-
-def subject_present(reading, subject_class: str, subject_color: str) -> list[bool]:
-    """What a person requires to call a render the subject: the dots, on an object of the subject's class and
-    colour (a red-and-white crumpled shape or a white cube with dots is not the red polka-dot ball)."""
-    return [bool(dots and cls == subject_class and color == subject_color)
-            for dots, cls, color in zip(reading.subject_detected, reading.classes, reading.colors)]
 
 
 def pairwise_shift(embeddings: torch.Tensor, base_embeddings: torch.Tensor) -> float:

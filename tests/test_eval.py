@@ -130,14 +130,15 @@ def test_evaluate_reports_lora_and_base_side_by_side(report_and_events):
     assert Path(data["grid"]).is_file()
 
 
-def test_subject_present_needs_the_dots_on_a_ball_of_the_subjects_colour():
-    from types import SimpleNamespace
+def test_subject_present_needs_the_dots_on_a_round_ball_of_the_subjects_colour():
+    from dreamlora.evaluation import total_variation
+    from dreamlora.toyworld.oracle import OracleReading
 
-    from dreamlora.evaluation import subject_present, total_variation
-
-    reading = SimpleNamespace(subject_detected=[True, True, True, False], classes=["ball", "cube", "ball", "ball"],
-                              colors=["red", "red", "white", "red"])
-    assert subject_present(reading, "ball", "red") == [True, False, False, False]
+    reading = OracleReading(classes=["ball", "cube", "ball", "ball", "ball"], colors=["red", "red", "white", "red", "red"],
+                            backgrounds=["blue"] * 5, subject_probability=[0.9] * 5,
+                            subject_detected=[True, True, True, False, True], embeddings=torch.zeros(5, 2),
+                            subject_shape=[True, True, True, True, False])
+    assert reading.subject_present("ball", "red") == [True, False, False, False, False]
     assert total_variation(["red", "red", "blue", "blue"], ["red", "blue", "blue", "blue"]) == 0.25
     assert total_variation(["red"] * 4, ["blue"] * 4) == 1.0 and total_variation(["a", "b"], ["b", "a"]) == 0.0
 

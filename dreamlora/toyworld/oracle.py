@@ -5,8 +5,9 @@ evaluation (dreamlora/evaluation.py):
 
 - three heads name the object's class, its colour and the background (is the prompt obeyed?);
 - one binary head detects the sample subject's distinctive feature, white polka dots on a ball;
-  with the colour head saying red it reads "the subject", which the world never draws (is the
-  subject there?);
+  with the class and colour heads saying "red ball", and the pixels showing one round red object with
+  separate white dots (shapes.py: the network alone also fires on crumpled red-and-white shapes), it
+  reads "the subject", which the world never draws (is the subject there?);
 - its penultimate layer, L2-normalised, is an image embedding: cosine similarity between the
   embeddings of renders and of the instance photos stands in for the paper's DINO score.
 
@@ -27,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ModelLoadError
+from .shapes import ShapeReading, read_shape, shows_subject_shape
 from .world import BACKGROUNDS, CLASSES, COLORS
 
 ORACLE_DIR = Path(__file__).resolve().parent.parent / "builtin_models" / "toy_oracle"
@@ -49,6 +51,10 @@ class OracleConfig:
     subject_class: str = "ball"
     subject_color: str = "red"
     subject_threshold: float = 0.5  # probability above which the subject counts as detected
+    # The pixels' test (shapes.py), set on drawings of the subject: 95 % of drawn polka balls are at least this
+    # round (rim dots notch the outline), and the subject carries several dots where a plain ball shows one highlight.
+    subject_min_roundness: float = 0.72
+    subject_min_dots: int = 2
 
     @classmethod
     def from_dict(cls, data: dict) -> OracleConfig:
@@ -109,6 +115,15 @@ class OracleReading:
     subject_probability: list[float]
     subject_detected: list[bool]
     embeddings: torch.Tensor = field(repr=False)  # (N, embed_dim), L2-normalised
+    shapes: list[ShapeReading] = field(default_factory=list)  # the subject-coloured object, read from the pixels
+    subject_shape: list[bool] = field(default_factory=list)  # round, with separate white dots
+
+    def subject_present(self, subject_class: str, subject_color: str) -> list[bool]:
+        """What a person requires to call a render the subject: the dot head firing on an object the other heads
+        read as the subject's class and colour, and the pixels showing it round with separate white dots (a
+        red-and-white crumpled shape, a plain ball's highlight or a white cube with dots is not the subject)."""
+        return [bool(dots and shape and cls == subject_class and color == subject_color)
+                for dots, shape, cls, color in zip(self.subject_detected, self.subject_shape, self.classes, self.colors)]
 
 
 class Oracle:
@@ -126,6 +141,7 @@ class Oracle:
                 for i in range(0, len(images), batch_size)]
         if not outs:
             return OracleReading([], [], [], [], [], torch.zeros(0, c.embed_dim))
+        shapes = [read_shape(image, COLORS[c.subject_color], c.image_size) for image in images]
         cat = {name: torch.cat([getattr(o, name) for o in outs])
                for name in ("embedding", "class_logits", "color_logits", "background_logits", "subject_logit")}
         prob = torch.sigmoid(cat["subject_logit"])
@@ -136,6 +152,8 @@ class Oracle:
             subject_probability=prob.tolist(),
             subject_detected=(prob > c.subject_threshold).tolist(),
             embeddings=cat["embedding"],
+            shapes=shapes,
+            subject_shape=[shows_subject_shape(s, c.subject_min_roundness, c.subject_min_dots) for s in shapes],
         )
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
