@@ -30,7 +30,7 @@ TILE, COLUMNS, PER_SHEET = 64, 10, 50
 SEEDS = (2000, 2001, 2002, 2003)  # seeds of neither prompt set
 
 
-def make(files: list[Path], view: Path | None, folder: Path = HERE) -> None:
+def make(files: list[Path], view: Path | None, folder: Path = HERE, seeds: tuple[int, ...] = SEEDS) -> None:
     import torch
 
     from dreamlora.evaluation import PROMPT_SETS, fill_subject
@@ -49,14 +49,14 @@ def make(files: list[Path], view: Path | None, folder: Path = HERE) -> None:
         attach_lora(pipe, base, file, read_lora_file(file).metadata, f"label{index}")
         pipe.set_adapters([f"label{index}"], adapter_weights=[1.0])
         for prompt in subject + classes:
-            seeds = list(SEEDS)
-            for seed, image in zip(seeds, render_images(pipe, prompt, seeds, steps=20, guidance=7.5, resolution=64)):
+            for seed, image in zip(seeds, render_images(pipe, prompt, list(seeds), steps=20, guidance=7.5,
+                                                        resolution=64)):
                 entries.append({"source": file.stem, "prompt": prompt, "seed": seed})
                 images.append(image)
         pipe.unload_lora_weights()
     pipe = base.pipeline("dpm++2m")  # the base model: the same prompts, never the subject
     for prompt in subject + classes:
-        for seed, image in zip(SEEDS[:3], render_images(pipe, prompt, list(SEEDS[:3]), steps=20, guidance=7.5,
+        for seed, image in zip(seeds[:3], render_images(pipe, prompt, list(seeds[:3]), steps=20, guidance=7.5,
                                                          resolution=64)):
             entries.append({"source": "base", "prompt": prompt, "seed": seed})
             images.append(image)
@@ -116,13 +116,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make", type=Path, nargs="+", help="LoRA files to render the labelling set from")
     parser.add_argument("--view", type=Path, help="with --make: enlarged, numbered sheets for labelling")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                        help="with --make: the render seeds (the base model's renders use the first three)")
     parser.add_argument("--oracle", type=Path,
                         help="score this oracle folder (train_oracle --out) instead of the shipped one")
     parser.add_argument("--set", type=Path, default=HERE,
                         help="the labelling set's folder (default: benchmarks/oracle_labels, the shipped model's renders)")
     args = parser.parse_args()
     if args.make:
-        make(args.make, args.view, args.set)
+        make(args.make, args.view, args.set, tuple(int(s) for s in args.seeds.split(",")))
         return
     figures = score(args.oracle, args.set)
     print(f"{figures['labelled']} renders labelled by eye, {figures['subject in labels']} showing the subject")
