@@ -36,7 +36,7 @@ def make(files: list[Path], view: Path | None, folder: Path = HERE, seeds: tuple
     from dreamlora.evaluation import PROMPT_SETS, fill_subject
     from dreamlora.lora import read_lora_file
     from dreamlora.models import load_base_model
-    from dreamlora.sampling import attach_lora, render_images
+    from dreamlora.sampling import attach_lora, detach_lora, render_images
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     base = load_base_model("builtin:toy")
@@ -53,7 +53,7 @@ def make(files: list[Path], view: Path | None, folder: Path = HERE, seeds: tuple
                                                         resolution=64)):
                 entries.append({"source": file.stem, "prompt": prompt, "seed": seed})
                 images.append(image)
-        pipe.unload_lora_weights()
+        detach_lora(pipe, base)  # the base model's renders below must not keep the last file's token
     pipe = base.pipeline("dpm++2m")  # the base model: the same prompts, never the subject
     for prompt in subject + classes:
         for seed, image in zip(seeds[:3], render_images(pipe, prompt, list(seeds[:3]), steps=20, guidance=7.5,

@@ -22,7 +22,7 @@ from .errors import ConfigError, ModelLoadError, NumericalError
 __all__ = ["SampleResult", "SampleSettings", "attach_lora", "render_images", "sample"]
 from .grid import make_grid
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
-from .token_embedding import BUNDLE_PREFIX, attach_bundles, set_learned_token_scale, split_bundle
+from .token_embedding import BUNDLE_PREFIX, attach_bundles, detach_learned_token, set_learned_token_scale, split_bundle
 
 ADAPTER_NAME = "dreamlora"
 
@@ -87,6 +87,14 @@ def attach_lora(pipe, base, lora_path: str | Path, metadata: dict[str, str],
                         f"{here[key]}: its pictures may be off. Pass the --model it was trained on."]
             break
     return []
+
+
+def detach_lora(pipe, base) -> None:
+    """Undo attach_lora: the adapters and any bundled token embedding, so the pipeline renders the base model
+    again (unload_lora_weights alone leaves the learnt token in the text encoder)."""
+    pipe.unload_lora_weights()
+    for encoder in base.text_encoders:
+        detach_learned_token(encoder)
 
 
 @contextmanager

@@ -191,3 +191,27 @@ def test_the_readmes_diffusers_recipe_gives_what_dreamlora_loads(pivotal):
         with torch.no_grad():
             outputs.append(pipe.text_encoder(prompt_ids).last_hidden_state)
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_detach_lora_gives_the_base_text_encoder_back(pivotal):
+    """unload_lora_weights alone leaves the learnt token in the encoder; detach_lora takes it out too."""
+    from safetensors import safe_open
+
+    from dreamlora.models import load_base_model
+    from dreamlora.sampling import attach_lora, detach_lora
+
+    result, _ = pivotal
+    base = load_base_model("builtin:tiny-sd")
+    pipe = base.pipeline()
+    prompt_ids = pipe.tokenizer("a photo of sks ball", return_tensors="pt").input_ids
+    encoder = pipe.text_encoder
+    with torch.no_grad():
+        before = encoder(prompt_ids).last_hidden_state
+        with safe_open(str(result.output), "pt") as f:
+            attach_lora(pipe, base, result.output, f.metadata(), "dog")
+        pipe.unload_lora_weights()
+        assert learned_token(encoder) is not None
+        assert not torch.allclose(encoder(prompt_ids).last_hidden_state, before)
+        detach_lora(pipe, base)
+        assert learned_token(encoder) is None
+        assert torch.equal(encoder(prompt_ids).last_hidden_state, before)
