@@ -7,12 +7,15 @@ with the base model. The renders are stored as they are (64 px) in contact sheet
 go to --view. A person labels each render in `labels.json`: 1 when it shows the subject (a round red ball
 with separate white dots), 0 when not.
 
-`--score` (the default) reads the committed sheets and labels and prints, against those labels, the
+Scoring (the default) reads the committed sheets and labels and prints, against those labels, the
 precision and recall of the oracle's "subject present" (what `dreamlora eval` counts) and of its dot
-detector alone.
+detector alone, for each committed set: `oracle_labels/` (the first, from files of the recipe without the
+token embedding; the pixels' test of toyworld/shapes.py was written after it was labelled, and checked
+on it) and `oracle_labels/heldout/` (made and labelled after that test was set, from files of the
+recipe with the token embedding).
 
     python benchmarks/oracle_labels.py --make runs/toy-bench/seed{0,1,2}-{prior,noprior}.safetensors --view /tmp/view
-    python benchmarks/oracle_labels.py
+    python benchmarks/oracle_labels.py                        # both committed sets
     python benchmarks/oracle_labels.py --oracle runs/oracle   # an oracle from `train_oracle --out runs/oracle`
     python benchmarks/oracle_labels.py --make FILES --set runs/labels-2 --view /tmp/view   # a second set elsewhere
 """
@@ -120,18 +123,24 @@ def main() -> None:
                         help="with --make: the render seeds (the base model's renders use the first three)")
     parser.add_argument("--oracle", type=Path,
                         help="score this oracle folder (train_oracle --out) instead of the shipped one")
-    parser.add_argument("--set", type=Path, default=HERE,
-                        help="the labelling set's folder (default: benchmarks/oracle_labels, the shipped model's renders)")
+    parser.add_argument("--set", type=Path, help="the labelling set's folder (to make; to score: default both "
+                                                 "committed sets, benchmarks/oracle_labels and its heldout/)")
     args = parser.parse_args()
     if args.make:
-        make(args.make, args.view, args.set, tuple(int(s) for s in args.seeds.split(",")))
+        make(args.make, args.view, args.set or HERE, tuple(int(s) for s in args.seeds.split(",")))
         return
-    figures = score(args.oracle, args.set)
-    print(f"{figures['labelled']} renders labelled by eye, {figures['subject in labels']} showing the subject")
-    for name in ("subject present", "dots alone"):
-        f = figures[name]
-        print(f"oracle '{name}': precision {f['precision']:.2f}, recall {f['recall']:.2f} "
-              f"(tp {f['tp']}, fp {f['fp']}, fn {f['fn']}, tn {f['tn']})")
+    for folder in [args.set] if args.set else [HERE, HERE / "heldout"]:
+        figures = score(args.oracle, folder)
+        print(f"{folder.name}: {figures['labelled']} renders labelled by eye, {figures['subject in labels']} "
+              "showing the subject")
+        for name in ("subject present", "dots alone"):
+            f = figures[name]
+            print(f"  oracle '{name}': precision {_figure(f['precision'])}, recall {_figure(f['recall'])} "
+                  f"(tp {f['tp']}, fp {f['fp']}, fn {f['fn']}, tn {f['tn']})")
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

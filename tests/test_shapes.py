@@ -92,20 +92,23 @@ def test_no_object_of_the_colour_reads_as_nothing():
     assert read_shape(Image.new("RGB", (64, 64), BACKGROUNDS["white"]), RED).roundness == 0.0
 
 
-def test_the_pixels_test_doubles_the_oracles_precision_on_renders_labelled_by_eye():
-    """benchmarks/oracle_labels: 152 renders a person labelled before any oracle read them (15 show the subject).
-    The dot head alone is right about 1 time in 4 when it fires; with the pixels' test, about 1 in 2."""
+def test_the_oracle_against_both_sets_of_renders_labelled_by_eye():
+    """benchmarks/oracle_labels: renders a person labelled before any oracle read them. On the first set (15 of 152
+    show the subject) the dot head alone is right about 1 time in 4 when it fires, with the pixels' test about 1 in
+    2; on the held-out set, made after the pixels' test was set (5 of 152), it finds none of the 5 and fires on 10
+    others. These are the README's figures; a better oracle changes them here first."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from oracle_labels import load_renders
 
-    folder = ROOT / "benchmarks" / "oracle_labels"
-    labels = {int(k): v for k, v in json.loads((folder / "labels.json").read_text())["labels"].items()}
-    reading = load_oracle().read(load_renders(folder))
-    present = reading.subject_present("ball", "red")
+    oracle = load_oracle()
+    for folder, dots_alone, present in (("oracle_labels", (10, 36), (7, 8)), ("oracle_labels/heldout", (2, 51), (0, 10))):
+        folder = ROOT / "benchmarks" / folder
+        labels = {int(k): v for k, v in json.loads((folder / "labels.json").read_text())["labels"].items()}
+        reading = oracle.read(load_renders(folder))
 
-    def counts(predicted):
-        return (sum(predicted[i] and bool(t) for i, t in labels.items()),
-                sum(predicted[i] and not t for i, t in labels.items()))
+        def counts(predicted):
+            return (sum(predicted[i] and bool(t) for i, t in labels.items()),
+                    sum(predicted[i] and not t for i, t in labels.items()))
 
-    assert counts(reading.subject_detected) == (10, 36)
-    assert counts(present) == (7, 8)
+        assert counts(reading.subject_detected) == dots_alone
+        assert counts(reading.subject_present("ball", "red")) == present
