@@ -15,7 +15,7 @@ On `builtin:toy` a small classifier trained on the toy world (toyworld/oracle.py
 
 | metric | what it measures | paper's counterpart |
 |---|---|---|
-| subject_detected | subject renders showing the subject as a person sees it: a red ball with white dots | subject fidelity |
+| subject_detected | subject renders showing the subject: the dot head on a red ball, round with separate white dots in the pixels (toyworld/shapes.py) | subject fidelity |
 | dots_detected | subject renders in which the oracle's dot detector alone fires (a looser reading) | |
 | subject_similarity | mean cosine of oracle embeddings, subject renders x instance photos | DINO |
 | background_match | subject renders whose background is the one asked for | prompt fidelity (CLIP-T) |
