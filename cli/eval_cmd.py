@@ -19,7 +19,8 @@ Opt = typer.Option
 
 # Rows of the readable table: (field, label, how to read it).
 ROWS = (
-    ("subject_detected", "subject detected", "subject prompts showing a round red ball with separate white dots (oracle and pixels)"),
+    ("subject_detected", "subject detected",
+     "subject prompts showing a round red ball with separate white dots (oracle and pixels)"),
     ("dots_detected", "dots detected", "subject prompts where the dot detector alone fires (oracle)"),
     ("subject_similarity", "subject similarity", "oracle cosine to the instance photos"),
     ("background_match", "background match", "subject prompts on the asked background (oracle)"),
