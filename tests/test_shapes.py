@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dreamlora.toyworld import BACKGROUNDS, COLORS, dataset
+from dreamlora.toyworld import BACKGROUNDS, COLORS
+from dreamlora.toyworld.world import draw_scene, random_scene
 from dreamlora.toyworld.oracle import OracleConfig, load_oracle
 from dreamlora.toyworld.shapes import read_shape, shows_subject_shape
 from dreamlora.toyworld.subject import random_polka_ball
@@ -19,6 +20,16 @@ from dreamlora.toyworld.train_oracle import draw_glossy_balls
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, CONFIG = COLORS["red"], OracleConfig()
+
+
+def world_pictures(cls: str, color: str, n: int, seed: int) -> list[Image.Image]:
+    """n world pictures of a `color` `cls` (scenes drawn at random until n match; only those are rendered)."""
+    rng, scenes = np.random.default_rng(seed), []
+    while len(scenes) < n:
+        scene = random_scene(rng)
+        if scene.cls == cls and scene.color == color:
+            scenes.append(scene)
+    return [draw_scene(scene) for scene in scenes]
 
 
 def ball(marks=(), background=(70, 110, 190), radius=18) -> Image.Image:
@@ -59,8 +70,8 @@ def test_a_lumpy_or_pointed_object_is_not_round():
     for dx, dy in ((-20, -10), (17, 15), (-8, 22)):  # red lobes sticking out of the disc
         draw.ellipse((32 + dx - 10, 32 + dy - 10, 32 + dx + 10, 32 + dy + 10), fill=RED)
     assert read_shape(lumpy, RED).roundness < CONFIG.subject_min_roundness
-    stars = [image for image, _, scene in dataset(400, seed=5) if scene.cls == "star" and scene.color == "red"]
-    assert stars and all(read_shape(s, RED).roundness < CONFIG.subject_min_roundness for s in stars)
+    stars = world_pictures("star", "red", 12, seed=5)
+    assert all(read_shape(s, RED).roundness < CONFIG.subject_min_roundness for s in stars)
 
 
 def test_drawn_subjects_and_the_photos_pass_and_plain_balls_do_not():
@@ -71,7 +82,7 @@ def test_drawn_subjects_and_the_photos_pass_and_plain_balls_do_not():
               for p in polka]
     assert np.mean(passed) >= 0.8  # poses that turn most dots away fail, as they would fail a person
     photos = [Image.open(p) for p in sorted((ROOT / "sample_instances" / "polkaball").glob("*.png"))]
-    plain = [image for image, _, scene in dataset(300, seed=6) if scene.cls == "ball" and scene.color == "red"]
+    plain = world_pictures("ball", "red", 12, seed=6)
     for drawn, expected in ((photos, True), (plain, False)):
         assert all(shows_subject_shape(read_shape(d, RED), CONFIG.subject_min_roundness, CONFIG.subject_min_dots)
                    == expected for d in drawn)
