@@ -13,13 +13,19 @@ from PIL import Image, ImageDraw
 
 from dreamlora.toyworld import BACKGROUNDS, COLORS
 from dreamlora.toyworld.world import draw_scene, random_scene
-from dreamlora.toyworld.oracle import OracleConfig, load_oracle
-from dreamlora.toyworld.shapes import read_shape, shows_subject_shape
+from dreamlora.toyworld.oracle import OracleConfig, images_to_tensor, load_oracle
+from dreamlora.toyworld.shapes import ShapeReading, shows_subject_shape
+from dreamlora.toyworld.shapes import read_shape as read_pixels
 from dreamlora.toyworld.subject import random_polka_ball
 from dreamlora.toyworld.train_oracle import draw_glossy_balls
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, CONFIG = COLORS["red"], OracleConfig()
+
+
+def read_shape(image: Image.Image, color: tuple[int, int, int]) -> ShapeReading:
+    """The pixels' test on a picture as the oracle reads it (resized to 64 px, [0, 1], channels last)."""
+    return read_pixels(images_to_tensor([image])[0].permute(1, 2, 0).numpy(), color)
 
 
 def world_pictures(cls: str, color: str, n: int, seed: int) -> list[Image.Image]:

@@ -123,7 +123,8 @@ class OracleReading:
         read as the subject's class and colour, and the pixels showing it round with separate white dots (a
         red-and-white crumpled shape, a plain ball's highlight or a white cube with dots is not the subject)."""
         return [bool(dots and shape and cls == subject_class and color == subject_color)
-                for dots, shape, cls, color in zip(self.subject_detected, self.subject_shape, self.classes, self.colors)]
+                for dots, shape, cls, color in zip(self.subject_detected, self.subject_shape, self.classes,
+                                                   self.colors)]
 
 
 class Oracle:
@@ -137,11 +138,14 @@ class Oracle:
     def read(self, images: Sequence[Image.Image], batch_size: int = 256) -> OracleReading:
         """Class, colour, background, subject and embedding of each image (any size; resized to 64 px)."""
         c = self.config
-        outs = [self.net(images_to_tensor(images[i:i + batch_size], c.image_size))
-                for i in range(0, len(images), batch_size)]
+        outs, shapes = [], []
+        for start in range(0, len(images), batch_size):
+            pixels = images_to_tensor(images[start:start + batch_size], c.image_size)
+            outs.append(self.net(pixels))
+            # the pixels' test reads the very pixels the network read
+            shapes += [read_shape(rgb, COLORS[c.subject_color]) for rgb in pixels.permute(0, 2, 3, 1).numpy()]
         if not outs:
             return OracleReading([], [], [], [], [], torch.zeros(0, c.embed_dim))
-        shapes = [read_shape(image, COLORS[c.subject_color], c.image_size) for image in images]
         cat = {name: torch.cat([getattr(o, name) for o in outs])
                for name in ("embedding", "class_logits", "color_logits", "background_logits", "subject_logit")}
         prob = torch.sigmoid(cat["subject_logit"])

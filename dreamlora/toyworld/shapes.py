@@ -22,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 HUE_TOLERANCE = 25.0  # degrees either side of the subject colour's hue; shading keeps the hue, not the value
 MIN_SATURATION, MIN_VALUE = 0.45, 0.18  # pink and orange backgrounds stay under the saturation bound
@@ -39,12 +38,9 @@ class ShapeReading:
     area: int  # pixels of the object (holes and rim dots included)
 
 
-def read_shape(image: Image.Image, color: tuple[int, int, int], size: int = 64) -> ShapeReading:
-    """The object of `color` (RGB 0-255) in `image` (resized to `size` px, as the oracle reads it)."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BOX if image.size[0] > size else Image.Resampling.BICUBIC)
-    rgb = np.asarray(image, dtype=np.float32) / 255.0
+def read_shape(rgb: np.ndarray, color: tuple[int, int, int]) -> ShapeReading:
+    """The object of `color` (RGB 0-255) in a picture given as an (H, W, 3) float array in [0, 1] (the oracle's
+    input, oracle.images_to_tensor, channels last)."""
     hue, saturation, value = _hsv(rgb)
     target_hue = float(_hsv(np.array([[color]], dtype=np.float32) / 255.0)[0][0, 0])
     hue_gap = np.abs((hue - target_hue + 180.0) % 360.0 - 180.0)
