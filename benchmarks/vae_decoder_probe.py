@@ -141,11 +141,12 @@ def main() -> None:
     if not (args.out / "config.json").is_file():
         pool = pictures(4000, 1000, seed=7, dotted_share=0.5)
         held_out = pictures(256, 0, seed=99, dotted_share=0.0)  # the plain world, as the UNet learnt it
+        photos_u8 = photos()
         before_world, _ = round_trip(vae, held_out)
-        before_photos, shipped = round_trip(vae, photos())
+        before_photos, shipped = round_trip(vae, photos_u8)
         finetune_decoder(vae, pool, args.steps, args.lr, batch=32, seed=0)
         after_world, _ = round_trip(vae, held_out)
-        after_photos, tuned = round_trip(vae, photos())
+        after_photos, tuned = round_trip(vae, photos_u8)
         print(f"round-trip PSNR, shipped VAE -> decoder fine-tuned ({args.steps} steps): plain-world pictures "
               f"{before_world:.2f} -> {after_world:.2f} dB, the five instance photos {before_photos:.2f} -> "
               f"{after_photos:.2f} dB")
@@ -154,7 +155,7 @@ def main() -> None:
         def row(images):
             return torch.cat(list(((images + 1) * 127.5).round().to(torch.uint8)), dim=2)
 
-        grid = torch.cat([torch.cat(list(photos()), dim=2), row(shipped), row(tuned)], dim=1).permute(1, 2, 0).numpy()
+        grid = torch.cat([torch.cat(list(photos_u8), dim=2), row(shipped), row(tuned)], dim=1).permute(1, 2, 0).numpy()
         Image.fromarray(np.ascontiguousarray(grid)).resize((grid.shape[1] * 3, grid.shape[0] * 3),
                                                            Image.Resampling.NEAREST).save(args.out.with_suffix(".png"))
     if args.lora:

@@ -154,7 +154,8 @@ class LoraConfig:
     text_encoder_lr: float | None = setting(None, flag="--text-encoder-lr", low=0, low_open=True,
                                             help="Learning rate of the text-encoder adapters (default: --lr).")
     train_token_embedding: bool = setting(False, flag="--train-token-embedding/--no-train-token-embedding",
-                                          recommended={TOY: True}, help="Also learn the token's own input embedding (pivotal tuning), "
+                                          recommended={TOY: True},
+                                          help="Also learn the token's own input embedding (pivotal tuning), "
                                                "stored in the file as AUTOMATIC1111's bundled embedding.")
     token_embedding_lr: float = setting(1e-3, flag="--token-embedding-lr", low=0, low_open=True,
                                         help="Learning rate of the token's embedding (no weight decay).")
