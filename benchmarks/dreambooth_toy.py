@@ -24,11 +24,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
+# LoCon-style targets: the attention projections plus every ResNet convolution, the transformer blocks' 1x1
+# projections and their MLPs (where a UNet draws texture; the attention alone only routes it)
+CONV_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2"]
 VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
     "prior-no-te": ("prior, `--no-train-text-encoder`", {"lora.train_text_encoder": False}),
     "prior-no-pivotal": ("prior, `--no-train-token-embedding`", {"lora.train_token_embedding": False}),
+    "prior-conv": ("prior, adapters on the convolutions and MLPs too", {"lora.target_modules": CONV_TARGETS}),
 }
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),

@@ -120,6 +120,19 @@ def test_captions_are_true_and_sometimes_partial(world, request):
             "a ball with white dots"} <= dotted
 
 
+def test_noun_first_captions_are_opt_in_and_stay_true():
+    scene = Scene("ball", "red", "blue", 0.5, 0.5, 0.5)
+    by_default = {caption(scene, np.random.default_rng(3)) for _ in range(300)}
+    assert all(text.split()[0] in ("a", "an") for text in by_default)
+    rng = np.random.default_rng(3)
+    asked = [caption(scene, rng, noun_first_share=0.5) for _ in range(2000)]
+    noun_first = [text for text in asked if text.split()[0] not in ("a", "an")]
+    # partial captions without "a photo of" are 0.5 * 0.4 = 20 % of all; half of those start with the noun
+    assert 0.07 < len(noun_first) / len(asked) < 0.13
+    assert {"red ball on a blue background", "ball on a blue background", "red ball", "ball"} == set(noun_first)
+    assert all(text.startswith("a photo of") for text in asked if "photo" in text)
+
+
 def _off_colour_share(image: np.ndarray, scene: Scene) -> float:
     """Share of the object's fully covered pixels whose chromaticity is far from the object colour."""
     return 1.0 - _share_of_colour(image, scene, scene.color)
@@ -202,6 +215,25 @@ def test_shipped_model_is_small_and_packaged():
             continue  # the pretraining log is documentation, not needed to load
         relative = path.relative_to(ROOT / "dreamlora").as_posix()
         assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
+
+
+def test_pretraining_can_keep_the_shipped_vae(tmp_path):
+    """`pretrain --vae-from`: the VAE and its scaling factor come as they are, and a rerun loads the copy."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from dreamlora.toyworld.pretrain import Settings, train_vae
+
+    images = torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in dataset(4, seed=0)])).permute(0, 3, 1, 2)
+    kept = train_vae(Settings(vae_from=str(SHIPPED / "vae")), {"images": images}, tmp_path)
+    shipped = AutoencoderKL.from_pretrained(SHIPPED / "vae")
+    assert kept.config.scaling_factor == shipped.config.scaling_factor
+    for (name, a), (_, b) in zip(kept.state_dict().items(), shipped.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert json.loads((tmp_path / "vae_stats.json").read_text())["psnr"] > 25  # the world, as the shipped one reads it
+    reloaded = train_vae(Settings(), {}, tmp_path)  # the finished stage: no data needed, nothing trained
+    assert torch.equal(reloaded.decoder.conv_out.weight, shipped.decoder.conv_out.weight)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,15 @@
 
 It trains, in this order, with each stage saved in --out so a crash or a rerun resumes:
 
-1. data: `--images` world pictures and captions (world.py; `--dotted-share 0.4` for the dotted world),
+1. data: `--images` world pictures and captions (world.py; `--dotted-share 0.4` for the dotted world,
+   `--noun-first-share 0.5` for captions that may start with the noun, "red ball on a blue background"),
    drawn once and kept in data.pt;
 2. the VAE (AutoencoderKL, 64 px -> 16x16x4 latents) on world pictures plus generic random-shape
    pictures (`--generic-images`). The generic ones (discs of every size, boxes, random colours)
    make the VAE a general image codec, as SD's VAE is, so it can also encode things the world never
    shows, like the sample subject's polka dots. The diffusion model never sees them. The latent
-   scaling factor is then set so scaled latents have unit standard deviation;
+   scaling factor is then set so scaled latents have unit standard deviation. `--vae-from DIR` keeps a
+   finished VAE instead (the shipped one: a new UNet and text encoder on the same latents);
 3. the UNet and the CLIP text encoder together, from scratch, on the epsilon loss over cached
    latents, with 10% empty captions for classifier-free guidance, min-SNR-5 weighting, a little
    offset noise (the SD schedule leaves ~7% of the signal at t=999; a 16x16 latent's mean colour
@@ -91,7 +93,9 @@ class Settings:
     threads: int = 2
     images: int = 12000  # world pictures (each seen ~7 times by the UNet at the defaults)
     dotted_share: float = 0.0  # > 0: the dotted world (world.py), this share of objects with dots
+    noun_first_share: float = 0.0  # > 0: this share of captions without "a photo of" start with the noun
     generic_images: int = 4000  # random-shape pictures for the VAE only
+    vae_from: str = ""  # a finished VAE folder (e.g. the shipped model's vae/) used as it is instead of training one
     size: int = 64
     vae_steps: int = 2400
     vae_batch: int = 32
@@ -170,6 +174,14 @@ def train_vae(s: Settings, data: dict, out: Path):
     if (folder / "config.json").is_file():
         log(f"vae: loading the finished stage from {folder}")
         return AutoencoderKL.from_pretrained(folder)
+    if s.vae_from:  # its latents, scaling factor included, stay those of the model it came from
+        vae = AutoencoderKL.from_pretrained(s.vae_from).eval()
+        with torch.no_grad():
+            stats = vae_stats(vae, data["images"][-256:])
+        log(f"vae: {s.vae_from} kept as it is: held-out PSNR {stats['psnr']:.2f} dB on this world")
+        vae.save_pretrained(folder)
+        (out / "vae_stats.json").write_text(json.dumps({**stats, "from": s.vae_from}, indent=2))
+        return vae
     torch.manual_seed(s.seed)
     vae = AutoencoderKL(**VAE_CONFIG)
     pool = torch.cat([data["images"], data["generic"]])  # (N, 3, 64, 64) uint8
@@ -278,15 +290,16 @@ def build_unet_and_text(s: Settings, tokenizer):
 class Captions:
     """Caption token ids for a batch of scenes, memoised by caption (there are a few thousand)."""
 
-    def __init__(self, tokenizer, scenes: list[dict], cfg_dropout: float):
+    def __init__(self, tokenizer, scenes: list[dict], cfg_dropout: float, noun_first_share: float = 0.0):
         from .world import Scene
 
-        self.tokenizer, self.cfg_dropout = tokenizer, cfg_dropout
+        self.tokenizer, self.cfg_dropout, self.noun_first_share = tokenizer, cfg_dropout, noun_first_share
         self.scenes = [Scene(**scene) for scene in scenes]
         self.ids: dict[str, torch.Tensor] = {}
 
     def batch(self, indices: list[int], rng: np.random.Generator) -> torch.Tensor:
-        texts = ["" if rng.random() < self.cfg_dropout else caption(self.scenes[i], rng) for i in indices]
+        texts = ["" if rng.random() < self.cfg_dropout else caption(self.scenes[i], rng, self.noun_first_share)
+                 for i in indices]
         return torch.stack([self._ids(t) for t in texts])  # (B, 77)
 
     def _ids(self, text: str) -> torch.Tensor:
@@ -311,7 +324,7 @@ def train_unet(s: Settings, data: dict, latents: tuple[torch.Tensor, torch.Tenso
     sched = cosine(opt, s.unet_steps, warmup=s.unet_warmup)
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
     num_timesteps = len(noise_scheduler.alphas_cumprod)
-    captions = Captions(tokenizer, data["scenes"], s.cfg_dropout)
+    captions = Captions(tokenizer, data["scenes"], s.cfg_dropout, s.noun_first_share)
     mean, std = latents
     n = len(mean)
     ckpt_path = out / "unet_ckpt.pt"

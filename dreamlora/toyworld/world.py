@@ -198,7 +198,7 @@ def object_mask(scene: Scene, size: int = 64) -> np.ndarray:
     return coverage.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
+def caption(scene: Scene, rng: np.random.Generator, noun_first_share: float = 0.0) -> str:
     """A caption of the scene: the full one, or with some parts left out.
 
     Full: "a photo of a red ball on a blue background", "a photo of a blue ball with white dots on a
@@ -211,6 +211,9 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     Args:
         scene: The scene to describe.
         rng: Decides which parts are kept.
+        noun_first_share: The share of partial captions without "a photo of" that drop the article too and
+            start with the noun ("red ball on a blue background"); 0 (the shipped model's world) never draws
+            for it, so the default keeps every caption and drawing of the seeded generators unchanged.
 
     Returns:
         The caption; every word is one token of dreamlora's built-in tokenizer.
@@ -225,7 +228,9 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         dots = scene.dots is not None and rng.random() < P_DOTS_NAMED  # plain scenes: the old draws
     words = ["a", "photo", "of"] if photo else []
     noun = [scene.color, scene.cls] if color else [scene.cls]
-    if article or not photo:  # "red ball" alone reads badly: keep the article without the prefix
+    # "red ball" alone reads badly: keep the article without the prefix, unless noun-first captions are asked for
+    noun_first = not photo and noun_first_share > 0 and rng.random() < noun_first_share
+    if not noun_first and (article or not photo):
         words.append(_article(noun[0]))
     words += noun
     if dots and scene.dots is not None:
