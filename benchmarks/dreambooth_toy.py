@@ -9,6 +9,10 @@ commit it ran on; class images are generated once into a fresh cache, so the fir
     python benchmarks/dreambooth_toy.py                          # seeds 0-4, prior and no prior
     python benchmarks/dreambooth_toy.py --variants prior,prior-no-te --seeds 0,1,2
     python benchmarks/dreambooth_toy.py --readme                 # also rewrite the README's table
+    python benchmarks/dreambooth_toy.py --model runs/nf-dots/model --seeds 0   # a rebuilt toy (pretrain.py)
+
+`--model` trains a toy-world model folder (a `dreamlora.toyworld.pretrain` run) with builtin:toy's recommended
+settings and reads it with the shipped oracle, as for builtin:toy itself.
 """
 
 from __future__ import annotations
@@ -44,12 +48,15 @@ COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alon
 START, END = "<!-- toy-table: start (benchmarks/dreambooth_toy.py --readme) -->", "<!-- toy-table: end -->"
 
 
-def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False) -> dict:
+def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, model: str | None = None) -> dict:
     from dreamlora import load_config, train
+    from dreamlora.config import TOY, recommended_settings
     from dreamlora.evaluation import evaluate
 
     tag = f"seed{seed}-{variant}"
-    config = load_config(None, {"data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+    # another toy-world model: the recipe builtin:toy recommends, given explicitly (recommendations follow the name)
+    rebuilt = {"model.name": model, **recommended_settings(TOY)} if model else {}
+    config = load_config(None, {**rebuilt, "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
                                 "output.path": str(out / f"{tag}.safetensors"), "output.overwrite": True,
                                 "train.seed": seed, "validation.final": False, "validation.eval_every": 0,
                                 **VARIANTS[variant][1]})
@@ -58,7 +65,8 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False) -> 
         started = time.time()
         output = train(config).output
         seconds = round(time.time() - started, 1)
-    report = evaluate(output, instance_dir=INSTANCES, grid=out / f"{tag}-eval.png" if grid else None)
+    report = evaluate(output, instance_dir=INSTANCES, grid=out / f"{tag}-eval.png" if grid else None,
+                      **({"oracle": True} if model else {}))
     sets = {s.name: {"lora": s.lora.__dict__, "base": s.base.__dict__, "per_background": s.per_background}
             for s in report.sets}
     return {"seed": seed, "variant": variant, "train_s": seconds, "sets": sets}
@@ -120,6 +128,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="rewrite the README's table with this run's")
     parser.add_argument("--reuse", action="store_true", help="score files already in --out instead of training them")
     parser.add_argument("--tables", type=Path, nargs="+", help="no runs: the table of these results.json files")
+    parser.add_argument("--model", help="a rebuilt toy-world model folder instead of builtin:toy")
     args = parser.parse_args()
     if args.tables:
         loaded = [json.loads(path.read_text()) for path in args.tables]
@@ -129,7 +138,7 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="dreambooth-toy-"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DREAMLORA_CACHE", str(out / "cache"))  # fresh: class images are part of the time
-    revision = commit()
+    revision = commit() + (f", model {args.model}" if args.model else "")
     rows = []
     results = out / "results.json"
     # --reuse: rows an interrupted benchmark of the same commit finished are kept as they are
@@ -138,7 +147,8 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for variant in args.variants.split(","):
             done = [r for r in previous if (r["seed"], r["variant"]) == (seed, variant)]
-            rows.append(done[0] if done else run(seed, variant, out, grid=seed == 0, reuse=args.reuse))
+            rows.append(done[0] if done else run(seed, variant, out, grid=seed == 0, reuse=args.reuse,
+                                                          model=args.model))
             (out / "results.json").write_text(json.dumps({"commit": revision, "runs": rows}, indent=1))
             print(f"seed {seed} {variant}: report {rows[-1]['sets']['report']['lora']['subject_detected']:.2f}, "
                   f"tuning {rows[-1]['sets']['tuning']['lora']['subject_detected']:.2f} (trained in {rows[-1]['train_s']} s)",
