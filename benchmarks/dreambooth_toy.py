@@ -66,7 +66,7 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, mod
         output = train(config).output
         seconds = round(time.time() - started, 1)
     report = evaluate(output, instance_dir=INSTANCES, grid=out / f"{tag}-eval.png" if grid else None,
-                      **({"oracle": True} if model else {}))
+                      **({"model": model, "oracle": True} if model else {}))
     sets = {s.name: {"lora": s.lora.__dict__, "base": s.base.__dict__, "per_background": s.per_background}
             for s in report.sets}
     return {"seed": seed, "variant": variant, "train_s": seconds, "sets": sets}
