@@ -26,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from dreamlora.config import LoraConfig  # settings only: no torch until a run starts
+
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
 # LoCon-style targets: the attention projections plus every ResNet convolution, the transformer blocks' 1x1
 # projections and their MLPs (where a UNet draws texture; the attention alone only routes it)
-CONV_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2"]
+CONV_TARGETS = [*LoraConfig().target_modules, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),

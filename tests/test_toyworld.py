@@ -231,7 +231,9 @@ def test_pretraining_can_keep_the_shipped_vae(tmp_path):
     assert kept.config.scaling_factor == shipped.config.scaling_factor
     for (name, a), (_, b) in zip(kept.state_dict().items(), shipped.state_dict().items()):
         assert torch.equal(a, b), name
-    assert json.loads((tmp_path / "vae_stats.json").read_text())["psnr"] > 25  # the world, as the shipped one reads it
+    stats = json.loads((tmp_path / "vae_stats.json").read_text())
+    assert stats["psnr"] > 25  # the world, as the shipped one reads it
+    assert stats["scaling_factor"] == shipped.config.scaling_factor  # the one kept, not one this world would give
     reloaded = train_vae(Settings(), {}, tmp_path)  # the finished stage: no data needed, nothing trained
     assert torch.equal(reloaded.decoder.conv_out.weight, shipped.decoder.conv_out.weight)
 

@@ -174,18 +174,20 @@ def train_vae(s: Settings, data: dict, out: Path):
     if (folder / "config.json").is_file():
         log(f"vae: loading the finished stage from {folder}")
         return AutoencoderKL.from_pretrained(folder)
+    held_out = data["images"][-256:]
     if s.vae_from:  # its latents, scaling factor included, stay those of the model it came from
         vae = AutoencoderKL.from_pretrained(s.vae_from).eval()
         with torch.no_grad():
-            stats = vae_stats(vae, data["images"][-256:])
+            stats = vae_stats(vae, held_out)
         log(f"vae: {s.vae_from} kept as it is: held-out PSNR {stats['psnr']:.2f} dB on this world")
         vae.save_pretrained(folder)
-        (out / "vae_stats.json").write_text(json.dumps({**stats, "from": s.vae_from}, indent=2))
+        # the scaling factor recorded is the one the VAE keeps, not the one this world's latents would give it
+        kept = {**stats, "scaling_factor": vae.config.scaling_factor, "from": s.vae_from}
+        (out / "vae_stats.json").write_text(json.dumps(kept, indent=2))
         return vae
     torch.manual_seed(s.seed)
     vae = AutoencoderKL(**VAE_CONFIG)
     pool = torch.cat([data["images"], data["generic"]])  # (N, 3, 64, 64) uint8
-    held_out = data["images"][-256:]
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     sched = cosine(opt, s.vae_steps, warmup=50)
     gen = torch.Generator().manual_seed(s.seed)
