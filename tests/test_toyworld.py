@@ -238,6 +238,29 @@ def test_pretraining_can_keep_the_shipped_vae(tmp_path):
     assert torch.equal(reloaded.decoder.conv_out.weight, shipped.decoder.conv_out.weight)
 
 
+def test_a_32_latent_model_makes_32x32_latents_and_refuses_a_x4_vae(tmp_path):
+    """`pretrain --latent-size 32`: a x2 VAE and a UNet whose 32x32 level has no attention, the same 4.2 M-weight
+    scale as the shipped UNet; keeping the shipped (x4) VAE for it is refused, naming the flag."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from dreamlora.toyworld.pretrain import Settings, train_vae, unet_config, vae_config
+
+    torch.manual_seed(0)
+    vae, unet = AutoencoderKL(**vae_config(32)), UNet2DConditionModel(**unet_config(32))
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+        assert latents.shape == (1, 4, 32, 32)
+        assert unet(latents, 500, torch.zeros(1, 77, 128)).sample.shape == (1, 4, 32, 32)
+    top = unet.down_blocks[0]
+    assert not hasattr(top, "attentions") and hasattr(unet.down_blocks[1], "attentions")
+    assert vae_config(16)["block_out_channels"] == (16, 32, 64) and unet_config(16)["sample_size"] == 16
+    with pytest.raises(ValueError, match="--vae-from .* makes 16-sided latents .* not --latent-size 32"):
+        train_vae(Settings(latent_size=32, vae_from=str(SHIPPED / "vae")), {"images": torch.zeros(1, 3, 64, 64)},
+                  tmp_path)
+    with pytest.raises(ValueError, match="latent_size must be 16 or 32"):
+        vae_config(24)
+
+
 @pytest.fixture(scope="module")
 def toy():
     from dreamlora.models import load_base_model
