@@ -39,6 +39,7 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-no-te": ("prior, `--no-train-text-encoder`", {"lora.train_text_encoder": False}),
     "prior-no-pivotal": ("prior, `--no-train-token-embedding`", {"lora.train_token_embedding": False}),
     "prior-conv": ("prior, adapters on the convolutions and MLPs too", {"lora.target_modules": CONV_TARGETS}),
+    "prior-lr3e-4": ("prior, `--lr 3e-4`", {"train.learning_rate": 3e-4}),
 }
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),
