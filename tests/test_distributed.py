@@ -142,7 +142,9 @@ def test_a_nan_on_one_process_stops_both_with_the_same_message(tmp_path):
                      "--steps", "6", "--no-prior", "--log-every", "1", "--checkpoint-every", "0"], tmp_path / "cache",
                     script=script, env={"NAN_ON_RANK": "1"}, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]  # both processes, one message
+    # Both processes raise at the same step (the non-finite flag is all-reduced) with the same message; the one
+    # that exits first makes the launcher SIGTERM the other, sometimes before it has printed its line (seen in CI).
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, result.stderr[-3000:]
     assert "the loss on process 1 became non-finite (NaN or inf) by step 2" in errors[0]
     # accelerate's launcher prints its own traceback when a process exits 1; the processes themselves print none
     assert "dreamlora/" not in result.stderr and "TrainingError" not in result.stderr and result.returncode != 0
