@@ -7,8 +7,8 @@ It trains, in this order, with each stage saved in --out so a crash or a rerun r
 1. data: `--images` world pictures and captions (world.py; `--dotted-share 0.4` for the dotted world,
    `--noun-first-share 0.5` for captions that may start with the noun, "red ball on a blue background"),
    drawn once and kept in data.pt;
-2. the VAE (AutoencoderKL, 64 px -> 16x16x4 latents; `--latent-size 32`: 32x32x4) on world pictures plus generic random-shape
-   pictures (`--generic-images`). The generic ones (discs of every size, boxes, random colours)
+2. the VAE (AutoencoderKL, 64 px -> 16x16x4 latents; `--latent-size 32`: 32x32x4) on world pictures plus
+   generic random-shape pictures (`--generic-images`). The generic ones (discs of every size, boxes, random colours)
    make the VAE a general image codec, as SD's VAE is, so it can also encode things the world never
    shows, like the sample subject's polka dots. The diffusion model never sees them. The latent
    scaling factor is then set so scaled latents have unit standard deviation. `--vae-from DIR` keeps a
@@ -523,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     s = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
+    if s.latent_size not in (16, 32):
+        parser.error(f"--latent-size must be 16 or 32 (got {s.latent_size})")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(s.threads)
