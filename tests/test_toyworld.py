@@ -243,22 +243,24 @@ def test_a_32_latent_model_makes_32x32_latents_and_refuses_a_x4_vae(tmp_path):
     scale as the shipped UNet; keeping the shipped (x4) VAE for it is refused, naming the flag."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from dreamlora.toyworld.pretrain import Settings, train_vae, unet_config, vae_config
+    from dreamlora.toyworld.pretrain import Settings, model_configs, train_vae
 
     torch.manual_seed(0)
-    vae, unet = AutoencoderKL(**vae_config(32)), UNet2DConditionModel(**unet_config(32))
+    vae_32, unet_32 = model_configs(32)
+    vae, unet = AutoencoderKL(**vae_32), UNet2DConditionModel(**unet_32)
     with torch.no_grad():
         latents = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
         assert latents.shape == (1, 4, 32, 32)
         assert unet(latents, 500, torch.zeros(1, 77, 128)).sample.shape == (1, 4, 32, 32)
     top = unet.down_blocks[0]
     assert not hasattr(top, "attentions") and hasattr(unet.down_blocks[1], "attentions")
-    assert vae_config(16)["block_out_channels"] == (16, 32, 64) and unet_config(16)["sample_size"] == 16
+    vae_16, unet_16 = model_configs(16)
+    assert vae_16["block_out_channels"] == (16, 32, 64) and unet_16["sample_size"] == 16
     with pytest.raises(ValueError, match="--vae-from .* makes 16-sided latents .* not --latent-size 32"):
         train_vae(Settings(latent_size=32, vae_from=str(SHIPPED / "vae")), {"images": torch.zeros(1, 3, 64, 64)},
                   tmp_path)
-    with pytest.raises(ValueError, match="latent_size must be 16 or 32"):
-        vae_config(24)
+    with pytest.raises(ValueError, match=r"--latent-size must be one of \[16, 32\] \(got 24\)"):
+        model_configs(24)
 
 
 @pytest.fixture(scope="module")

@@ -76,28 +76,23 @@ UNET_CONFIG = {
 }
 
 
-def vae_config(latent_size: int) -> dict:
-    """The VAE for `latent_size`-sided latents of 64 px pictures: 16 is VAE_CONFIG (x4); 32 drops its last block (x2),
-    so a subject's dots span two or three latent pixels instead of one."""
-    if latent_size == 16:
-        return VAE_CONFIG
-    if latent_size == 32:
-        return {**VAE_CONFIG, "down_block_types": ("DownEncoderBlock2D",) * 2,
-                "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (16, 32)}
-    raise ValueError(f"latent_size must be 16 or 32 (got {latent_size})")
+# --latent-size 32: the same model on 32x32 latents. The VAE drops its last block (x2), so a subject's dots span two
+# or three latent pixels instead of one. The UNet's three levels work at 32/16/8 and the 32x32 level has no
+# attention: attention over 1,024 tokens would make a 32-batch pretraining step 1.7x slower (1.9 s against 1.1 s on
+# 2 cores) and a DreamBooth step 1.25x; the convolutions there draw the details the levels below decide.
+VAE_X2_CONFIG = {**VAE_CONFIG, "down_block_types": ("DownEncoderBlock2D",) * 2,
+                 "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (16, 32)}
+UNET_32_CONFIG = {**UNET_CONFIG, "sample_size": 32,
+                  "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                  "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",)}
+CONFIGS_BY_LATENT_SIZE = {16: (VAE_CONFIG, UNET_CONFIG), 32: (VAE_X2_CONFIG, UNET_32_CONFIG)}  # side -> (VAE, UNet)
 
 
-def unet_config(latent_size: int) -> dict:
-    """The UNet for `latent_size`-sided latents. At 32 the same three levels work at 32/16/8 and the 32x32 level
-    has no attention: attention over 1,024 tokens would make a 32-batch pretraining step 1.7x slower (1.9 s against
-    1.1 s on 2 cores) and a DreamBooth step 1.25x; the convolutions there draw the details the levels below decide."""
-    if latent_size == 16:
-        return UNET_CONFIG
-    if latent_size == 32:
-        return {**UNET_CONFIG, "sample_size": 32,
-                "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-                "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",)}
-    raise ValueError(f"latent_size must be 16 or 32 (got {latent_size})")
+def model_configs(latent_size: int) -> tuple[dict, dict]:
+    """The (VAE, UNet) configs for `latent_size`-sided latents of 64 px pictures."""
+    if latent_size not in CONFIGS_BY_LATENT_SIZE:
+        raise ValueError(f"--latent-size must be one of {sorted(CONFIGS_BY_LATENT_SIZE)} (got {latent_size})")
+    return CONFIGS_BY_LATENT_SIZE[latent_size]
 
 
 TEXT_CONFIG = {
@@ -123,7 +118,7 @@ class Settings:
     generic_images: int = 4000  # random-shape pictures for the VAE only
     vae_from: str = ""  # a finished VAE folder (e.g. the shipped model's vae/) used as it is instead of training one
     size: int = 64
-    latent_size: int = 16  # 32: a x2 VAE and a UNet on 32x32 latents (vae_config, unet_config)
+    latent_size: int = 16  # 32: a x2 VAE and a UNet on 32x32 latents (CONFIGS_BY_LATENT_SIZE)
     vae_steps: int = 2400
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -217,7 +212,7 @@ def train_vae(s: Settings, data: dict, out: Path):
         (out / "vae_stats.json").write_text(json.dumps(kept, indent=2))
         return vae
     torch.manual_seed(s.seed)
-    vae = AutoencoderKL(**vae_config(s.latent_size))
+    vae = AutoencoderKL(**model_configs(s.latent_size)[0])
     pool = torch.cat([data["images"], data["generic"]])  # (N, 3, 64, 64) uint8
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     sched = cosine(opt, s.vae_steps, warmup=50)
@@ -312,7 +307,7 @@ def build_unet_and_text(s: Settings, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(s.seed + 1)
-    unet = UNet2DConditionModel(**unet_config(s.latent_size))
+    unet = UNet2DConditionModel(**model_configs(s.latent_size)[1])
     torch.manual_seed(s.seed + 2)
     text = CLIPTextModel(CLIPTextConfig(
         **TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -523,8 +518,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     s = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
-    if s.latent_size not in (16, 32):
-        parser.error(f"--latent-size must be 16 or 32 (got {s.latent_size})")
+    try:
+        model_configs(s.latent_size)
+    except ValueError as error:  # before anything is written
+        parser.error(str(error))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(s.threads)
