@@ -263,6 +263,29 @@ def test_a_32_latent_model_makes_32x32_latents_and_refuses_a_x4_vae(tmp_path):
         model_configs(24)
 
 
+def test_unet_top_channels_widens_only_the_finest_level():
+    """`pretrain --unet-top-channels 64`: the 32x32 level's convolutions get 64 channels, the levels below keep
+    theirs, and the UNet still maps 32x32 latents to 32x32; a width groupnorm cannot split is refused."""
+    from diffusers import UNet2DConditionModel
+
+    from dreamlora.toyworld.pretrain import main, model_configs
+
+    _, plain = model_configs(32)
+    _, wide = model_configs(32, unet_top_channels=64)
+    assert wide["block_out_channels"] == (64, *plain["block_out_channels"][1:])
+    assert model_configs(32)[1]["block_out_channels"] == plain["block_out_channels"]  # the table is not mutated
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**wide)
+    assert unet.conv_in.out_channels == 64 and unet.down_blocks[1].resnets[0].out_channels == 64
+    assert unet.down_blocks[2].resnets[0].out_channels == plain["block_out_channels"][2]
+    with torch.no_grad():
+        assert unet(torch.zeros(1, 4, 32, 32), 500, torch.zeros(1, 77, 128)).sample.shape == (1, 4, 32, 32)
+    with pytest.raises(ValueError, match=r"--unet-top-channels must be a positive multiple of 8 \(got 20\)"):
+        model_configs(32, unet_top_channels=20)
+    with pytest.raises(SystemExit):  # argparse's one-line error, before the run folder exists
+        main(["--out", "/nonexistent/never-made", "--unet-top-channels", "-8"])
+
+
 @pytest.fixture(scope="module")
 def toy():
     from dreamlora.models import load_base_model

@@ -88,11 +88,19 @@ UNET_32_CONFIG = {**UNET_CONFIG, "sample_size": 32,
 CONFIGS_BY_LATENT_SIZE = {16: (VAE_CONFIG, UNET_CONFIG), 32: (VAE_X2_CONFIG, UNET_32_CONFIG)}  # side -> (VAE, UNet)
 
 
-def model_configs(latent_size: int) -> tuple[dict, dict]:
-    """The (VAE, UNet) configs for `latent_size`-sided latents of 64 px pictures."""
+def model_configs(latent_size: int, unet_top_channels: int = 0) -> tuple[dict, dict]:
+    """The (VAE, UNet) configs for `latent_size`-sided latents of 64 px pictures; `unet_top_channels` > 0 widens
+    the UNet's finest level (where a subject's dots are drawn) to that many channels, the other levels unchanged."""
     if latent_size not in CONFIGS_BY_LATENT_SIZE:
         raise ValueError(f"--latent-size must be one of {sorted(CONFIGS_BY_LATENT_SIZE)} (got {latent_size})")
-    return CONFIGS_BY_LATENT_SIZE[latent_size]
+    vae_config, unet_config = CONFIGS_BY_LATENT_SIZE[latent_size]
+    if unet_top_channels:
+        groups = unet_config["norm_num_groups"]
+        if unet_top_channels < 0 or unet_top_channels % groups:
+            raise ValueError(f"--unet-top-channels must be a positive multiple of {groups} (got {unet_top_channels})")
+        unet_config = {**unet_config,
+                       "block_out_channels": (unet_top_channels, *unet_config["block_out_channels"][1:])}
+    return vae_config, unet_config
 
 
 TEXT_CONFIG = {
@@ -119,6 +127,7 @@ class Settings:
     vae_from: str = ""  # a finished VAE folder (e.g. the shipped model's vae/) used as it is instead of training one
     size: int = 64
     latent_size: int = 16  # 32: a x2 VAE and a UNet on 32x32 latents (CONFIGS_BY_LATENT_SIZE)
+    unet_top_channels: int = 0  # > 0: the UNet's finest level this wide (0: the config's 32)
     vae_steps: int = 2400
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -307,7 +316,7 @@ def build_unet_and_text(s: Settings, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(s.seed + 1)
-    unet = UNet2DConditionModel(**model_configs(s.latent_size)[1])
+    unet = UNet2DConditionModel(**model_configs(s.latent_size, s.unet_top_channels)[1])
     torch.manual_seed(s.seed + 2)
     text = CLIPTextModel(CLIPTextConfig(
         **TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -519,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     s = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
-        model_configs(s.latent_size)
+        model_configs(s.latent_size, s.unet_top_channels)
     except ValueError as error:  # before anything is written
         parser.error(str(error))
     out: Path = args.out
