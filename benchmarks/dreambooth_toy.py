@@ -33,6 +33,11 @@ INSTANCES = ROOT / "sample_instances" / "polkaball"
 # LoCon-style targets: the attention projections plus every ResNet convolution, the transformer blocks' 1x1
 # projections and their MLPs (where a UNet draws texture; the attention alone only routes it)
 CONV_TARGETS = [*LoraConfig().target_modules, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+# The finest level's ResNet convolutions alone (down_blocks.0 and up_blocks.-1; a 3-level toy UNet's up block
+# has layers_per_block + 1 = 2 ResNets), where a 32x32-latent toy draws dots and has no attention to adapt
+TOP_CONV_TARGETS = [*LoraConfig().target_modules,
+                    *(f"{block}.resnets.{i}.{conv}" for block, n in (("down_blocks.0", 1), ("up_blocks.2", 2))
+                      for i in range(n) for conv in ("conv1", "conv2"))]
 VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
@@ -40,6 +45,8 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-no-pivotal": ("prior, `--no-train-token-embedding`", {"lora.train_token_embedding": False}),
     "prior-conv": ("prior, adapters on the convolutions and MLPs too", {"lora.target_modules": CONV_TARGETS}),
     "prior-lr3e-4": ("prior, `--lr 3e-4`", {"train.learning_rate": 3e-4}),
+    "prior-top-conv-lr3e-4": ("prior, `--lr 3e-4`, adapters on the finest level's convolutions too",
+                              {"train.learning_rate": 3e-4, "lora.target_modules": TOP_CONV_TARGETS}),
 }
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),
