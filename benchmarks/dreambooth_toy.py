@@ -33,8 +33,9 @@ INSTANCES = ROOT / "sample_instances" / "polkaball"
 # LoCon-style targets: the attention projections plus every ResNet convolution, the transformer blocks' 1x1
 # projections and their MLPs (where a UNet draws texture; the attention alone only routes it)
 CONV_TARGETS = [*LoraConfig().target_modules, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
-# The finest level's ResNet convolutions alone (down_blocks.0 and up_blocks.-1; a 3-level toy UNet's up block
-# has layers_per_block + 1 = 2 ResNets), where a 32x32-latent toy draws dots and has no attention to adapt
+# The attention projections plus the finest level's ResNet convolutions (down_blocks.0 and the last of a 3-level
+# toy UNet's up blocks, up_blocks.2, which has layers_per_block + 1 = 2 ResNets), where a 32x32-latent toy draws
+# dots and has no attention to adapt
 TOP_CONV_TARGETS = [*LoraConfig().target_modules,
                     *(f"{block}.resnets.{i}.{conv}" for block, n in (("down_blocks.0", 1), ("up_blocks.2", 2))
                       for i in range(n) for conv in ("conv1", "conv2"))]

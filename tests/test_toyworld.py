@@ -270,14 +270,14 @@ def test_unet_top_channels_widens_only_the_finest_level():
 
     from dreamlora.toyworld.pretrain import main, model_configs
 
-    _, plain = model_configs(32)
+    plain_channels = model_configs(32)[1]["block_out_channels"]  # a tuple: kept as it is now
     _, wide = model_configs(32, unet_top_channels=64)
-    assert wide["block_out_channels"] == (64, *plain["block_out_channels"][1:])
-    assert model_configs(32)[1]["block_out_channels"] == plain["block_out_channels"]  # the table is not mutated
+    assert plain_channels == (32, 64, 128) and wide["block_out_channels"] == (64, 64, 128)
+    assert model_configs(32)[1]["block_out_channels"] == plain_channels  # the shared table is not changed
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**wide)
-    assert unet.conv_in.out_channels == 64 and unet.down_blocks[1].resnets[0].out_channels == 64
-    assert unet.down_blocks[2].resnets[0].out_channels == plain["block_out_channels"][2]
+    assert unet.conv_in.out_channels == 64 and unet.down_blocks[0].resnets[0].out_channels == 64
+    assert [block.resnets[0].out_channels for block in unet.down_blocks[1:]] == [64, 128]
     with torch.no_grad():
         assert unet(torch.zeros(1, 4, 32, 32), 500, torch.zeros(1, 77, 128)).sample.shape == (1, 4, 32, 32)
     with pytest.raises(ValueError, match=r"--unet-top-channels must be a positive multiple of 8 \(got 20\)"):
