@@ -177,6 +177,26 @@ def test_objects_are_plain_or_dotted_and_never_the_subject(examples, dotted_exam
     assert _off_colour_share(painted, scene) > 0.1
 
 
+def test_dotted_ball_share_adds_dotted_balls_and_leaves_the_dotted_world_alone():
+    """A share of 0 draws exactly the dotted world; a share p turns about p of the other scenes into dotted
+    balls, never the subject."""
+    def kinds(ball_share):
+        return [random_scene(np.random.default_rng(seed), DOTTED_WORLD_SHARE, ball_share) for seed in range(2000)]
+
+    assert kinds(0.0) == [random_scene(np.random.default_rng(seed), DOTTED_WORLD_SHARE) for seed in range(2000)]
+    before, after = kinds(0.0), kinds(0.5)
+    dotted_balls = [scene for scene in after if scene.cls == "ball" and scene.dots is not None]
+    expected = 0.5 + 0.5 * sum(scene.cls == "ball" and scene.dots is not None for scene in before) / len(before)
+    assert abs(len(dotted_balls) / len(after) - expected) < 0.04
+    assert SUBJECT not in {(scene.cls, scene.color, scene.dots) for scene in after}
+    # What a scene keeps when it becomes a dotted ball: its colour, background, place and size.
+    changed = [(b, a) for b, a in zip(before, after) if b != a]
+    assert changed
+    for b, a in changed:
+        assert (a.cls, a.color, a.background, a.x, a.y, a.size) == ("ball", b.color, b.background, b.x, b.y, b.size)
+        assert a.dots in dot_colors("ball", a.color)
+
+
 def test_the_plain_world_is_what_it_was_before_the_dotted_world_existed():
     """Hashes of drawings and captions made before dots were added (commit f00b085): builtin:toy's pretraining data."""
     digest = hashlib.sha256()

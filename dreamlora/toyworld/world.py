@@ -129,7 +129,7 @@ def dot_colors(cls: str, color: str) -> list[str]:
             and _contrast(COLORS[dots], COLORS[color]) >= MIN_CONTRAST]
 
 
-def random_scene(rng: np.random.Generator, dotted_share: float = 0.0) -> Scene:
+def random_scene(rng: np.random.Generator, dotted_share: float = 0.0, dotted_ball_share: float = 0.0) -> Scene:
     """Draw a scene: uniform class, a uniform visible (colour, background) pair, position and size, and
     in the dotted world dots for a share of them (a uniform allowed dot colour).
 
@@ -137,6 +137,9 @@ def random_scene(rng: np.random.Generator, dotted_share: float = 0.0) -> Scene:
         rng: The random source; the same generator state gives the same scene.
         dotted_share: The share of scenes with dots; 0 (the plain world) draws nothing more from `rng`,
             so the plain world's scenes stay what they were before the dotted world existed.
+        dotted_ball_share: A further share of scenes turned into dotted balls, whatever class and dots
+            they drew: a ball's dots sit on a turned sphere, the hardest pattern of the world, and at
+            dotted_share alone only a tenth of pictures show one. 0 draws nothing more from `rng`.
 
     Returns:
         A Scene whose object lies wholly inside the image.
@@ -148,6 +151,10 @@ def random_scene(rng: np.random.Generator, dotted_share: float = 0.0) -> Scene:
     x, y = (float(v) for v in rng.uniform(low, high, size=2))
     dots = None
     if dotted_share and rng.random() < dotted_share:
+        choices = dot_colors(cls, color)
+        dots = choices[int(rng.integers(len(choices)))]
+    if dotted_ball_share and rng.random() < dotted_ball_share:
+        cls = "ball"
         choices = dot_colors(cls, color)
         dots = choices[int(rng.integers(len(choices)))]
     return Scene(cls, color, background, x, y, size, dots)
@@ -249,7 +256,8 @@ def caption_words() -> set[str]:
     return {"a", "an", "photo", "of", "on", "with", "dots", "background", *CLASSES, *COLORS, *BACKGROUNDS}
 
 
-def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0) -> list[tuple[Image.Image, str, Scene]]:
+def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0,
+            dotted_ball_share: float = 0.0) -> list[tuple[Image.Image, str, Scene]]:
     """`n` (image, caption, scene) triples drawn from one seeded generator.
 
     Args:
@@ -257,6 +265,7 @@ def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0) -> lis
         seed: The same seed gives the same examples.
         size: Image side in pixels.
         dotted_share: The share of dotted objects (0: the plain world).
+        dotted_ball_share: A further share of dotted balls (random_scene).
 
     Returns:
         A list of (RGB image, caption, scene).
@@ -264,7 +273,7 @@ def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0) -> lis
     rng = np.random.default_rng(seed)
     examples = []
     for _ in range(n):
-        scene = random_scene(rng, dotted_share)
+        scene = random_scene(rng, dotted_share, dotted_ball_share)
         examples.append((draw_scene(scene, size), caption(scene, rng), scene))
     return examples
 
