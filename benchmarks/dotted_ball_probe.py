@@ -6,8 +6,8 @@ white dots on a {background} background" for the world's ball colours that carry
 never does), and reads each render with the pixels' test of `dreamlora eval` (dreamlora/toyworld/shapes.py: the
 ball round, at least two separate small white dots), next to the same test on the world's own drawings of those
 scenes (the test was set on red balls: on other colours a highlight or a lumpy rim can pass it, so read the
-dot counts and the grid too). It reads a finished model folder, or a `pretrain` run folder while it trains (the EMA weights of its last
-checkpoint), so a run can be judged before it ends.
+dot counts and the grid too). It reads a finished model folder, or a `pretrain` run folder while it trains
+(the EMA weights of its last checkpoint), so a run can be judged before it ends.
 
     python benchmarks/dotted_ball_probe.py --model dreamlora/builtin_models/toy --out runs/probe.png
     python benchmarks/dotted_ball_probe.py --run runs/x32 --out runs/x32-probe.png --threads 1
@@ -68,7 +68,8 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
     for colour in COLOURS:
         renders = []
         for background in BACKGROUNDS:
-            prompt = f"a photo of a{'n' if colour == 'orange' else ''} {colour} ball with white dots on a {background} background"
+            article = "an" if colour == "orange" else "a"
+            prompt = f"a photo of {article} {colour} ball with white dots on a {background} background"
             renders += render_images(pipe, prompt, seeds, steps=20, guidance=guidance, resolution=64)
         drawings = [draw_scene(Scene("ball", colour, background, *rng.uniform(0.3, 0.7, 2), rng.uniform(0.35, 0.65),
                                      dots="white")) for background in BACKGROUNDS for _ in seeds]
@@ -83,7 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="a finished model folder (diffusers layout)")
-    source.add_argument("--run", type=Path, help="a `python -m dreamlora.toyworld.pretrain` run folder, mid-run or done")
+    source.add_argument("--run", type=Path,
+                        help="a `python -m dreamlora.toyworld.pretrain` run folder, mid-run or done")
     parser.add_argument("--out", type=Path, required=True, help="PNG: one row a colour, backgrounds x seeds")
     parser.add_argument("--seeds", type=int, default=4, help="render seeds per prompt (from 0)")
     parser.add_argument("--guidance", type=float, default=6.0)
