@@ -30,7 +30,6 @@ if str(ROOT) not in sys.path:
 
 COLOURS = ("blue", "green", "orange", "purple")  # ball colours the world dots with white, nearest the subject
 BACKGROUNDS = ("gray", "pink", "yellow")  # on white, background showing through a lumpy rim reads as a dot
-MIN_ROUNDNESS, MIN_DOTS = 0.72, 2  # the oracle's subject thresholds (oracle.OracleConfig)
 
 
 def model_from_run(run: Path, folder: Path) -> tuple[Path, int]:
@@ -53,12 +52,16 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
     """Share of renders and of drawings that pass the pixels' test, per colour; the renders by colour."""
     from dreamlora.models import load_base_model
     from dreamlora.sampling import render_images
+    from dreamlora.toyworld.oracle import OracleConfig
     from dreamlora.toyworld.shapes import read_shape, shows_subject_shape
-    from dreamlora.toyworld.world import COLORS, Scene, draw_scene
+    from dreamlora.toyworld.world import COLORS, SIZE_RANGE, Scene, draw_scene
+
+    config = OracleConfig()  # the subject test of `dreamlora eval`
 
     def readings(images) -> dict:
         shapes = [read_shape(np.asarray(im.convert("RGB"), np.float32) / 255.0, COLORS[colour]) for im in images]
-        return {"pass": float(np.mean([shows_subject_shape(s, MIN_ROUNDNESS, MIN_DOTS) for s in shapes])),
+        passes = [shows_subject_shape(s, config.subject_min_roundness, config.subject_min_dots) for s in shapes]
+        return {"pass": float(np.mean(passes)),
                 "dots": float(np.mean([s.dots for s in shapes])),
                 "roundness": float(np.mean([s.roundness for s in shapes]))}
 
@@ -71,7 +74,7 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
             article = "an" if colour == "orange" else "a"
             prompt = f"a photo of {article} {colour} ball with white dots on a {background} background"
             renders += render_images(pipe, prompt, seeds, steps=20, guidance=guidance, resolution=64)
-        drawings = [draw_scene(Scene("ball", colour, background, *rng.uniform(0.3, 0.7, 2), rng.uniform(0.35, 0.65),
+        drawings = [draw_scene(Scene("ball", colour, background, *rng.uniform(0.3, 0.7, 2), rng.uniform(*SIZE_RANGE),
                                      dots="white")) for background in BACKGROUNDS for _ in seeds]
         figures[colour] = {"renders": readings(renders), "drawings": readings(drawings)}
         rows.append(renders)
@@ -105,7 +108,7 @@ def main() -> None:
               col_labels=[f"{b} / seed {s}" for b in BACKGROUNDS for s in range(args.seeds)]).save(args.out)
     where = f"{args.run} at step {step}" if step is not None else str(args.model)
     print(f"{where}, renders / the world's drawings of the same scenes:")
-    print(f"  colour   pass (round, >= {MIN_DOTS} separate white dots)   separate dots   roundness")
+    print("  colour   pass (round, separate white dots)   separate dots   roundness")
     for colour, figure in figures.items():
         r, d = figure["renders"], figure["drawings"]
         print(f"  {colour:7s}  {r['pass']:.2f} / {d['pass']:.2f}{'':26s}{r['dots']:.1f} / {d['dots']:.1f}"
