@@ -54,7 +54,7 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
     from dreamlora.sampling import render_images
     from dreamlora.toyworld.oracle import OracleConfig
     from dreamlora.toyworld.shapes import read_shape, shows_subject_shape
-    from dreamlora.toyworld.world import COLORS, SIZE_RANGE, Scene, draw_scene
+    from dreamlora.toyworld.world import COLORS, Scene, draw_scene, random_placement
 
     config = OracleConfig()  # the subject test of `dreamlora eval`
 
@@ -74,8 +74,7 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
             article = "an" if colour == "orange" else "a"
             prompt = f"a photo of {article} {colour} ball with white dots on a {background} background"
             renders += render_images(pipe, prompt, seeds, steps=20, guidance=guidance, resolution=64)
-        drawings = [draw_scene(Scene("ball", colour, background, *rng.uniform(0.3, 0.7, 2), rng.uniform(*SIZE_RANGE),
-                                     dots="white")) for background in BACKGROUNDS for _ in seeds]
+        drawings = [draw_scene(Scene("ball", colour, background, *random_placement(rng), dots="white")) for background in BACKGROUNDS for _ in seeds]
         figures[colour] = {"renders": readings(renders), "drawings": readings(drawings)}
         rows.append(renders)
     figures["all"] = {kind: {key: float(np.mean([figures[c][kind][key] for c in COLOURS]))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .oracle import OracleConfig, OracleNet, save_oracle, uint8_to_tensor
 from .subject import BALL_RED, DOT_WHITE, draw_polka_ball, random_polka_ball
-from .world import BACKGROUNDS, COLORS, MARGIN, SIZE_RANGE, Scene, allowed_pairs, draw_scene, random_scene
+from .world import BACKGROUNDS, COLORS, Scene, allowed_pairs, draw_scene, random_placement, random_scene
 from .world import dot_colors as world_dot_colors
 
 
@@ -127,9 +127,7 @@ def draw_red_balls(config: OracleConfig, n: int, seed: int) -> DrawnSet:
     scenes = []
     for _ in range(n):
         background = backgrounds[int(rng.integers(len(backgrounds)))]
-        size = float(rng.uniform(*SIZE_RANGE))
-        x, y = (float(v) for v in rng.uniform(size / 2 + MARGIN, 1 - size / 2 - MARGIN, size=2))
-        scenes.append(Scene("ball", "red", background, x, y, size))
+        scenes.append(Scene("ball", "red", background, *random_placement(rng)))
     return _labelled(config, [draw_scene(s, config.image_size) for s in scenes],
                      [(s.cls, s.color, s.background) for s in scenes], 0)
 

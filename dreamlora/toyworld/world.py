@@ -129,6 +129,15 @@ def dot_colors(cls: str, color: str) -> list[str]:
             and _contrast(COLORS[dots], COLORS[color]) >= MIN_CONTRAST]
 
 
+def random_placement(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A uniform size in SIZE_RANGE (drawn first), then a centre (x, y) that keeps the object MARGIN inside the
+    image; returned as (x, y, size), the order of Scene's fields."""
+    size = float(rng.uniform(*SIZE_RANGE))
+    low, high = size / 2 + MARGIN, 1 - size / 2 - MARGIN
+    x, y = (float(v) for v in rng.uniform(low, high, size=2))
+    return x, y, size
+
+
 def random_scene(rng: np.random.Generator, dotted_share: float = 0.0, dotted_ball_share: float = 0.0) -> Scene:
     """Draw a scene: uniform class, a uniform visible (colour, background) pair, position and size, and
     in the dotted world dots for a share of them (a uniform allowed dot colour).
@@ -146,9 +155,7 @@ def random_scene(rng: np.random.Generator, dotted_share: float = 0.0, dotted_bal
     """
     cls = CLASSES[int(rng.integers(len(CLASSES)))]
     color, background = _PAIRS[int(rng.integers(len(_PAIRS)))]
-    size = float(rng.uniform(*SIZE_RANGE))
-    low, high = size / 2 + MARGIN, 1 - size / 2 - MARGIN
-    x, y = (float(v) for v in rng.uniform(low, high, size=2))
+    x, y, size = random_placement(rng)
     dots = None
     if dotted_share and rng.random() < dotted_share:
         choices = dot_colors(cls, color)
