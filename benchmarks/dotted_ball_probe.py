@@ -74,7 +74,8 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
             article = "an" if colour == "orange" else "a"
             prompt = f"a photo of {article} {colour} ball with white dots on a {background} background"
             renders += render_images(pipe, prompt, seeds, steps=20, guidance=guidance, resolution=64)
-        drawings = [draw_scene(Scene("ball", colour, background, *random_placement(rng), dots="white")) for background in BACKGROUNDS for _ in seeds]
+        drawings = [draw_scene(Scene("ball", colour, background, *random_placement(rng), dots="white"))
+                    for background in BACKGROUNDS for _ in seeds]
         figures[colour] = {"renders": readings(renders), "drawings": readings(drawings)}
         rows.append(renders)
     figures["all"] = {kind: {key: float(np.mean([figures[c][kind][key] for c in COLOURS]))

@@ -126,7 +126,7 @@ def draw_polka_ball(
 
 
 def random_polka_ball(rng: np.random.Generator, background: tuple[float, float, float], *, size: int = 64,
-                      size_range: tuple[float, float] = (0.3, 0.7), margin: float = 0.04,
+                      size_range: tuple[float, float] = (0.3, 0.7),
                       ball_color: tuple[float, float, float] = BALL_RED,
                       dot_color: tuple[float, float, float] = DOT_WHITE) -> Image.Image:
     """A polka-dot ball at a random place, size and rotation, like a toy-world scene.
@@ -135,17 +135,18 @@ def random_polka_ball(rng: np.random.Generator, background: tuple[float, float, 
         rng: The random source; the same generator state gives the same picture.
         background: Background RGB (e.g. a value of world.BACKGROUNDS).
         size: Image side in pixels.
-        size_range: The ball's diameter as a fraction of the side, drawn uniformly.
-        margin: Keep the ball this far (fraction of the side) from the border.
+        size_range: The ball's diameter as a fraction of the side, drawn uniformly; the ball stays world.MARGIN
+            inside the border (world.random_placement).
         ball_color: RGB of the ball between the dots.
         dot_color: RGB of the dots.
 
     Returns:
         A `size` x `size` RGB image.
     """
-    diameter = float(rng.uniform(*size_range))
-    low, high = diameter / 2 + margin, 1 - diameter / 2 - margin
-    cx, cy = rng.uniform(low, high, size=2) * size
+    from .world import random_placement  # world imports this module
+
+    x, y, diameter = random_placement(rng, size_range)
+    cx, cy = x * size, y * size
     quaternion = rng.uniform(-1.0, 1.0, size=4)
     grain = rng.integers(-4, 5, size=(size, size))
     return draw_polka_ball(size, background, (cx, cy), diameter * size / 2, quaternion, grain, ball_color=ball_color,

@@ -173,9 +173,8 @@ def draw_glossy_balls(config: OracleConfig, n: int, seed: int) -> DrawnSet:
         rgb = np.asarray(BALL_RED if color == "red" else COLORS[color], dtype=np.float64)
         if color == "red":
             rgb = rgb * float(rng.uniform(0.55, 1.0))
-        diameter = float(rng.uniform(0.3, 0.72))
-        low, high = diameter / 2 + 0.04, 1 - diameter / 2 - 0.04
-        cx, cy = rng.uniform(low, high, size=2) * side
+        x, y, diameter = random_placement(rng, (0.3, 0.72))
+        cx, cy = x * side, y * side
         r = diameter * side / 2
         # The subject's own renderer with dots the colour of the ball: the same ball, no pattern.
         img = np.asarray(draw_polka_ball(side, BACKGROUNDS[background], (cx, cy), r, rng.uniform(-1, 1, size=4),

@@ -129,10 +129,11 @@ def dot_colors(cls: str, color: str) -> list[str]:
             and _contrast(COLORS[dots], COLORS[color]) >= MIN_CONTRAST]
 
 
-def random_placement(rng: np.random.Generator) -> tuple[float, float, float]:
-    """A uniform size in SIZE_RANGE (drawn first), then a centre (x, y) that keeps the object MARGIN inside the
-    image; returned as (x, y, size), the order of Scene's fields."""
-    size = float(rng.uniform(*SIZE_RANGE))
+def random_placement(rng: np.random.Generator,
+                     size_range: tuple[float, float] = SIZE_RANGE) -> tuple[float, float, float]:
+    """A uniform size in `size_range` (drawn first), then a centre (x, y) that keeps the object MARGIN inside the
+    image; returned as (x, y, size), the order of Scene's fields, all as fractions of the image side."""
+    size = float(rng.uniform(*size_range))
     low, high = size / 2 + MARGIN, 1 - size / 2 - MARGIN
     x, y = (float(v) for v in rng.uniform(low, high, size=2))
     return x, y, size
