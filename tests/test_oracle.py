@@ -98,7 +98,7 @@ def test_trainer_writes_a_loadable_oracle(tmp_path):
     assert len(reading.classes) == 2 and all(0 <= p <= 1 for p in reading.subject_probability)
 
 
-# slow: trains an oracle (about 15 s on 2 cores); kept out of the README's 4-minute test command
+# slow: trains an oracle (16 s measured beside another job); kept out of the README's 4-minute test command
 @pytest.mark.slow
 def test_the_dotted_worlds_oracle_learns_white_dots_on_balls_as_the_dot_detectors_positives(tmp_path):
     """In the dotted world (world.py) a blue ball with white dots has the subject's pattern; red balls with other

@@ -144,7 +144,7 @@ def test_the_bundle_changes_the_renders_beyond_the_adapters(pivotal, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(with_bundle.images[0])), np.asarray(Image.open(without.images[0])))
 
 
-# slow: two trainings (about 25 s on 2 cores); kept out of the README's 4-minute test command
+# slow: three trainings (25 s measured beside another job); kept out of the README's 4-minute test command
 @pytest.mark.slow
 def test_resume_restores_the_learnt_row_exactly(tmp_path):
     straight = train(pivotal_config(tmp_path / "a"))

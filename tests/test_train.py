@@ -84,7 +84,7 @@ def test_sampling_scale_zero_is_the_base_model_and_scale_one_is_not(trained, tmp
     assert Image.open(with_lora.grid).size[0] > 2 * 128  # two seed columns of at least 128 px each
 
 
-# slow: three trainings (about 20 s on 2 cores); kept out of the README's 4-minute test command
+# slow: three trainings (21 s measured beside another job); kept out of the README's 4-minute test command
 @pytest.mark.slow
 def test_resume_continues_steps_and_randomness_exactly(tmp_path):
     straight = train(tiny_config(tmp_path / "a", "ball"))
