@@ -22,9 +22,12 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's dreamlora, not another install
 
 from dreamlora.config import LoraConfig  # settings only: no torch until a run starts
 
