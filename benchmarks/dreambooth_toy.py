@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's dreamlora, not another install
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's dreamlora, not another install
 
 from dreamlora.config import LoraConfig  # settings only: no torch until a run starts
 
-ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
 # LoCon-style targets: the attention projections plus every ResNet convolution, the transformer blocks' 1x1
 # projections and their MLPs (where a UNet draws texture; the attention alone only routes it)

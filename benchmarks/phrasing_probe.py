@@ -17,9 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's dreamlora, not another install
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's dreamlora, not another install
 INSTANCES = ROOT / "sample_instances" / "polkaball"
 PHRASINGS = (  # (name, template); {bg_article} {bg} as in the evaluation's prompt sets
     ("the training phrase + background", "a photo of sks ball on {bg_article} {bg} background"),
