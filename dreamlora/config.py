@@ -159,6 +159,9 @@ class LoraConfig:
                                                "stored in the file as AUTOMATIC1111's bundled embedding.")
     token_embedding_lr: float = setting(1e-3, flag="--token-embedding-lr", low=0, low_open=True,
                                         help="Learning rate of the token's embedding (no weight decay).")
+    token_init: str | None = setting(None, flag="--token-init",
+                                     help="Start the learnt embedding from these words (the mean of their vectors, "
+                                          "e.g. 'red dots') instead of the token's own; needs --train-token-embedding.")
     dora: bool = setting(False, flag="--dora/--no-dora",
                          help="DoRA (peft): a learned magnitude per output channel on top of the LoRA update. "
                               "Written with --format diffusers only: no kohya reader applies peft's DoRA.")
@@ -624,6 +627,10 @@ def validate(config: DreamLoraConfig) -> list[str]:
     # multi-process run its gradients are synchronised with the adapters'.
     check(not c.lora.train_token_embedding or c.lora.train_text_encoder, "lora.train_token_embedding",
           "needs --train-text-encoder (the token's embedding is learnt inside the text encoder it trains)")
+    check(c.lora.token_init is None or c.lora.train_token_embedding, "lora.token_init",
+          "starts the learnt token embedding: pass --train-token-embedding too, or leave --token-init out")
+    check(c.lora.token_init is None or bool(c.lora.token_init.strip()), "lora.token_init",
+          "is empty: give one or more words (e.g. 'dotted'), or leave it out")
     check(c.data.keep_tags == 0 or c.data.shuffle_tags, "data.keep_tags", "only applies with --shuffle-tags")
     check(c.data.bucket_step % 8 == 0, "data.bucket_step", f"must be a multiple of 8 (got {c.data.bucket_step})")
     check(not (c.data.buckets and c.data.crop == "random"), "data.buckets",

@@ -22,7 +22,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import ModelLoadError
+from .config import describe
+from .errors import ConfigError, ModelLoadError
 
 HOLDER = "dreamlora_token"  # the child module's name on the input-embedding layer
 BUNDLE_PREFIX = "bundle_emb."
@@ -60,6 +61,29 @@ def _substitute(layer: torch.nn.Embedding, args: tuple, output: torch.Tensor) ->
 def token_ids(tokenizer, token: str) -> list[int]:
     """The ids of the token's pieces, without special tokens: one for 'sks' in CLIP's vocabulary."""
     return list(tokenizer(token, add_special_tokens=False).input_ids)
+
+
+def initial_vectors(text_encoder: torch.nn.Module, tokenizer, token: str, words: str | None) -> torch.Tensor | None:
+    """The learnt token's starting vectors: None (its own base rows) without `words`; else, for each of the
+    token's pieces, the mean base row of the words (kohya's --init_word, diffusers' initializer concept): a rare
+    token starts where a describing word already points the encoder.
+
+    Raises:
+        ConfigError: a word is not one whole entry of the tokenizer's vocabulary (a word it splits into pieces
+            has no vector of its own: the mean of its letters' rows means nothing).
+    """
+    if words is None:
+        return None
+    ids = []
+    for word in words.split():
+        pieces = token_ids(tokenizer, word)
+        if len(pieces) != 1:
+            raise ConfigError(f"{describe('lora.token_init')}: '{word}' is not a word of the text encoder's "
+                              f"vocabulary (it splits into {len(pieces)} pieces): give words it knows whole, "
+                              "e.g. the subject's colour or pattern")
+        ids += pieces
+    rows = text_encoder.get_input_embeddings().weight.detach()[ids].float()
+    return rows.mean(0, keepdim=True).expand(len(token_ids(tokenizer, token)), -1)
 
 
 def attach_learned_token(text_encoder: torch.nn.Module, ids: list[int], vectors: torch.Tensor | None = None,

@@ -37,7 +37,7 @@ from .identity import ModelIdentity
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
 from .quantization import quantize_denoiser
 from .threads import cpu_threads
-from .token_embedding import attach_learned_token, learned_token_parameters, token_ids
+from .token_embedding import attach_learned_token, initial_vectors, learned_token_parameters, token_ids
 from .tracking import log_grid, start_tracking, tracker_names
 from .progress import ProgressCallback, ProgressEvent, ignore_progress, note
 from .sampling import cache_t5_states, render_validation_grid
@@ -623,9 +623,10 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
                           dropout=lora.dropout, unet_targets=denoiser_targets(base, config),
                           train_text_encoder=lora.train_text_encoder, text_targets=lora.text_target_modules,
                           dora=lora.dora)
-    if lora.train_token_embedding:  # pivotal tuning: the token's own vectors, from its base rows
+    if lora.train_token_embedding:  # pivotal tuning: the token's own vectors, from its base rows or --token-init
         for tokenizer, encoder in zip(base.tokenizers, adapted_encoders(base)):
-            attach_learned_token(encoder, token_ids(tokenizer, config.data.token), trainable=True)
+            start = initial_vectors(encoder, tokenizer, config.data.token, lora.token_init)
+            attach_learned_token(encoder, token_ids(tokenizer, config.data.token), start, trainable=True)
     for module in (base.unet, *base.text_encoders):
         for param in trainable_parameters(module):
             param.data = param.data.to(device=device, dtype=torch.float32)

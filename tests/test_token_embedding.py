@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from dreamlora import SampleSettings, load_config, sample, train
 from dreamlora.errors import ConfigError, ModelLoadError
-from dreamlora.token_embedding import (attach_learned_token, bundle_tensors, detach_learned_token, learned_token,
-                                       set_learned_token_scale, split_bundle, token_ids)
+from dreamlora.lora import read_lora_file
+from dreamlora.token_embedding import (attach_learned_token, bundle_tensors, detach_learned_token, initial_vectors,
+                                       learned_token, set_learned_token_scale, split_bundle, token_ids)
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "sample_instances" / "polkaball"
@@ -217,3 +218,32 @@ def test_detach_lora_gives_the_base_text_encoder_back(pivotal):
         detach_lora(pipe, base)
         assert learned_token(encoder) is None
         assert torch.equal(encoder(prompt_ids).last_hidden_state, before)
+
+
+def test_token_init_starts_every_piece_at_the_mean_of_the_words_rows(tiny_sd):
+    encoder, tokenizer = tiny_sd.text_encoders[0], tiny_sd.tokenizers[0]
+    rows = encoder.get_input_embeddings().weight.detach()
+    assert initial_vectors(encoder, tokenizer, "sks", None) is None  # the token's own rows
+    start = initial_vectors(encoder, tokenizer, "sks", "red  dots")
+    red, dots = token_ids(tokenizer, "red"), token_ids(tokenizer, "dots")
+    assert start.shape == (len(token_ids(tokenizer, "sks")), rows.shape[1])
+    assert torch.allclose(start[0], (rows[red[0]] + rows[dots[0]]) / 2)
+    with pytest.raises(ConfigError, match=r"--token-init.*'qqzx' is not a word.*splits into 4 pieces"):
+        initial_vectors(encoder, tokenizer, "sks", "red qqzx")
+
+
+def test_token_init_needs_the_learnt_embedding_and_some_words(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora.token_init.*--train-token-embedding"):
+        pivotal_config(tmp_path, **{"lora.train_token_embedding": False, "lora.token_init": "red"})
+    with pytest.raises(ConfigError, match=r"lora.token_init.*is empty"):
+        pivotal_config(tmp_path, **{"lora.token_init": "  "})
+
+
+def test_training_starts_the_token_from_the_init_words(tmp_path, tiny_sd):
+    """At a vanishing embedding rate the file's vectors are still the init words' mean: training began there."""
+    config = pivotal_config(tmp_path, **{"lora.token_init": "red dots", "lora.token_embedding_lr": 1e-12,
+                                         "train.steps": 1, "prior.enabled": False, "validation.final": False})
+    learnt = load_file(train(config).output)[BUNDLE_KEY].float()
+    expected = initial_vectors(tiny_sd.text_encoders[0], tiny_sd.tokenizers[0], "sks", "red dots")
+    assert torch.allclose(learnt, expected.half().float(), atol=1e-6)
+    assert read_lora_file(config.output.path).config["lora"]["token_init"] == "red dots"  # the file says how
