@@ -267,6 +267,9 @@ class ValidationConfig:
     max_class_drift: float = setting(0.5, flag="--max-class-drift", low=0,
                                      help="The recommended step has the best subject score among those whose "
                                           "class drift (1 - cosine of class renders to the base's) is at most this.")
+    eval_oracle: bool | None = setting(None, flag="--eval-oracle/--no-eval-oracle",
+                                       help="Score --eval-every with the toy oracle (default: on builtin:toy only; "
+                                            "pass it for a toy-world model rebuilt with `reproduce`).")
     eval_dino: str | None = setting(None, flag="--eval-dino", path=True,
                                     help="Local DINO/ViT transformers folder scoring --eval-every (any base model).")
     eval_clip: str | None = setting(None, flag="--eval-clip", path=True,
@@ -641,10 +644,12 @@ def validate(config: DreamLoraConfig) -> list[str]:
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
             problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
-    check(not c.validation.eval_every or c.data.job != "dreambooth" or c.model.name == TOY
+    reads_with_oracle = c.validation.eval_oracle if c.validation.eval_oracle is not None else c.model.name == TOY
+    check(not c.validation.eval_every or c.data.job != "dreambooth" or reads_with_oracle
           or bool(c.validation.eval_dino or c.validation.eval_clip),
           "validation.eval_every", f"needs something to score the renders of '{c.model.name}': pass --eval-dino or "
-          "--eval-clip with a local model folder (the toy oracle reads builtin:toy only)")
+          "--eval-clip with a local model folder (the toy oracle reads builtin:toy, or toy-world models with "
+          "--eval-oracle)")
     check(bool(c.data.instance_dir), "data.instance_dir", "is required: the folder of subject photos"
           if c.data.job == "dreambooth" else "is required: the captioned images (DATA)")
     check(bool(c.output.path), "output.path", "is required: the .safetensors file to write")

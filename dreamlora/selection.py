@@ -83,13 +83,14 @@ class CheckpointScorer:
         self.base, self.config, self.run_dir, self.write = base, config, run_dir, write
         self.folder = run_dir / EVAL_DIR
         instances, _, _ = _instance_images(data.instance_dir, None)
-        use_oracle = base.identity in ORACLE_MODELS
+        use_oracle = base.identity in ORACLE_MODELS if v.eval_oracle is None else v.eval_oracle
         self.sets = [PROMPT_SETS["tuning"]]  # never the report set: it must stay free of choices
         self.scorers: Scorers = load_scorers(v.eval_dino, v.eval_clip, list(self.sets[0].backgrounds), instances,
                                              use_oracle)
         if self.scorers.oracle is None and self.scorers.dino is None and self.scorers.clip is None:
             raise ConfigError(f"--eval-every: nothing reads '{base.identity}' renders; pass --eval-dino or "
-                              "--eval-clip with a local model folder (the toy oracle reads builtin:toy only)")
+                              "--eval-clip with a local model folder (the toy oracle reads builtin:toy, or toy-world models "
+                              "with --eval-oracle)")
         self.rows = [r for r in read_scores(run_dir) if r.step <= start_step]  # later ones are scored again
         self.base_renders: dict = {}  # the base model renders the same pictures at every step: once is enough
         models = [base.unet, *base.text_encoders]

@@ -140,10 +140,14 @@ def test_export_cli_and_its_errors(scored_run, tmp_path):
 
 
 def test_eval_every_needs_a_scorer_for_models_the_oracle_does_not_read(tmp_path):
+    values = {"data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+              "output.path": str(tmp_path / "a.safetensors"), "validation.eval_every": 10}
     with pytest.raises(ConfigError, match="flag --eval-every. needs something to score the renders of .builtin:tiny-sd."):
-        load_config(None, {"model.name": "builtin:tiny-sd", "data.instance_dir": str(INSTANCES),
-                           "data.class_word": "ball", "output.path": str(tmp_path / "a.safetensors"),
-                           "validation.eval_every": 10})
+        load_config(None, {**values, "model.name": "builtin:tiny-sd"})
+    # a rebuilt toy-world model (any name): --eval-oracle says the oracle reads it; --no-eval-oracle turns it off
+    assert load_config(None, {**values, "model.name": "builtin:tiny-sd", "validation.eval_oracle": True})
+    with pytest.raises(ConfigError, match="needs something to score the renders of .builtin:toy."):
+        load_config(None, {**values, "validation.eval_oracle": False})
 
 
 @pytest.mark.slow  # needs Chromium (CI installs it): run by .ci/run with -m slow
@@ -178,6 +182,20 @@ def test_overwrite_removes_the_scored_steps_and_the_report_but_not_a_users_files
     (tmp_path / "report.html").write_text("<html></html>")
     remove_run_files(tmp_path)
     assert sorted(p.name for p in scored.iterdir()) == ["notes.txt"] and not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.slow  # trains builtin:tiny-sd 2 steps and scores them with the toy oracle: run by .ci/run with -m slow
+def test_eval_oracle_scores_a_model_the_oracle_does_not_read_by_name(tmp_path):
+    config = load_config(None, {
+        "model.name": "builtin:tiny-sd", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+        "output.path": str(tmp_path / "ball.safetensors"), "train.steps": 2, "train.checkpoint_every": 0,
+        "train.learning_rate": 5e-3, "prior.enabled": False, "validation.final": False, "validation.eval_every": 1,
+        "validation.steps": 1, "validation.eval_oracle": True,
+    })
+    rows = read_scores(train(config).run_dir)
+    assert [r.step for r in rows] == [1, 2]
+    assert all(r.scores["subject_detected"] is not None and r.fidelity == r.scores["subject_detected"]
+               and r.scores["dino"] is None for r in rows)
 
 
 @pytest.mark.slow  # trains builtin:tiny-sd and scores it with a tiny DINO: run by .ci/run with -m slow
