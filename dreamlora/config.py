@@ -633,7 +633,7 @@ def validate(config: DreamLoraConfig) -> list[str]:
     check(c.lora.token_init is None or c.lora.train_token_embedding, "lora.token_init",
           "starts the learnt token embedding: pass --train-token-embedding too, or leave --token-init out")
     check(c.lora.token_init is None or bool(c.lora.token_init.strip()), "lora.token_init",
-          "is empty: give one or more words (e.g. 'dotted'), or leave it out")
+          "is empty: give one or more words (e.g. 'red dots'), or leave it out")
     check(c.data.keep_tags == 0 or c.data.shuffle_tags, "data.keep_tags", "only applies with --shuffle-tags")
     check(c.data.bucket_step % 8 == 0, "data.bucket_step", f"must be a multiple of 8 (got {c.data.bucket_step})")
     check(not (c.data.buckets and c.data.crop == "random"), "data.buckets",

@@ -89,8 +89,8 @@ class CheckpointScorer:
                                              use_oracle)
         if self.scorers.oracle is None and self.scorers.dino is None and self.scorers.clip is None:
             raise ConfigError(f"--eval-every: nothing reads '{base.identity}' renders; pass --eval-dino or "
-                              "--eval-clip with a local model folder (the toy oracle reads builtin:toy, or toy-world models "
-                              "with --eval-oracle)")
+                              "--eval-clip with a local model folder (the toy oracle reads builtin:toy, or "
+                              "toy-world models with --eval-oracle)")
         self.rows = [r for r in read_scores(run_dir) if r.step <= start_step]  # later ones are scored again
         self.base_renders: dict = {}  # the base model renders the same pictures at every step: once is enough
         models = [base.unet, *base.text_encoders]
