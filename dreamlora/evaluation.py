@@ -59,6 +59,12 @@ if TYPE_CHECKING:
 
 CLASS_PROMPT = "a photo of {class_article} {class}"
 ORACLE_MODELS = ("builtin:toy",)  # base models the shipped oracle was trained to read
+
+
+def oracle_reads(identity: str, choice: bool | None) -> bool:
+    """Whether the toy oracle reads a model's renders: the user's --oracle / --eval-oracle choice, else the models
+    it was trained to read."""
+    return identity in ORACLE_MODELS if choice is None else choice
 ADAPTER_NAME = "dreamlora_eval"
 # Class prompts with asked attributes, (colour, background): each pair is one the toy world draws (contrast).
 ATTRIBUTE_PROMPTS = (("blue", "yellow"), ("green", "white"), ("yellow", "purple"))
@@ -235,7 +241,7 @@ def evaluate(
     device, dtype = sampling_device()
     base = load_base_model(model, single_file_config=single_file_config, dtype=dtype)
     place_for_sampling(base, device)
-    use_oracle = base.identity in ORACLE_MODELS if settings.oracle is None else settings.oracle
+    use_oracle = oracle_reads(base.identity, settings.oracle)
     scorers = load_scorers(settings.dino, settings.clip, [b for s in sets for b in s.backgrounds], instances,
                            use_oracle)
     if scorers.oracle is None:

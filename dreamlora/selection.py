@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from .atomic import atomic_path, write_text_atomic
 from .config import DreamLoraConfig, load_config, to_dict
 from .errors import ConfigError, TrainingError
-from .evaluation import PROMPT_SETS, ORACLE_MODELS, Scorers, _instance_images, load_scorers, save_eval_grid, score_sets
+from .evaluation import PROMPT_SETS, Scorers, _instance_images, load_scorers, oracle_reads, save_eval_grid, score_sets
 from .progress import ProgressCallback, ProgressEvent, ignore_progress
 
 EVAL_DIR = "eval"
@@ -83,7 +83,7 @@ class CheckpointScorer:
         self.base, self.config, self.run_dir, self.write = base, config, run_dir, write
         self.folder = run_dir / EVAL_DIR
         instances, _, _ = _instance_images(data.instance_dir, None)
-        use_oracle = base.identity in ORACLE_MODELS if v.eval_oracle is None else v.eval_oracle
+        use_oracle = oracle_reads(base.identity, v.eval_oracle)
         self.sets = [PROMPT_SETS["tuning"]]  # never the report set: it must stay free of choices
         self.scorers: Scorers = load_scorers(v.eval_dino, v.eval_clip, list(self.sets[0].backgrounds), instances,
                                              use_oracle)

@@ -63,9 +63,9 @@ def token_ids(tokenizer, token: str) -> list[int]:
     return list(tokenizer(token, add_special_tokens=False).input_ids)
 
 
-def initial_vectors(text_encoder: torch.nn.Module, tokenizer, token: str, words: str | None) -> torch.Tensor | None:
+def initial_vectors(text_encoder: torch.nn.Module, tokenizer, pieces: int, words: str | None) -> torch.Tensor | None:
     """The learnt token's starting vectors: None (its own base rows) without `words`; else, for each of the
-    token's pieces, the mean base row of the words (kohya's --init_word, diffusers' initializer concept): a rare
+    token's `pieces`, the mean base row of the words (kohya's --init_word, diffusers' initializer concept): a rare
     token starts where a describing word already points the encoder.
 
     Raises:
@@ -76,14 +76,14 @@ def initial_vectors(text_encoder: torch.nn.Module, tokenizer, token: str, words:
         return None
     ids = []
     for word in words.split():
-        pieces = token_ids(tokenizer, word)
-        if len(pieces) != 1:
+        word_ids = token_ids(tokenizer, word)
+        if len(word_ids) != 1:
             raise ConfigError(f"{describe('lora.token_init')}: '{word}' is not a word of the text encoder's "
-                              f"vocabulary (it splits into {len(pieces)} pieces): give words it knows whole, "
+                              f"vocabulary (it splits into {len(word_ids)} pieces): give words it knows whole, "
                               "e.g. the subject's colour or pattern")
-        ids += pieces
+        ids += word_ids
     rows = text_encoder.get_input_embeddings().weight.detach()[ids].float()
-    return rows.mean(0, keepdim=True).expand(len(token_ids(tokenizer, token)), -1)
+    return rows.mean(0, keepdim=True).expand(pieces, -1)
 
 
 def attach_learned_token(text_encoder: torch.nn.Module, ids: list[int], vectors: torch.Tensor | None = None,

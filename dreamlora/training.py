@@ -625,8 +625,9 @@ def add_adapters(base: BaseModel, config: DreamLoraConfig, device: torch.device)
                           dora=lora.dora)
     if lora.train_token_embedding:  # pivotal tuning: the token's own vectors, from its base rows or --token-init
         for tokenizer, encoder in zip(base.tokenizers, adapted_encoders(base)):
-            start = initial_vectors(encoder, tokenizer, config.data.token, lora.token_init)
-            attach_learned_token(encoder, token_ids(tokenizer, config.data.token), start, trainable=True)
+            ids = token_ids(tokenizer, config.data.token)
+            attach_learned_token(encoder, ids, initial_vectors(encoder, tokenizer, len(ids), lora.token_init),
+                                 trainable=True)
     for module in (base.unet, *base.text_encoders):
         for param in trainable_parameters(module):
             param.data = param.data.to(device=device, dtype=torch.float32)

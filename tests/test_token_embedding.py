@@ -223,13 +223,14 @@ def test_detach_lora_gives_the_base_text_encoder_back(pivotal):
 def test_token_init_starts_every_piece_at_the_mean_of_the_words_rows(tiny_sd):
     encoder, tokenizer = tiny_sd.text_encoders[0], tiny_sd.tokenizers[0]
     rows = encoder.get_input_embeddings().weight.detach()
-    assert initial_vectors(encoder, tokenizer, "sks", None) is None  # the token's own rows
-    start = initial_vectors(encoder, tokenizer, "sks", "red  dots")
+    pieces = len(token_ids(tokenizer, "sks"))
+    assert initial_vectors(encoder, tokenizer, pieces, None) is None  # the token's own rows
+    start = initial_vectors(encoder, tokenizer, pieces, "red  dots")
     red, dots = token_ids(tokenizer, "red"), token_ids(tokenizer, "dots")
-    assert start.shape == (len(token_ids(tokenizer, "sks")), rows.shape[1])
+    assert start.shape == (pieces, rows.shape[1])
     assert torch.allclose(start[0], (rows[red[0]] + rows[dots[0]]) / 2)
     with pytest.raises(ConfigError, match=r"--token-init.*'qqzx' is not a word.*splits into 4 pieces"):
-        initial_vectors(encoder, tokenizer, "sks", "red qqzx")
+        initial_vectors(encoder, tokenizer, pieces, "red qqzx")
 
 
 def test_token_init_needs_the_learnt_embedding_and_some_words(tmp_path):
@@ -244,6 +245,7 @@ def test_training_starts_the_token_from_the_init_words(tmp_path, tiny_sd):
     config = pivotal_config(tmp_path, **{"lora.token_init": "red dots", "lora.token_embedding_lr": 1e-12,
                                          "train.steps": 1, "prior.enabled": False, "validation.final": False})
     learnt = load_file(train(config).output)[BUNDLE_KEY].float()
-    expected = initial_vectors(tiny_sd.text_encoders[0], tiny_sd.tokenizers[0], "sks", "red dots")
+    expected = initial_vectors(tiny_sd.text_encoders[0], tiny_sd.tokenizers[0],
+                               len(token_ids(tiny_sd.tokenizers[0], "sks")), "red dots")
     assert torch.allclose(learnt, expected.half().float(), atol=1e-6)
     assert read_lora_file(config.output.path).config["lora"]["token_init"] == "red dots"  # the file says how
