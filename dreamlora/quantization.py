@@ -74,6 +74,12 @@ def _quantized_linear(bnb, linear: torch.nn.Linear, kind: Quantization, device: 
                                   compress_statistics=True, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
                                          module=layer)
+        # On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a layer's weight for a faster kernel the first time
+        # it runs in eval mode without grad. A run samples (class images, validation grids, --eval-every) and trains
+        # in one process: after the repack the layer computes in bf16 (the same input gives other outputs than in
+        # training), the next training step fails inside bitsandbytes, and a layer narrower than the repack's
+        # blocks (in_features < 64) fails at once. One kernel for both keeps every machine's numbers the same.
+        layer.support_avx512bf16_for_cpu = False
     elif kind == "int8":
         # threshold 0: no outlier columns kept in half precision, so memory is what the plan counts
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,

@@ -107,6 +107,26 @@ def test_only_the_adapters_train_over_a_quantized_base(kind):
     assert all(torch.equal(p, frozen[name]) for name, p in base.unet.named_parameters() if name in frozen)
 
 
+def test_sampling_then_training_over_an_nf4_base_computes_the_same_and_still_trains():
+    # A run samples class images and grids between training steps in one process. On CPUs with AVX512-BF16,
+    # bitsandbytes 0.50 repacked NF4 weights on the first eval pass: tiny-flux's 32-wide layers failed there, and
+    # wider ones computed in bf16 and then broke the next backward (dreamlora/quantization.py turns that off).
+    base, (noisy, timesteps, kwargs), _, _ = quantized_tiny_flux("nf4")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        add_lora_adapters(base.unet, [], rank=4, alpha=4.0, dropout=0.0, unet_targets=list(base.family.default_targets),
+                          train_text_encoder=False, text_targets=[])
+    base.unet.eval()
+    with torch.no_grad():
+        sampled = base.family.predict(base.unet, noisy, timesteps, kwargs)
+    base.unet.train()
+    trained = base.family.predict(base.unet, noisy, timesteps, kwargs)
+    assert torch.equal(sampled, trained)
+    trained.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for name, p in base.unet.named_parameters() if "lora_B" in name)  # A: zero while B is
+
+
 def test_quantized_class_images_are_cached_apart():
     config = flux_config(Path("unused"))
     identity = model_identity("builtin:tiny-flux")
