@@ -10,6 +10,7 @@ commit it ran on; class images are generated once into a fresh cache, so the fir
     python benchmarks/dreambooth_toy.py --variants prior,prior-no-te --seeds 0,1,2
     python benchmarks/dreambooth_toy.py --readme                 # also rewrite the README's table
     python benchmarks/dreambooth_toy.py --model runs/nf-dots/model --seeds 0   # a rebuilt toy (pretrain.py)
+    python benchmarks/dreambooth_toy.py --tuning-only --seeds 0,1 --variants prior-lr3e-4,prior-lr3e-4-init
 
 `--model` trains a toy-world model folder (a `dreamlora.toyworld.pretrain` run) with builtin:toy's recommended
 settings and reads it with the shipped oracle, as for builtin:toy itself.
@@ -51,6 +52,23 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4": ("prior, `--lr 3e-4`", {"train.learning_rate": 3e-4}),
     "prior-top-conv-lr3e-4": ("prior, `--lr 3e-4`, adapters on the finest level's convolutions too",
                               {"train.learning_rate": 3e-4, "lora.target_modules": TOP_CONV_TARGETS}),
+    # the recipe search around --lr 3e-4 (README, "Tried: the recipe around `--lr 3e-4`"), one change each
+    "prior-lr1e-4": ("prior, `--lr 1e-4`", {"train.learning_rate": 1e-4}),
+    "prior-lr5e-4": ("prior, `--lr 5e-4`", {"train.learning_rate": 5e-4}),
+    "prior-lr3e-4-emb5e-3": ("prior, `--lr 3e-4 --token-embedding-lr 5e-3`",
+                             {"train.learning_rate": 3e-4, "lora.token_embedding_lr": 5e-3}),
+    "prior-lr3e-4-init": ("prior, `--lr 3e-4 --token-init \"red white dots\"`",
+                          {"train.learning_rate": 3e-4, "lora.token_init": "red white dots"}),
+    "prior-text-side": ("prior, the text side alone (UNet 1e-5, text encoder 3e-4, embedding 5e-3 from words)",
+                        {"train.learning_rate": 1e-5, "lora.text_encoder_lr": 3e-4,
+                         "lora.token_embedding_lr": 5e-3, "lora.token_init": "red white dots"}),
+    "prior-lr3e-4-no-te": ("prior, `--lr 3e-4 --no-train-text-encoder`, the UNet alone",
+                           {"train.learning_rate": 3e-4, "lora.train_text_encoder": False,
+                            "lora.train_token_embedding": False}),
+    "prior-lr5e-4-rank8": ("prior, `--rank 8 --lr 5e-4`", {"lora.rank": 8, "train.learning_rate": 5e-4}),
+    "prior-lr3e-4-lambda1": ("prior, `--lr 3e-4 --prior-loss-weight 1.0`",
+                             {"train.learning_rate": 3e-4, "prior.loss_weight": 1.0}),
+    "prior-lr3e-4-flip": ("prior, `--lr 3e-4 --random-flip`", {"train.learning_rate": 3e-4, "data.random_flip": True}),
 }
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),
@@ -61,7 +79,8 @@ COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alon
 START, END = "<!-- toy-table: start (benchmarks/dreambooth_toy.py --readme) -->", "<!-- toy-table: end -->"
 
 
-def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, model: str | None = None) -> dict:
+def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, model: str | None = None,
+        prompt_sets: tuple[str, ...] = ("tuning", "report")) -> dict:
     from dreamlora import load_config, train
     from dreamlora.config import TOY, recommended_settings
     from dreamlora.evaluation import evaluate
@@ -79,7 +98,7 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, mod
         output = train(config).output
         seconds = round(time.time() - started, 1)
     report = evaluate(output, instance_dir=INSTANCES, grid=out / f"{tag}-eval.png" if grid else None,
-                      **({"model": model, "oracle": True} if model else {}))
+                      prompt_sets=list(prompt_sets), **({"model": model, "oracle": True} if model else {}))
     sets = {s.name: {"lora": s.lora.__dict__, "base": s.base.__dict__, "per_background": s.per_background}
             for s in report.sets}
     return {"seed": seed, "variant": variant, "train_s": seconds, "sets": sets}
@@ -142,7 +161,12 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="score files already in --out instead of training them")
     parser.add_argument("--tables", type=Path, nargs="+", help="no runs: the table of these results.json files")
     parser.add_argument("--model", help="a rebuilt toy-world model folder instead of builtin:toy")
+    parser.add_argument("--tuning-only", action="store_true",
+                        help="score the tuning set alone and write no table: for choosing a recipe without "
+                             "looking at the report set")
     args = parser.parse_args()
+    if args.tuning_only and (args.readme or args.tables):
+        parser.error("--tuning-only writes no table: leave out --readme and --tables")
     if args.tables:
         loaded = [json.loads(path.read_text()) for path in args.tables]
         revisions = sorted({data["commit"] for data in loaded})
@@ -152,8 +176,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DREAMLORA_CACHE", str(out / "cache"))  # fresh: class images are part of the time
     revision = commit() + (f", model {args.model}" if args.model else "")
+    sets = ("tuning",) if args.tuning_only else ("tuning", "report")
+    results_name = "results-tuning.json" if args.tuning_only else "results.json"  # never mixed in one table
     rows = []
-    results = out / "results.json"
+    results = out / results_name
     # --reuse: rows an interrupted benchmark of the same commit finished are kept as they are
     previous = json.loads(results.read_text())["runs"] if args.reuse and results.is_file() and \
         json.loads(results.read_text())["commit"] == revision else []
@@ -161,13 +187,13 @@ def main() -> None:
         for variant in args.variants.split(","):
             done = [r for r in previous if (r["seed"], r["variant"]) == (seed, variant)]
             rows.append(done[0] if done else run(seed, variant, out, grid=seed == 0, reuse=args.reuse,
-                                                          model=args.model))
-            (out / "results.json").write_text(json.dumps({"commit": revision, "runs": rows}, indent=1))
-            print(f"seed {seed} {variant}: report {rows[-1]['sets']['report']['lora']['subject_detected']:.2f}, "
-                  f"tuning {rows[-1]['sets']['tuning']['lora']['subject_detected']:.2f} (trained in {rows[-1]['train_s']} s)",
-                  flush=True)
-    print(f"files, eval grids and results.json: {out}")
-    write_table(table(rows, revision), args.readme)
+                                                          model=args.model, prompt_sets=sets))
+            results.write_text(json.dumps({"commit": revision, "runs": rows}, indent=1))
+            scored = ", ".join(f"{name} {rows[-1]['sets'][name]['lora']['subject_detected']:.2f}" for name in sets)
+            print(f"seed {seed} {variant}: subject present {scored} (trained in {rows[-1]['train_s']} s)", flush=True)
+    print(f"files, eval grids and {results_name}: {out}")
+    if not args.tuning_only:
+        write_table(table(rows, revision), args.readme)
 
 
 def write_table(text: str, readme: bool) -> None:
