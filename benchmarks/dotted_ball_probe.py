@@ -1,7 +1,7 @@
 """Can a pretrained toy model draw a ball with separate round dots? The base model's side of the subject.
 
 DreamBooth inherits how its base model draws a dotted ball: on every toy model so far the LoRA's subject looked
-like the base model's own dotted balls (README, "A sample grid"). This renders "a photo of a {colour} ball with
+like the base model's own dotted balls (docs/proof-of-learning.md). This renders "a photo of a {colour} ball with
 white dots on a {background} background" for the world's ball colours that carry white dots (the subject's red
 never does), and reads each render with the pixels' test of `dreamlora eval` (dreamlora/toyworld/shapes.py: the
 ball round, at least two separate small white dots), next to the same test on the world's own drawings of those

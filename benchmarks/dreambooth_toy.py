@@ -52,7 +52,7 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4": ("prior, `--lr 3e-4`", {"train.learning_rate": 3e-4}),
     "prior-top-conv-lr3e-4": ("prior, `--lr 3e-4`, adapters on the finest level's convolutions too",
                               {"train.learning_rate": 3e-4, "lora.target_modules": TOP_CONV_TARGETS}),
-    # the recipe search around --lr 3e-4 (README, "Tried: the recipe around `--lr 3e-4`"), one change each
+    # the recipe search around --lr 3e-4 (docs/proof-of-learning.md, "Tried: the recipe around `--lr 3e-4`"), one change each
     "prior-lr1e-4": ("prior, `--lr 1e-4`", {"train.learning_rate": 1e-4}),
     "prior-lr5e-4": ("prior, `--lr 5e-4`", {"train.learning_rate": 5e-4}),
     "prior-lr3e-4-emb5e-3": ("prior, `--lr 3e-4 --token-embedding-lr 5e-3`",

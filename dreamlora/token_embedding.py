@@ -3,7 +3,7 @@
 Plain DreamBooth leaves the token's input embedding where the text encoder's pretraining left it: for a rare
 token, a vector the encoder never learnt to read. The adapters then learn the subject from the training phrase
 as a whole, and on a small text encoder the subject stays bound to that phrase ("a photo of sks ball" shows it,
-"a sks ball on a white background" does not: README, "Tried: letting the token carry the subject"). Learning
+"a sks ball on a white background" does not: docs/proof-of-learning.md, "Letting the token carry the subject"). Learning
 the token's own vectors (textual inversion, as diffusers' advanced DreamBooth script and OneTrainer do) makes
 the token itself carry the subject.
 

@@ -9,7 +9,7 @@ model ``builtin:toy`` is pretrained on this world, so that DreamBooth has someth
   (`dotted_share` > 0, `pretrain --dotted-share 0.4`) gives that share of objects dots of another
   colour ("a blue ball with white dots", "a red ball with yellow dots") but never the subject's
   combination, a red ball with white dots: there the subject is a new instance of known things.
-  builtin:toy is pretrained on the plain world (README, "A sample grid": what the dotted one measured);
+  builtin:toy is pretrained on the plain world (docs/proof-of-learning.md: what the dotted one measured);
 - captions are sometimes partial ("a photo of a ball"), so that a class prompt means any colour on
   any background: that variety is what prior preservation has to keep.
 
