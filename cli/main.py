@@ -36,7 +36,10 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel it would fetch from a hub
+    # bitsandbytes, imported by peft, asks `kernels` for an optional CPU kernel from a hub on AVX512-BF16 CPUs; both
+    # log why they go without it (untrusted publisher, offline), and bitsandbytes computes without it
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(name, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,5 +1,6 @@
 """The command line through Typer's CliRunner: help, one-line errors with exit code 1, a real run."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,17 @@ def one_error_line(result):
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def test_a_command_that_loads_every_library_prints_only_its_own_line(tmp_path):
+    # A fresh process, so the libraries' import-time notices are seen: on AVX512-BF16 CPUs bitsandbytes (imported by
+    # peft) logs through `kernels` that it goes without a hub kernel, a line on every command before this was quieted.
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    result = subprocess.run([sys.executable, "-m", "cli", "inspect", str(bad)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), lines
 
 
 def test_missing_instance_folder_is_one_line_and_exit_1(tmp_path):
