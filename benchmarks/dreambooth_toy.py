@@ -69,7 +69,11 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4-lambda1": ("prior, `--lr 3e-4 --prior-loss-weight 1.0`",
                              {"train.learning_rate": 3e-4, "prior.loss_weight": 1.0}),
     "prior-lr3e-4-flip": ("prior, `--lr 3e-4 --random-flip`", {"train.learning_rate": 3e-4, "data.random_flip": True}),
+    # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
+    "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
+    "prior-mirrored": ("prior, the five photos mirrored once", {"data.instance_dir": "<mirrored>"}),
 }
+MIRRORED = "<mirrored>"  # a variant's instance folder: the sample photos mirrored left to right, written into --out
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),
            ("subject_similarity", "similarity"), ("background_match", "background match"),
@@ -86,12 +90,15 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, mod
     from dreamlora.evaluation import evaluate
 
     tag = f"seed{seed}-{variant}"
+    overrides = dict(VARIANTS[variant][1])
+    if overrides.get("data.instance_dir") == MIRRORED:
+        overrides["data.instance_dir"] = str(mirrored_photos(out / "mirrored-photos"))
     # another toy-world model: the recipe builtin:toy recommends, given explicitly (recommendations follow the name)
     rebuilt = {"model.name": model, **recommended_settings(TOY)} if model else {}
     config = load_config(None, {**rebuilt, "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
                                 "output.path": str(out / f"{tag}.safetensors"), "output.overwrite": True,
                                 "train.seed": seed, "validation.final": False, "validation.eval_every": 0,
-                                **VARIANTS[variant][1]})
+                                **overrides})
     output, seconds = Path(config.output.path), None
     if not (reuse and output.is_file()):  # --reuse: a file an interrupted benchmark trained is scored as it is
         started = time.time()
@@ -102,6 +109,17 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, mod
     sets = {s.name: {"lora": s.lora.__dict__, "base": s.base.__dict__, "per_background": s.per_background}
             for s in report.sets}
     return {"seed": seed, "variant": variant, "train_s": seconds, "sets": sets}
+
+
+def mirrored_photos(folder: Path) -> Path:
+    """The sample photos mirrored left to right, as PNGs in `folder` (rewritten each run: the same pixels)."""
+    from PIL import Image, ImageOps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for photo in sorted(INSTANCES.glob("*.png")):
+        with Image.open(photo) as image:
+            ImageOps.mirror(image.convert("RGB")).save(folder / photo.name)
+    return folder
 
 
 def commit() -> str:

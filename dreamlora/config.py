@@ -91,7 +91,8 @@ class DataConfig:
     crop: Literal["center", "random"] = setting("center", flag="--crop",
                                                 help="Square crop of each photo: center, or random (redrawn every step).")
     random_flip: bool = setting(False, flag="--random-flip/--no-random-flip",
-                                help="Random horizontal flips, redrawn every step.")
+                                help="Random horizontal flips, redrawn every step; not for a subject with a side "
+                                     "(text, a logo).")
     job: Literal["dreambooth", "finetune"] = setting(
         "dreambooth", help="What is learnt: a subject from photos with a token (dreambooth: `dreamlora train`), or "
                            "a style or domain from captioned images (finetune: `dreamlora finetune`); set by the "
