@@ -43,6 +43,7 @@ CONV_TARGETS = [*LoraConfig().target_modules, "proj_in", "proj_out", "ff.net.0.p
 TOP_CONV_TARGETS = [*LoraConfig().target_modules,
                     *(f"{block}.resnets.{i}.{conv}" for block, n in (("down_blocks.0", 1), ("up_blocks.2", 2))
                       for i in range(n) for conv in ("conv1", "conv2"))]
+MIRRORED = "<mirrored>"  # a variant's instance folder: the sample photos mirrored left to right, written into --out
 VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
@@ -52,7 +53,8 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4": ("prior, `--lr 3e-4`", {"train.learning_rate": 3e-4}),
     "prior-top-conv-lr3e-4": ("prior, `--lr 3e-4`, adapters on the finest level's convolutions too",
                               {"train.learning_rate": 3e-4, "lora.target_modules": TOP_CONV_TARGETS}),
-    # the recipe search around --lr 3e-4 (docs/proof-of-learning.md, "Tried: the recipe around `--lr 3e-4`"), one change each
+    # the recipe search around --lr 3e-4, one change each (docs/proof-of-learning.md, "Tried: the recipe around
+    # `--lr 3e-4`")
     "prior-lr1e-4": ("prior, `--lr 1e-4`", {"train.learning_rate": 1e-4}),
     "prior-lr5e-4": ("prior, `--lr 5e-4`", {"train.learning_rate": 5e-4}),
     "prior-lr3e-4-emb5e-3": ("prior, `--lr 3e-4 --token-embedding-lr 5e-3`",
@@ -71,9 +73,8 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4-flip": ("prior, `--lr 3e-4 --random-flip`", {"train.learning_rate": 3e-4, "data.random_flip": True}),
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
-    "prior-mirrored": ("prior, the five photos mirrored once", {"data.instance_dir": "<mirrored>"}),
+    "prior-mirrored": ("prior, the five photos mirrored once", {"data.instance_dir": MIRRORED}),
 }
-MIRRORED = "<mirrored>"  # a variant's instance folder: the sample photos mirrored left to right, written into --out
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),
            ("subject_similarity", "similarity"), ("background_match", "background match"),
