@@ -197,6 +197,25 @@ def test_dotted_ball_share_adds_dotted_balls_and_leaves_the_dotted_world_alone()
         assert a.dots in dot_colors("ball", a.color)
 
 
+def test_white_dots_recolour_only_the_dots_and_never_draw_the_subject():
+    """The white-dot world is the dotted world scene for scene, every dot white, or black on white objects and on
+    red balls (where white would draw the subject)."""
+    dotted = [random_scene(np.random.default_rng(seed), DOTTED_WORLD_SHARE) for seed in range(2000)]
+    white = [random_scene(np.random.default_rng(seed), DOTTED_WORLD_SHARE, white_dots=True) for seed in range(2000)]
+    assert [replace(scene, dots=None) for scene in dotted] == [replace(scene, dots=None) for scene in white]
+    assert [scene.dots is None for scene in dotted] == [scene.dots is None for scene in white]
+    blacks = {(scene.cls, scene.color) for scene in white if scene.dots == "black"}
+    assert blacks == {(cls, "white") for cls in CLASSES} | {("ball", "red")}
+    assert {scene.dots for scene in white} == {None, "white", "black"}
+    assert SUBJECT not in {(scene.cls, scene.color, scene.dots) for scene in white}
+    # the pictures and captions follow: the same example, white dots named where the dotted world named others
+    for (_, text, scene), (_, white_text, white_scene) in zip(dataset(60, seed=3, dotted_share=DOTTED_WORLD_SHARE),
+                                                           dataset(60, seed=3, dotted_share=DOTTED_WORLD_SHARE,
+                                                                   white_dots=True)):
+        assert white_text == (text if scene.dots is None else text.replace(f"{scene.dots} dots",
+                                                                           f"{white_scene.dots} dots"))
+
+
 def test_the_plain_world_is_what_it_was_before_the_dotted_world_existed():
     """Hashes of drawings and captions made before dots were added (commit f00b085): builtin:toy's pretraining data."""
     digest = hashlib.sha256()

@@ -124,6 +124,7 @@ class Settings:
     dotted_share: float = 0.0  # > 0: the dotted world (world.py), this share of objects with dots
     dotted_ball_share: float = 0.0  # > 0: this share of pictures more are dotted balls (world.random_scene)
     noun_first_share: float = 0.0  # > 0: this share of captions without "a photo of" start with the noun
+    white_dots: int = 0  # 1: every dot white, black where white is not drawn (world.random_scene); an int for argparse
     generic_images: int = 4000  # random-shape pictures for the VAE only
     vae_from: str = ""  # a finished VAE folder (e.g. the shipped model's vae/) used as it is instead of training one
     size: int = 64
@@ -179,7 +180,7 @@ def make_data(s: Settings, path: Path) -> dict:
     if path.is_file():
         return torch.load(path, weights_only=True)  # our own cache: tensors, lists, dicts
     t0 = time.time()
-    world = dataset(s.images, s.seed, s.size, s.dotted_share, s.dotted_ball_share)
+    world = dataset(s.images, s.seed, s.size, s.dotted_share, s.dotted_ball_share, bool(s.white_dots))
     images = torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in world])).permute(0, 3, 1, 2).contiguous()
     scenes = [asdict(scene) for _, _, scene in world]
     rng = np.random.default_rng([s.seed, 1])
@@ -420,7 +421,7 @@ def eval_unet(s: Settings, unet, text, vae, tokenizer, n: int = 256) -> dict:
     """Unweighted epsilon MSE on fresh world pictures at fixed timesteps (a held-out figure)."""
     from diffusers import DDPMScheduler
 
-    world = dataset(n, s.seed + 10_000, s.size, s.dotted_share, s.dotted_ball_share)
+    world = dataset(n, s.seed + 10_000, s.size, s.dotted_share, s.dotted_ball_share, bool(s.white_dots))
     x = to_pixels(torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in world])).permute(0, 3, 1, 2))
     gen = torch.Generator().manual_seed(1234)
     x0 = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor

@@ -139,7 +139,8 @@ def random_placement(rng: np.random.Generator,
     return x, y, size
 
 
-def random_scene(rng: np.random.Generator, dotted_share: float = 0.0, dotted_ball_share: float = 0.0) -> Scene:
+def random_scene(rng: np.random.Generator, dotted_share: float = 0.0, dotted_ball_share: float = 0.0,
+                 white_dots: bool = False) -> Scene:
     """Draw a scene: uniform class, a uniform visible (colour, background) pair, position and size, and
     in the dotted world dots for a share of them (a uniform allowed dot colour).
 
@@ -150,6 +151,10 @@ def random_scene(rng: np.random.Generator, dotted_share: float = 0.0, dotted_bal
         dotted_ball_share: A further share of scenes turned into dotted balls, whatever class and dots
             they drew: a ball's dots sit on a turned sphere, the hardest pattern of the world, and at
             dotted_share alone only a tenth of pictures show one. 0 draws nothing more from `rng`.
+        white_dots: Every dotted object's dots are white, or black where white is not drawn (on white objects,
+            and on red balls: the subject's combination). The same draws from `rng` as without it, so each scene
+            is the dotted world's with only the dots' colour changed. One dot colour for five lets a tiny UNet
+            learn the pattern instead of a mix of colours (docs/proof-of-learning.md).
 
     Returns:
         A Scene whose object lies wholly inside the image.
@@ -165,6 +170,8 @@ def random_scene(rng: np.random.Generator, dotted_share: float = 0.0, dotted_bal
         cls = "ball"
         choices = dot_colors(cls, color)
         dots = choices[int(rng.integers(len(choices)))]
+    if white_dots and dots is not None:
+        dots = "white" if "white" in dot_colors(cls, color) else "black"
     return Scene(cls, color, background, x, y, size, dots)
 
 
@@ -265,7 +272,7 @@ def caption_words() -> set[str]:
 
 
 def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0,
-            dotted_ball_share: float = 0.0) -> list[tuple[Image.Image, str, Scene]]:
+            dotted_ball_share: float = 0.0, white_dots: bool = False) -> list[tuple[Image.Image, str, Scene]]:
     """`n` (image, caption, scene) triples drawn from one seeded generator.
 
     Args:
@@ -274,6 +281,7 @@ def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0,
         size: Image side in pixels.
         dotted_share: The share of dotted objects (0: the plain world).
         dotted_ball_share: A further share of dotted balls (random_scene).
+        white_dots: White dots only, black where white is not drawn (random_scene).
 
     Returns:
         A list of (RGB image, caption, scene).
@@ -281,7 +289,7 @@ def dataset(n: int, seed: int, size: int = 64, dotted_share: float = 0.0,
     rng = np.random.default_rng(seed)
     examples = []
     for _ in range(n):
-        scene = random_scene(rng, dotted_share, dotted_ball_share)
+        scene = random_scene(rng, dotted_share, dotted_ball_share, white_dots)
         examples.append((draw_scene(scene, size), caption(scene, rng), scene))
     return examples
 
