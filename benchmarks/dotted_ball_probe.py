@@ -11,6 +11,10 @@ dot counts and the grid too). It reads a finished model folder, or a `pretrain` 
 
     python benchmarks/dotted_ball_probe.py --model dreamlora/builtin_models/toy --out runs/probe.png
     python benchmarks/dotted_ball_probe.py --run runs/x32 --out runs/x32-probe.png --threads 1
+    python benchmarks/dotted_ball_probe.py --model runs/wd/model --colours red --out runs/wd-red.png
+
+`--colours red` asks for the subject itself from words alone ("a red ball with white dots", which no world
+draws): how far a base model is from the subject before DreamBooth.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def model_from_run(run: Path, folder: Path) -> tuple[Path, int]:
     return folder, int(checkpoint["step"])
 
 
-def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
+def probe(model: Path, seeds: list[int], guidance: float, colours: tuple[str, ...] = COLOURS) -> tuple[dict, list]:
     """Share of renders and of drawings that pass the pixels' test, per colour; the renders by colour."""
     from dreamlora.models import load_base_model
     from dreamlora.sampling import render_images
@@ -68,7 +72,7 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
     pipe = load_base_model(str(model)).pipeline("dpm++2m")
     figures, rows = {}, []
     rng = np.random.default_rng(0)
-    for colour in COLOURS:
+    for colour in colours:
         renders = []
         for background in BACKGROUNDS:
             article = "an" if colour == "orange" else "a"
@@ -78,7 +82,7 @@ def probe(model: Path, seeds: list[int], guidance: float) -> tuple[dict, list]:
                     for background in BACKGROUNDS for _ in seeds]
         figures[colour] = {"renders": readings(renders), "drawings": readings(drawings)}
         rows.append(renders)
-    figures["all"] = {kind: {key: float(np.mean([figures[c][kind][key] for c in COLOURS]))
+    figures["all"] = {kind: {key: float(np.mean([figures[c][kind][key] for c in colours]))
                              for key in ("pass", "dots", "roundness")} for kind in ("renders", "drawings")}
     return figures, rows
 
@@ -93,7 +97,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4, help="render seeds per prompt (from 0)")
     parser.add_argument("--guidance", type=float, default=6.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--colours", default=",".join(COLOURS),
+                        help="comma-separated ball colours (default: those the world dots with white; red: the subject)")
     args = parser.parse_args()
+    colours = tuple(args.colours.split(","))
     torch.set_num_threads(args.threads)
     from dreamlora.grid import make_grid
 
@@ -102,9 +109,9 @@ def main() -> None:
         model = args.model
         if args.run is not None:
             model, step = model_from_run(args.run, Path(tmp) / "model")
-        figures, rows = probe(model, list(range(args.seeds)), args.guidance)
+        figures, rows = probe(model, list(range(args.seeds)), args.guidance, colours)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, row_labels=[f"{c} ball, white dots" for c in COLOURS],
+    make_grid(rows, row_labels=[f"{c} ball, white dots" for c in colours],
               col_labels=[f"{b} / seed {s}" for b in BACKGROUNDS for s in range(args.seeds)]).save(args.out)
     where = f"{args.run} at step {step}" if step is not None else str(args.model)
     print(f"{where}, renders / the world's drawings of the same scenes:")
