@@ -62,13 +62,15 @@ def setting(default: Any = _NO_DEFAULT, *, help: str, flag: str | None = None, f
 
 
 TOY = "builtin:toy"  # the shipped toy-world model; its tiny UNet needs more rank, rate and steps than SD 1.5
+# the white-dot world's model (32x32 latents; docs/proof-of-learning.md): builtin:toy's recipe at a third of its rate
+TOY_DOTS = "builtin:toy-dots"
 
 
 @dataclass
 class ModelConfig:
-    name: str = setting(DEFAULT_MODEL, flag="--model", help="Base model: builtin:toy, builtin:tiny-sd, "
-                        "builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, builtin:tiny-flux, a hub id, a "
-                        "diffusers folder, or a .safetensors/.ckpt checkpoint (SD 1.x/2.x/SDXL, or a Flux "
+    name: str = setting(DEFAULT_MODEL, flag="--model", help="Base model: builtin:toy, builtin:toy-dots, "
+                        "builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, builtin:tiny-flux, "
+                        "a hub id, a diffusers folder, or a .safetensors/.ckpt checkpoint (SD 1.x/2.x/SDXL, or a Flux "
                         "transformer file such as flux1-dev.safetensors with --model-config).")
     single_file_config: str | None = setting(None, flag="--model-config", path=True, help="For a single-file "
                                              "checkpoint: a diffusers folder or hub id holding its configs (for a "
@@ -127,7 +129,7 @@ class PriorConfig:
                                     help="Use these class images instead of generating them.")
     num_class_images: int = setting(100, flag="--num-class-images", low=0, low_open=True,
                                     help="Class images generated into the cache (ignored with --class-dir).")
-    loss_weight: float = setting(1.0, flag="--prior-loss-weight", low=0, recommended={TOY: 0.5},
+    loss_weight: float = setting(1.0, flag="--prior-loss-weight", low=0, recommended={TOY: 0.5, TOY_DOTS: 0.5},
                                  help="λ in instance loss + λ · class loss.")
     sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--prior-sampler", help="Sampler of the class images.")
     steps: int = setting(20, flag="--prior-steps", low=0, low_open=True, help="Sampling steps a class image.")
@@ -140,7 +142,7 @@ class PriorConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = setting(4, flag="--rank", low=0, low_open=True, recommended={TOY: 32}, help="LoRA rank.")
+    rank: int = setting(4, flag="--rank", low=0, low_open=True, recommended={TOY: 32, TOY_DOTS: 32}, help="LoRA rank.")
     alpha: float | None = setting(None, flag="--alpha", low=0, low_open=True,
                                   help="LoRA alpha, stored in the file; strength = alpha / rank (default: = rank).")
     dropout: float = setting(0.0, flag="--lora-dropout", low=0, high=1, high_open=True,
@@ -148,14 +150,15 @@ class LoraConfig:
     target_modules: list[str] = setting(flag="--lora-targets", factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
                                         help="Denoiser modules that get adapters (comma-separated name suffixes).")
     train_text_encoder: bool = setting(False, flag="--train-text-encoder/--no-train-text-encoder",
-                                       recommended={TOY: True}, help="Also train LoRA on the text encoder(s).")
+                                       recommended={TOY: True, TOY_DOTS: True},
+                                       help="Also train LoRA on the text encoder(s).")
     text_target_modules: list[str] = setting(flag="--text-lora-targets",
                                              factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
                                              help="Text-encoder modules that get adapters (comma-separated).")
     text_encoder_lr: float | None = setting(None, flag="--text-encoder-lr", low=0, low_open=True,
                                             help="Learning rate of the text-encoder adapters (default: --lr).")
     train_token_embedding: bool = setting(False, flag="--train-token-embedding/--no-train-token-embedding",
-                                          recommended={TOY: True},
+                                          recommended={TOY: True, TOY_DOTS: True},
                                           help="Also learn the token's own input embedding (pivotal tuning), "
                                                "stored in the file as AUTOMATIC1111's bundled embedding.")
     token_embedding_lr: float = setting(1e-3, flag="--token-embedding-lr", low=0, low_open=True,
@@ -174,12 +177,13 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = setting(500, flag="--steps", low=0, low_open=True, recommended={TOY: 1000}, help="Optimizer steps.")
+    steps: int = setting(500, flag="--steps", low=0, low_open=True, recommended={TOY: 1000, TOY_DOTS: 1000},
+                         help="Optimizer steps.")
     epochs: float | None = setting(None, flag="--epochs", low=0, low_open=True,
                                    help="Passes over the images instead of --steps (rounded up to whole steps).")
     batch_size: int = setting(1, flag="--batch-size", low=0, low_open=True,
                               help="Instance images a step (as many class images join them).")
-    learning_rate: float = setting(1e-4, flag="--lr", low=0, low_open=True, recommended={TOY: 1e-3},
+    learning_rate: float = setting(1e-4, flag="--lr", low=0, low_open=True, recommended={TOY: 1e-3, TOY_DOTS: 3e-4},
                                    help="AdamW learning rate of the denoiser's adapters.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = setting(
         "constant", flag="--lr-scheduler", help="Learning-rate schedule over --steps.")
@@ -260,7 +264,7 @@ class ValidationConfig:
     final: bool = setting(True, flag="--final-grid/--no-final-grid",
                           help="Render a base-vs-LoRA grid at the end of the run (on a CPU it can take longer "
                                "than a short training).")
-    eval_every: int = setting(0, flag="--eval-every", low=0, recommended={TOY: 200},
+    eval_every: int = setting(0, flag="--eval-every", low=0, recommended={TOY: 200, TOY_DOTS: 200},
                               help="Steps between scored checkpoints (0: off). Each is rendered on the tuning "
                                    "prompts and scored (the toy oracle on builtin:toy, else --eval-dino / "
                                    "--eval-clip); the run folder gets the scores, a plot, report.html and the "
@@ -645,7 +649,8 @@ def validate(config: DreamLoraConfig) -> list[str]:
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
             problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
-    reads_with_oracle = c.validation.eval_oracle if c.validation.eval_oracle is not None else c.model.name == TOY
+    reads_with_oracle = c.validation.eval_oracle if c.validation.eval_oracle is not None \
+        else c.model.name in (TOY, TOY_DOTS)
     check(not c.validation.eval_every or c.data.job != "dreambooth" or reads_with_oracle
           or bool(c.validation.eval_dino or c.validation.eval_clip),
           "validation.eval_every", f"needs something to score the renders of '{c.model.name}': pass --eval-dino or "

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from .toyworld.oracle import Oracle
 
 CLASS_PROMPT = "a photo of {class_article} {class}"
-ORACLE_MODELS = ("builtin:toy",)  # base models the shipped oracle was trained to read
+ORACLE_MODELS = ("builtin:toy", "builtin:toy-dots")  # base models the shipped oracle reads (drawn like its world)
 
 
 def oracle_reads(identity: str, choice: bool | None) -> bool:

@@ -243,10 +243,14 @@ def test_unknown_scene_values_are_refused():
 # The pretrained weights ship in dreamlora/builtin_models/toy/; a package without them fails here.
 
 
-def test_shipped_model_is_small_and_packaged():
-    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
-    assert (SHIPPED / "model_index.json").is_file()
+@pytest.mark.parametrize("name", ["toy", "toy-dots"])
+def test_shipped_model_is_small_and_packaged(name):
+    folder = SHIPPED.parent / name
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert (folder / "model_index.json").is_file()
     assert sum(p.stat().st_size for p in files) <= MAX_SHIPPED_BYTES
+    # every shipped weight together stays within the repository's 30 MB for built-in models
+    assert sum(p.stat().st_size for p in SHIPPED.parent.rglob("*") if p.is_file()) <= 30 * 1024 * 1024
     # Every file a loader needs matches pyproject's package-data, so a wheel carries it.
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dreamlora"]
     for path in files:
@@ -254,6 +258,23 @@ def test_shipped_model_is_small_and_packaged():
             continue  # the pretraining log is documentation, not needed to load
         relative = path.relative_to(ROOT / "dreamlora").as_posix()
         assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
+
+
+def test_toy_dots_loads_offline_with_32x32_latents_and_its_recipe():
+    """builtin:toy-dots: the white-dot world's model, shipped; builtin:toy's recipe at --lr 3e-4, read by the oracle."""
+    from dreamlora.config import TOY, TOY_DOTS, load_config, recommended_settings
+    from dreamlora.evaluation import oracle_reads
+    from dreamlora.models import load_base_model
+
+    base = load_base_model("builtin:toy-dots")
+    assert base.vae_scale_factor == 2 and base.unet.config.sample_size == 32
+    assert not any("attn" in name for name, _ in base.unet.down_blocks[0].named_modules())  # none at 32x32
+    recipe = recommended_settings(TOY_DOTS)
+    assert recipe == {**recommended_settings(TOY), "train.learning_rate": 3e-4}
+    config = load_config(None, {"model.name": TOY_DOTS, "data.instance_dir": "photos", "data.class_word": "ball",
+                                "output.path": "x.safetensors"})
+    assert config.train.learning_rate == 3e-4 and config.validation.eval_every == 200  # scored by the oracle
+    assert oracle_reads(TOY_DOTS, None)
 
 
 def test_pretraining_can_keep_the_shipped_vae(tmp_path):

@@ -94,6 +94,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                               "embedding, CLIP-L + T5, 2x2 latent patches), rectified flow, 64 px", "flux"),
     "toy": BuiltinModel("toy", "SD 1.x layout pretrained on the toy world (balls, cubes, cups, stars), "
                         "epsilon prediction, 64 px", "sd1", shipped=True),
+    "toy-dots": BuiltinModel("toy-dots", "SD 1.x layout pretrained on the white-dot toy world (a share of objects "
+                             "carry white dots; never the red ball with white dots), 32x32 latents, 64 px", "sd1",
+                             shipped=True),
 }
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
 

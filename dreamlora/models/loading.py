@@ -39,8 +39,8 @@ if TYPE_CHECKING:  # diffusers takes seconds to import; only the type checker ne
     from ..objectives import Objective
 
 ACCEPTED_FORMS = (
-    "builtin:<name> (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl, builtin:tiny-sd3, "
-    "builtin:tiny-flux), "
+    "builtin:<name> (builtin:toy, builtin:toy-dots, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl, "
+    "builtin:tiny-sd3, builtin:tiny-flux), "
     "a diffusers model folder, "
     "a single-file checkpoint (.safetensors, .ckpt, .pt, .pth; a Flux transformer file with --model-config), "
     "or a Hugging Face hub id (org/name)"
