@@ -266,15 +266,15 @@ class ValidationConfig:
                                "than a short training).")
     eval_every: int = setting(0, flag="--eval-every", low=0, recommended={TOY: 200, TOY_DOTS: 200},
                               help="Steps between scored checkpoints (0: off). Each is rendered on the tuning "
-                                   "prompts and scored (the toy oracle on builtin:toy, else --eval-dino / "
+                                   "prompts and scored (the toy oracle on the toy models, else --eval-dino / "
                                    "--eval-clip); the run folder gets the scores, a plot, report.html and the "
                                    "recommended step, which `dreamlora export` writes.")
     max_class_drift: float = setting(0.5, flag="--max-class-drift", low=0,
                                      help="The recommended step has the best subject score among those whose "
                                           "class drift (1 - cosine of class renders to the base's) is at most this.")
     eval_oracle: bool | None = setting(None, flag="--eval-oracle/--no-eval-oracle",
-                                       help="Score --eval-every with the toy oracle (default: on builtin:toy only; "
-                                            "pass it for a toy-world model rebuilt with `reproduce`).")
+                                       help="Score --eval-every with the toy oracle (default: on builtin:toy and "
+                                            "toy-dots only; pass it for a toy-world model rebuilt with `reproduce`).")
     eval_dino: str | None = setting(None, flag="--eval-dino", path=True,
                                     help="Local DINO/ViT transformers folder scoring --eval-every (any base model).")
     eval_clip: str | None = setting(None, flag="--eval-clip", path=True,
