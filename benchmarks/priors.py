@@ -331,7 +331,7 @@ def _compare(results: list[dict]) -> None:
 
 def oracle_models() -> tuple[str, ...]:
     """The trained models the toy oracle can read: dreamlora eval's own list."""
-    from dreamlora.evaluation import ORACLE_MODELS
+    from dreamlora.config import ORACLE_MODELS
 
     return ORACLE_MODELS
 

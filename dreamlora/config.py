@@ -64,6 +64,13 @@ def setting(default: Any = _NO_DEFAULT, *, help: str, flag: str | None = None, f
 TOY = "builtin:toy"  # the shipped toy-world model; its tiny UNet needs more rank, rate and steps than SD 1.5
 # the white-dot world's model (32x32 latents; docs/proof-of-learning.md): builtin:toy's recipe at a third of its rate
 TOY_DOTS = "builtin:toy-dots"
+ORACLE_MODELS = (TOY, TOY_DOTS)  # base models the shipped toy oracle reads (drawn like its world)
+
+
+def oracle_reads(model: str, choice: bool | None) -> bool:
+    """Whether the toy oracle reads a model's renders: the user's --oracle / --eval-oracle choice, else whether
+    the model (a name, or a loaded model's identity) is one it was trained to read."""
+    return model in ORACLE_MODELS if choice is None else choice
 
 
 @dataclass
@@ -649,8 +656,7 @@ def validate(config: DreamLoraConfig) -> list[str]:
     for i, prompt in enumerate(c.validation.prompts):
         if not _fills(prompt):
             problems.append(f"{describe('validation.prompts')}: prompt {i + 1} {prompt_problem(prompt)} (got '{prompt}')")
-    reads_with_oracle = c.validation.eval_oracle if c.validation.eval_oracle is not None \
-        else c.model.name in (TOY, TOY_DOTS)
+    reads_with_oracle = oracle_reads(c.model.name, c.validation.eval_oracle)
     check(not c.validation.eval_every or c.data.job != "dreambooth" or reads_with_oracle
           or bool(c.validation.eval_dino or c.validation.eval_clip),
           "validation.eval_every", f"needs something to score the renders of '{c.model.name}': pass --eval-dino or "

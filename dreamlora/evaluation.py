@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .config import EvalSettings, fill_prompt, settings_from
+from .config import EvalSettings, fill_prompt, oracle_reads, settings_from
 from .errors import ConfigError, DreamLoraError, ModelLoadError
 from .progress import ProgressCallback, ProgressEvent, ignore_progress
 
@@ -58,13 +58,7 @@ if TYPE_CHECKING:
     from .toyworld.oracle import Oracle
 
 CLASS_PROMPT = "a photo of {class_article} {class}"
-ORACLE_MODELS = ("builtin:toy", "builtin:toy-dots")  # base models the shipped oracle reads (drawn like its world)
 
-
-def oracle_reads(identity: str, choice: bool | None) -> bool:
-    """Whether the toy oracle reads a model's renders: the user's --oracle / --eval-oracle choice, else the models
-    it was trained to read."""
-    return identity in ORACLE_MODELS if choice is None else choice
 ADAPTER_NAME = "dreamlora_eval"
 # Class prompts with asked attributes, (colour, background): each pair is one the toy world draws (contrast).
 ATTRIBUTE_PROMPTS = (("blue", "yellow"), ("green", "white"), ("yellow", "purple"))
