@@ -57,14 +57,14 @@ def probe(model: Path, seeds: list[int], guidance: float, colours: tuple[str, ..
     from dreamlora.models import load_base_model
     from dreamlora.sampling import render_images
     from dreamlora.toyworld.oracle import OracleConfig
-    from dreamlora.toyworld.shapes import read_shape, shows_subject_shape
+    from dreamlora.toyworld.shapes import read_shape
     from dreamlora.toyworld.world import COLORS, Scene, draw_scene, random_placement
 
     config = OracleConfig()  # the subject test of `dreamlora eval`
 
     def readings(images) -> dict:
         shapes = [read_shape(np.asarray(im.convert("RGB"), np.float32) / 255.0, COLORS[colour]) for im in images]
-        passes = [shows_subject_shape(s, config.subject_min_roundness, config.subject_min_dots) for s in shapes]
+        passes = [config.shows_subject_shape(s) for s in shapes]
         return {"pass": float(np.mean(passes)),
                 "dots": float(np.mean([s.dots for s in shapes])),
                 "roundness": float(np.mean([s.roundness for s in shapes]))}

@@ -71,6 +71,14 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4-lambda1": ("prior, `--lr 3e-4 --prior-loss-weight 1.0`",
                              {"train.learning_rate": 3e-4, "prior.loss_weight": 1.0}),
     "prior-lr3e-4-flip": ("prior, `--lr 3e-4 --random-flip`", {"train.learning_rate": 3e-4, "data.random_flip": True}),
+    # builtin:toy-dots: what steadies the training seeds (docs/proof-of-learning.md, "Steadying the seeds")
+    "prior-lr3e-4-batch4": ("prior, `--lr 3e-4 --batch-size 4 --steps 500`",
+                            {"train.learning_rate": 3e-4, "train.batch_size": 4, "train.steps": 500}),
+    "prior-lr3e-4-te1e-4": ("prior, `--lr 3e-4 --text-encoder-lr 1e-4`",
+                            {"train.learning_rate": 3e-4, "lora.text_encoder_lr": 1e-4}),
+    "prior-lr3e-4-cosine": ("prior, `--lr 3e-4 --lr-scheduler cosine`",
+                            {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}),
+    "prior-lr3e-4-rank8": ("prior, `--lr 3e-4 --rank 8`", {"train.learning_rate": 3e-4, "lora.rank": 8}),
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
     "prior-mirrored": ("prior, the five photos mirrored once", {"data.instance_dir": MIRRORED}),

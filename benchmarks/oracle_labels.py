@@ -34,9 +34,11 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).resolve().parent / "oracle_labels"  # the labelling set of the shipped builtin:toy
 TILE, COLUMNS, PER_SHEET = 64, 10, 50
 SEEDS = (2000, 2001, 2002, 2003)  # seeds of neither prompt set
+COMMITTED = (HERE, HERE / "heldout", HERE / "toy-dots")  # the labelled sets, in the order they were made
 
 
-def make(files: list[Path], view: Path | None, folder: Path = HERE, seeds: tuple[int, ...] = SEEDS) -> None:
+def make(files: list[Path], view: Path | None, folder: Path = HERE, seeds: tuple[int, ...] = SEEDS,
+         model: str = "builtin:toy") -> None:
     import torch
 
     from dreamlora.evaluation import PROMPT_SETS, fill_subject
@@ -45,7 +47,7 @@ def make(files: list[Path], view: Path | None, folder: Path = HERE, seeds: tuple
     from dreamlora.sampling import attach_lora, detach_lora, render_images
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    base = load_base_model("builtin:toy")
+    base = load_base_model(model)
     report = PROMPT_SETS["report"]
     subject = [fill_subject(p, "sks", "ball", bg) for p in report.phrasings for bg in report.backgrounds]
     classes = ["a photo of a ball", "a photo of a red ball"]
@@ -124,15 +126,16 @@ def main() -> None:
     parser.add_argument("--view", type=Path, help="with --make: enlarged, numbered sheets for labelling")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                         help="with --make: the render seeds (the base model's renders use the first three)")
+    parser.add_argument("--model", default="builtin:toy", help="with --make: the base model the files were trained on")
     parser.add_argument("--oracle", type=Path,
                         help="score this oracle folder (train_oracle --out) instead of the shipped one")
     parser.add_argument("--set", type=Path, help="the labelling set's folder (to make; to score: default both "
                                                  "committed sets, benchmarks/oracle_labels and its heldout/)")
     args = parser.parse_args()
     if args.make:
-        make(args.make, args.view, args.set or HERE, tuple(int(s) for s in args.seeds.split(",")))
+        make(args.make, args.view, args.set or HERE, tuple(int(s) for s in args.seeds.split(",")), args.model)
         return
-    for folder in [args.set] if args.set else [HERE, HERE / "heldout"]:
+    for folder in [args.set] if args.set else COMMITTED:
         figures = score(args.oracle, folder)
         print(f"{folder.name}: {figures['labelled']} renders labelled by eye, {figures['subject in labels']} "
               "showing the subject")

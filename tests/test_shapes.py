@@ -12,9 +12,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from dreamlora.toyworld import BACKGROUNDS, COLORS
-from dreamlora.toyworld.world import draw_scene, random_scene
+from dreamlora.toyworld.world import Scene, draw_scene, random_placement, random_scene
 from dreamlora.toyworld.oracle import OracleConfig, images_to_tensor, load_oracle
-from dreamlora.toyworld.shapes import ShapeReading, shows_subject_shape
+from dreamlora.toyworld.shapes import ShapeReading
 from dreamlora.toyworld.shapes import read_shape as read_pixels
 from dreamlora.toyworld.subject import random_polka_ball
 from dreamlora.toyworld.train_oracle import draw_glossy_balls
@@ -53,10 +53,25 @@ def ball(marks=(), background=(70, 110, 190), radius=18) -> Image.Image:
     return image
 
 
+def passes(reading: ShapeReading) -> bool:
+    """The pixels' test with the shipped oracle's thresholds."""
+    return CONFIG.shows_subject_shape(reading)
+
+
 def test_separate_dots_on_a_round_ball_are_counted():
     reading = read_shape(ball([("dot", 25, 25, 3), ("dot", 39, 27, 3), ("dot", 31, 40, 3)]), RED)
     assert reading.roundness >= 0.9 and reading.dots == 3
-    assert shows_subject_shape(reading, CONFIG.subject_min_roundness, CONFIG.subject_min_dots)
+    assert passes(reading)
+
+
+@pytest.mark.parametrize("background", ["white", "blue"])
+def test_dots_on_the_rim_neither_notch_the_ball_nor_hide(background):
+    """A dot on the rim cuts into the red outline and, on a white background, joins the background: the ball is
+    still round and the dot still counts."""
+    rim = [("dot", 32, 15, 4), ("dot", 48, 34, 4), ("dot", 30, 33, 3)]
+    reading = read_shape(ball(rim, background=BACKGROUNDS[background]), RED)
+    assert reading.roundness >= 0.9 and reading.dots == 3
+    assert passes(reading)
 
 
 @pytest.mark.parametrize("marks, why", [
@@ -67,7 +82,16 @@ def test_separate_dots_on_a_round_ball_are_counted():
 ])
 def test_what_is_not_separate_dots(marks, why):
     reading = read_shape(ball(marks), RED)
-    assert not shows_subject_shape(reading, CONFIG.subject_min_roundness, CONFIG.subject_min_dots), why
+    assert not passes(reading), why
+
+
+def test_a_bar_among_dots_or_a_white_ball_with_red_marks_is_not_the_subject():
+    dots = [("dot", 24, 24, 3), ("dot", 40, 26, 3), ("dot", 26, 41, 3)]
+    assert passes(read_shape(ball(dots), RED))
+    barred = read_shape(ball(dots + [("bar", 34, 30, 37, 50)]), RED)  # a worm 20 px long on a 36 px ball
+    assert barred.dots >= 3 and barred.longest_mark > CONFIG.subject_max_mark and not passes(barred)
+    whitish = ball([("dot", 32, 32, 14)] + dots)  # white over most of the ball, red showing round it
+    assert read_shape(whitish, RED).white_share > CONFIG.subject_max_white and not passes(read_shape(whitish, RED))
 
 
 def test_a_lumpy_or_pointed_object_is_not_round():
@@ -84,14 +108,14 @@ def test_drawn_subjects_and_the_photos_pass_and_plain_balls_do_not():
     rng = np.random.default_rng(3)
     names = list(BACKGROUNDS)
     polka = [random_polka_ball(rng, BACKGROUNDS[names[i % len(names)]]) for i in range(64)]
-    passed = [shows_subject_shape(read_shape(p, RED), CONFIG.subject_min_roundness, CONFIG.subject_min_dots)
-              for p in polka]
-    assert np.mean(passed) >= 0.8  # poses that turn most dots away fail, as they would fail a person
+    assert np.mean([passes(read_shape(p, RED)) for p in polka]) >= 0.9  # a pose turning most dots away fails
+    # the world's own drawing of the subject (which it never shows), on every background, white included
+    world = [draw_scene(Scene("ball", "red", name, *random_placement(rng), dots="white")) for name in names * 8]
+    assert np.mean([passes(read_shape(w, RED)) for w in world]) >= 0.9
     photos = [Image.open(p) for p in sorted((ROOT / "sample_instances" / "polkaball").glob("*.png"))]
     plain = world_pictures("ball", "red", 12, seed=6)
     for drawn, expected in ((photos, True), (plain, False)):
-        assert all(shows_subject_shape(read_shape(d, RED), CONFIG.subject_min_roundness, CONFIG.subject_min_dots)
-                   == expected for d in drawn)
+        assert all(passes(read_shape(d, RED)) == expected for d in drawn)
 
 
 def test_a_glossy_ball_is_left_to_the_network():
@@ -109,16 +133,18 @@ def test_no_object_of_the_colour_reads_as_nothing():
     assert read_shape(Image.new("RGB", (64, 64), BACKGROUNDS["white"]), RED).roundness == 0.0
 
 
-def test_the_oracle_against_both_sets_of_renders_labelled_by_eye():
-    """benchmarks/oracle_labels: renders a person labelled before any oracle read them. On the first set (15 of 152
-    show the subject) the dot head alone is right about 1 time in 4 when it fires, with the pixels' test about 1 in
-    2; on the held-out set, made after the pixels' test was set (5 of 152), it finds none of the 5 and fires on 10
-    others. These are the README's figures; a better oracle changes them here first."""
+def test_the_oracle_against_the_sets_of_renders_labelled_by_eye():
+    """benchmarks/oracle_labels: renders a person labelled before any oracle read them (true and false "subject"
+    calls). builtin:toy's first set (15 of 152 show the subject) and its held-out set (5 of 152, made after the first
+    pixels' test was set), whose renders are mostly crumpled red-and-white shapes; and builtin:toy-dots' set (35 of
+    184: round balls with dots, bars or worms), labelled before the rim-dot and bar rules were added. These are the
+    README's figures; a better oracle changes them here first."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from oracle_labels import load_renders
 
     oracle = load_oracle()
-    for folder, dots_alone, present in (("oracle_labels", (10, 36), (7, 8)), ("oracle_labels/heldout", (2, 51), (0, 10))):
+    for folder, dots_alone, present in (("oracle_labels", (10, 36), (6, 8)), ("oracle_labels/heldout", (2, 51), (0, 12)),
+                                        ("oracle_labels/toy-dots", (33, 89), (21, 12))):
         folder = ROOT / "benchmarks" / folder
         labels = {int(k): v for k, v in json.loads((folder / "labels.json").read_text())["labels"].items()}
         reading = oracle.read(load_renders(folder))

@@ -53,8 +53,17 @@ class OracleConfig:
     subject_threshold: float = 0.5  # probability above which the subject counts as detected
     # The pixels' test (shapes.py), set on drawings of the subject: 95 % of drawn polka balls are at least this
     # round (rim dots notch the outline), and the subject carries several dots where a plain ball shows one highlight.
-    subject_min_roundness: float = 0.72
+    subject_min_roundness: float = 0.78
     subject_min_dots: int = 2
+    # ... and no white mark longer, and no more of the ball white, than on any of 1,200 drawings of the subject
+    # (longest 0.42 of the diameter, white 0.26 of the ball): a bar, a worm or a white ball with red marks is not it.
+    subject_max_mark: float = 0.45
+    subject_max_white: float = 0.28
+
+    def shows_subject_shape(self, reading: ShapeReading) -> bool:
+        """The pixels' test with these thresholds."""
+        return shows_subject_shape(reading, self.subject_min_roundness, self.subject_min_dots, self.subject_max_mark,
+                                   self.subject_max_white)
 
     @classmethod
     def from_dict(cls, data: dict) -> OracleConfig:
@@ -157,7 +166,7 @@ class Oracle:
             subject_detected=(prob > c.subject_threshold).tolist(),
             embeddings=cat["embedding"],
             shapes=shapes,
-            subject_shape=[shows_subject_shape(s, c.subject_min_roundness, c.subject_min_dots) for s in shapes],
+            subject_shape=[c.shows_subject_shape(s) for s in shapes],
         )
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
