@@ -193,7 +193,8 @@ class TrainConfig:
     learning_rate: float = setting(1e-4, flag="--lr", low=0, low_open=True, recommended={TOY: 1e-3, TOY_DOTS: 3e-4},
                                    help="AdamW learning rate of the denoiser's adapters.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = setting(
-        "constant", flag="--lr-scheduler", help="Learning-rate schedule over --steps.")
+        "constant", flag="--lr-scheduler", recommended={TOY_DOTS: "cosine"},
+        help="Learning-rate schedule over --steps.")
     lr_warmup_steps: int = setting(0, flag="--lr-warmup-steps", low=0, help="Steps of linear warm-up.")
     gradient_accumulation_steps: int = setting(1, flag="--grad-accum", low=0, low_open=True,
                                                help="Micro-batches summed into one optimizer step.")
