@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).resolve().parent / "oracle_labels"  # the labelling set of the shipped builtin:toy
 TILE, COLUMNS, PER_SHEET = 64, 10, 50
 SEEDS = (2000, 2001, 2002, 2003)  # seeds of neither prompt set
-COMMITTED = (HERE, HERE / "heldout", HERE / "toy-dots")  # the labelled sets, in the order they were made
+COMMITTED = (HERE, HERE / "heldout", HERE / "toy-dots", HERE / "toy-dots-heldout")  # the labelled sets, in order
 
 
 def make(files: list[Path], view: Path | None, folder: Path = HERE, seeds: tuple[int, ...] = SEEDS,

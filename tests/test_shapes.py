@@ -137,14 +137,16 @@ def test_the_oracle_against_the_sets_of_renders_labelled_by_eye():
     """benchmarks/oracle_labels: renders a person labelled before any oracle read them (true and false "subject"
     calls). builtin:toy's first set (15 of 152 show the subject) and its held-out set (5 of 152, made after the first
     pixels' test was set), whose renders are mostly crumpled red-and-white shapes; and builtin:toy-dots' set (35 of
-    184: round balls with dots, bars or worms), labelled before the rim-dot and bar rules were added. These are the
-    README's figures; a better oracle changes them here first."""
+    184: round balls with dots, bars or worms), labelled before the rim-dot and bar rules were added; and its held-out
+    set (66 of 184, the cosine recipe's files), made and labelled after those rules were set. These are the README's
+    figures; a better oracle changes them here first."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from oracle_labels import load_renders
 
     oracle = load_oracle()
     for folder, dots_alone, present in (("oracle_labels", (10, 36), (6, 8)), ("oracle_labels/heldout", (2, 51), (0, 12)),
-                                        ("oracle_labels/toy-dots", (33, 89), (21, 12))):
+                                        ("oracle_labels/toy-dots", (33, 89), (21, 12)),
+                                        ("oracle_labels/toy-dots-heldout", (63, 48), (51, 13))):
         folder = ROOT / "benchmarks" / folder
         labels = {int(k): v for k, v in json.loads((folder / "labels.json").read_text())["labels"].items()}
         reading = oracle.read(load_renders(folder))
