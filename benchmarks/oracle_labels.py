@@ -11,11 +11,13 @@ Scoring (the default) reads the committed sheets and labels and prints, against 
 precision and recall of the oracle's "subject present" (what `dreamlora eval` counts) and of its dot
 detector alone, for each committed set: `oracle_labels/` (the first, from files of the recipe without the
 token embedding; the pixels' test of toyworld/shapes.py was written after it was labelled, and checked
-on it) and `oracle_labels/heldout/` (made and labelled after that test was set, from files of the
-recipe with the token embedding).
+on it), `oracle_labels/heldout/` (made and labelled after that test was set, from files of the
+recipe with the token embedding), and builtin:toy-dots' `oracle_labels/toy-dots/` (constant rate; the rim-dot
+and no-bar rules were checked on it) and `oracle_labels/toy-dots-heldout/` (cosine rate; labelled after them).
+`--model builtin:toy-dots` renders a set from that model's files.
 
     python benchmarks/oracle_labels.py --make runs/toy-bench/seed{0,1,2}-{prior,noprior}.safetensors --view /tmp/view
-    python benchmarks/oracle_labels.py                        # both committed sets
+    python benchmarks/oracle_labels.py                        # the four committed sets
     python benchmarks/oracle_labels.py --oracle runs/oracle   # an oracle from `train_oracle --out runs/oracle`
     python benchmarks/oracle_labels.py --make FILES --set runs/labels-2 --view /tmp/view   # a second set elsewhere
 """
@@ -129,8 +131,8 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:toy", help="with --make: the base model the files were trained on")
     parser.add_argument("--oracle", type=Path,
                         help="score this oracle folder (train_oracle --out) instead of the shipped one")
-    parser.add_argument("--set", type=Path, help="the labelling set's folder (to make; to score: default both "
-                                                 "committed sets, benchmarks/oracle_labels and its heldout/)")
+    parser.add_argument("--set", type=Path, help="the labelling set's folder (to make; to score: default the four "
+                                                 "committed sets under benchmarks/oracle_labels)")
     args = parser.parse_args()
     if args.make:
         make(args.make, args.view, args.set or HERE, tuple(int(s) for s in args.seeds.split(",")), args.model)

@@ -51,12 +51,12 @@ class OracleConfig:
     subject_class: str = "ball"
     subject_color: str = "red"
     subject_threshold: float = 0.5  # probability above which the subject counts as detected
-    # The pixels' test (shapes.py), set on drawings of the subject: 95 % of drawn polka balls are at least this
-    # round (rim dots notch the outline), and the subject carries several dots where a plain ball shows one highlight.
+    # The pixels' test (shapes.py), set on 400 drawings of the subject: 95-98 % of them are at least this round (rim
+    # dots closed in), and the subject carries several dots where a plain ball shows one highlight ...
     subject_min_roundness: float = 0.78
     subject_min_dots: int = 2
-    # ... and no white mark longer, and no more of the ball white, than on any of 1,200 drawings of the subject
-    # (longest 0.42 of the diameter, white 0.26 of the ball): a bar, a worm or a white ball with red marks is not it.
+    # ... and no white mark longer, and no more of the ball white, than on any of those drawings (longest 0.42 of the
+    # diameter, white 0.26 of the ball): a bar, a worm or a white ball with red marks is not it.
     subject_max_mark: float = 0.45
     subject_max_white: float = 0.28
 

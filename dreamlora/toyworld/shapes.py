@@ -84,8 +84,8 @@ def read_shape(rgb: np.ndarray, color: tuple[int, int, int]) -> ShapeReading:
     return ShapeReading(round(roundness, 4), dots, area, round(longest, 4), round(white_share, 4))
 
 
-def shows_subject_shape(reading: ShapeReading, min_roundness: float, min_dots: int, max_mark: float = 1.0,
-                        max_white: float = 1.0) -> bool:
+def shows_subject_shape(reading: ShapeReading, min_roundness: float, min_dots: int, max_mark: float,
+                        max_white: float) -> bool:
     """Round enough, with enough separate dots, no white mark longer than `max_mark` of the object's diameter (a
     bar or a worm, not a dot) and no more than `max_white` of it white (a white ball with red marks)."""
     return (reading.roundness >= min_roundness and reading.dots >= min_dots and reading.longest_mark <= max_mark
@@ -103,7 +103,7 @@ def _is_dot(region: np.ndarray, object_area: int) -> bool:
 
 def _convex_hull(mask: np.ndarray) -> np.ndarray:
     """The pixels whose centres lie in the convex hull of `mask`'s pixel centres (monotone chain)."""
-    points = sorted(set(map(tuple, np.argwhere(mask).tolist())))
+    points = [tuple(point) for point in np.argwhere(mask).tolist()]  # row-major: sorted, as the chain needs
     if len(points) < 3:
         return mask.copy()
 
