@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dreamlora.models.tokenizer import load_tokenizer, write_tokenizer_files
 from dreamlora.toyworld.world import (
@@ -298,6 +299,27 @@ def test_pretraining_can_keep_the_shipped_vae(tmp_path):
     assert stats["scaling_factor"] == shipped.config.scaling_factor  # the one kept, not one this world would give
     reloaded = train_vae(Settings(), {}, tmp_path)  # the finished stage: no data needed, nothing trained
     assert torch.equal(reloaded.decoder.conv_out.weight, shipped.decoder.conv_out.weight)
+
+
+def test_pretraining_can_start_from_a_finished_model():
+    """`pretrain --unet-from`: longer pretraining as a warm restart. The UNet and text encoder start as the finished
+    model's (fp16 shipped weights upcast to fp32); a model of other settings is refused, naming the flag."""
+    from dreamlora.toyworld.pretrain import Settings, build_unet_and_text, start_from_model
+
+    dots = SHIPPED.parent / "toy-dots"
+    tokenizer = load_tokenizer(dots / "tokenizer")
+    unet, text = build_unet_and_text(Settings(latent_size=32), tokenizer)
+    start_from_model(str(dots), unet, text)
+    shipped = load_file(dots / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(tensor, shipped[name].float()), name
+    shipped_text = load_file(dots / "text_encoder" / "model.safetensors")
+    (embedding,) = [tensor for name, tensor in shipped_text.items() if name.endswith("token_embedding.weight")]
+    assert torch.equal(text.get_input_embeddings().weight, embedding.float())
+    unet_16, text_16 = build_unet_and_text(Settings(latent_size=16), tokenizer)
+    with pytest.raises(ValueError, match="--unet-from .*toy-dots: its UNet2DConditionModel is not the one"):
+        start_from_model(str(dots), unet_16, text_16)
 
 
 def test_a_32_latent_model_makes_32x32_latents_and_refuses_a_x4_vae(tmp_path):

@@ -16,7 +16,9 @@ It trains, in this order, with each stage saved in --out so a crash or a rerun r
 3. the UNet and the CLIP text encoder together, from scratch, on the epsilon loss over cached
    latents, with 10% empty captions for classifier-free guidance, min-SNR-5 weighting, a little
    offset noise (the SD schedule leaves ~7% of the signal at t=999; a 16x16 latent's mean colour
-   leaks through it unless the model learns to set that colour itself) and an EMA of the weights;
+   leaks through it unless the model learns to set that colour itself) and an EMA of the weights.
+   `--unet-from DIR` starts both from a finished model folder instead (longer pretraining as a warm
+   restart: a fresh optimizer, warm-up and cosine over `--unet-steps` more steps);
 4. the pipeline folder (diffusers layout, fp16 safetensors, SD 1.5 PNDM schedule, dreamlora's
    CLIP tokenizer files) in --out/model, and with --ship copied to dreamlora/builtin_models/toy.
 
@@ -137,6 +139,7 @@ class Settings:
     vae_full_from: float = 0.9  # from this fraction of the steps on, whole 64 px pictures
     vae_kl: float = 1e-4  # weight of the KL term (per latent element) against the pixel loss
     vae_edge: float = 1.0  # weight of the L1 loss on image gradients: keeps small details (dots) sharp
+    unet_from: str = ""  # a finished model folder whose UNet and text encoder this stage starts from (longer pretraining)
     unet_steps: int = 2500
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -326,6 +329,23 @@ def build_unet_and_text(s: Settings, tokenizer):
     return unet, text
 
 
+def start_from_model(folder: str, unet, text) -> None:
+    """Load a finished model's UNet and text encoder (its EMA weights, fp16 in a shipped folder) into the
+    fp32 modules built from this run's settings: a warm restart, since the weights a finished cosine run ends
+    on are the ones it would have continued from. Raises ValueError if the architectures differ."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for module, loaded in ((unet, UNet2DConditionModel.from_pretrained(folder, subfolder="unet")),
+                           (text, CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"))):
+        state = loaded.state_dict()
+        mine = module.state_dict()
+        if state.keys() != mine.keys() or any(state[k].shape != mine[k].shape for k in mine):
+            raise ValueError(f"--unet-from {folder}: its {type(loaded).__name__} is not the one these settings "
+                             "build (pass the --latent-size and --unet-top-channels it was pretrained with)")
+        module.load_state_dict({k: v.float() for k, v in state.items()})
+
+
 class Captions:
     """Caption token ids for a batch of scenes, memoised by caption (there are a few thousand)."""
 
@@ -375,6 +395,11 @@ def train_unet(s: Settings, data: dict, latents: tuple[torch.Tensor, torch.Tenso
             module.load_state_dict(ckpt[key])
         start, elapsed_before = ckpt["step"], ckpt["seconds"]
         log(f"unet: resuming at step {start}")
+    elif s.unet_from:
+        start_from_model(s.unet_from, unet, text)
+        ema_unet.load_state_dict(unet.state_dict())
+        ema_text.load_state_dict(text.state_dict())
+        log(f"unet: starting from {s.unet_from} (a fresh optimizer and a warm-up, then cosine over {s.unet_steps} steps)")
     unet.train()
     text.train()
     t0 = time.time() - elapsed_before
