@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -237,3 +238,29 @@ def test_dreambooth_on_toy_learns_the_subject_with_the_default_recipe(tmp_path):
     drifted = evaluate(train(config).output, instance_dir=INSTANCES, prompt_sets=["tuning"]).lora
     print(f"without prior: {drifted}")
     assert drifted.class_shift >= lora.class_shift + 0.1
+
+
+def test_the_benchmarks_captioned_variant_names_each_photos_own_background(tmp_path):
+    """`dreambooth_toy.py --variants prior-lr3e-4-cosine-captions`: each sample photo is trained with a caption naming
+    the background it shows (its corner's nearest world background colour), read by dreamlora as the photo's prompt."""
+    import importlib.util
+
+    from PIL import Image
+
+    from dreamlora.config import load_config
+    from dreamlora.data import instance_set
+    from dreamlora.toyworld.world import BACKGROUNDS
+
+    spec = importlib.util.spec_from_file_location("dreambooth_toy", ROOT / "benchmarks" / "dreambooth_toy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = bench.captioned_photos(tmp_path / "photos")
+    config = load_config(None, {"data.instance_dir": str(folder), "data.class_word": "ball",
+                                "output.path": str(tmp_path / "x.safetensors")})
+    images = instance_set(config.data)
+    shown = []
+    for path in images.paths:
+        corner = np.asarray(Image.open(path).convert("RGB"), np.float32)[:8, :8].reshape(-1, 3).mean(axis=0)
+        shown.append(min(BACKGROUNDS, key=lambda name: float(np.sum((corner - np.array(BACKGROUNDS[name])) ** 2))))
+    assert images.prompts == [f"a photo of sks ball on a {name} background" for name in shown]
+    assert len(set(shown)) == 5  # five photos, five backgrounds
