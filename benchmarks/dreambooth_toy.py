@@ -83,6 +83,8 @@ VARIANTS = {  # name -> (label, config overrides)
                             {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}),
     "noprior-lr3e-4-cosine": ("`--no-prior --lr 3e-4 --lr-scheduler cosine`",
                               {"prior.enabled": False, "train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}),
+    "prior-lr3e-4-cosine-600": ("prior, `--lr 3e-4 --lr-scheduler cosine --steps 600`",
+                                {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine", "train.steps": 600}),
     "prior-lr3e-4-cosine-lambda1": ("prior, `--lr 3e-4 --lr-scheduler cosine --prior-loss-weight 1`",
                                     {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine",
                                      "prior.loss_weight": 1.0}),
