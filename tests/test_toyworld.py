@@ -304,7 +304,7 @@ def test_pretraining_can_keep_the_shipped_vae(tmp_path):
 def test_pretraining_can_start_from_a_finished_model():
     """`pretrain --unet-from`: longer pretraining as a warm restart. The UNet and text encoder start as the finished
     model's (fp16 shipped weights upcast to fp32); a model of other settings is refused, naming the flag."""
-    from dreamlora.toyworld.pretrain import Settings, build_unet_and_text, start_from_model
+    from dreamlora.toyworld.pretrain import Settings, build_unet_and_text, main, start_from_model
 
     dots = SHIPPED.parent / "toy-dots"
     tokenizer = load_tokenizer(dots / "tokenizer")
@@ -320,6 +320,9 @@ def test_pretraining_can_start_from_a_finished_model():
     unet_16, text_16 = build_unet_and_text(Settings(latent_size=16), tokenizer)
     with pytest.raises(ValueError, match="--unet-from .*toy-dots: its UNet2DConditionModel is not the one"):
         start_from_model(str(dots), unet_16, text_16)
+    for wrong in (["--unet-from", str(dots)], ["--latent-size", "32", "--unet-from", str(SHIPPED.parent)]):
+        with pytest.raises(SystemExit):  # argparse's one-line error, before the run folder exists
+            main(["--out", "/nonexistent/never-made", *wrong])
 
 
 def test_a_32_latent_model_makes_32x32_latents_and_refuses_a_x4_vae(tmp_path):

@@ -556,6 +556,10 @@ def main(argv: list[str] | None = None) -> None:
     s = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
         model_configs(s.latent_size, s.unet_top_channels)
+        if s.unet_from:  # the folder's weights must fit these settings: checked now, not after the data and VAE stages
+            if not (Path(s.unet_from) / "unet" / "config.json").is_file():
+                raise ValueError(f"--unet-from {s.unet_from}: not a finished model folder (no unet/config.json)")
+            start_from_model(s.unet_from, *build_unet_and_text(s, load_tokenizer(Path(s.unet_from) / "tokenizer")))
     except ValueError as error:  # before anything is written
         parser.error(str(error))
     out: Path = args.out
