@@ -45,8 +45,7 @@ TOP_CONV_TARGETS = [*LoraConfig().target_modules,
                       for i in range(n) for conv in ("conv1", "conv2"))]
 MIRRORED = "<mirrored>"  # a variant's instance folder: the sample photos mirrored left to right, written into --out
 CAPTIONED = "<captioned>"  # a variant's instance folder: the sample photos, each with a caption naming its background
-# the sample photos' backgrounds, in file order (scripts/make_sample_instances.py, BACKGROUNDS)
-PHOTO_BACKGROUNDS = ("blue", "green", "yellow", "gray", "purple")
+COSINE = {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}  # builtin:toy-dots' recipe on TOY's
 VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
@@ -79,27 +78,20 @@ VARIANTS = {  # name -> (label, config overrides)
                             {"train.learning_rate": 3e-4, "train.batch_size": 4, "train.steps": 500}),
     "prior-lr3e-4-te1e-4": ("prior, `--lr 3e-4 --text-encoder-lr 1e-4`",
                             {"train.learning_rate": 3e-4, "lora.text_encoder_lr": 1e-4}),
-    "prior-lr3e-4-cosine": ("prior, `--lr 3e-4 --lr-scheduler cosine`",
-                            {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}),
-    "noprior-lr3e-4-cosine": ("`--no-prior --lr 3e-4 --lr-scheduler cosine`",
-                              {"prior.enabled": False, "train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}),
-    "prior-lr3e-4-cosine-600": ("prior, `--lr 3e-4 --lr-scheduler cosine --steps 600`",
-                                {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine", "train.steps": 600}),
-    "prior-lr3e-4-cosine-rank8": ("prior, `--lr 3e-4 --lr-scheduler cosine --rank 8`",
-                                  {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine", "lora.rank": 8}),
-    "prior-lr3e-4-cosine-rank16": ("prior, `--lr 3e-4 --lr-scheduler cosine --rank 16`",
-                                   {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine", "lora.rank": 16}),
+    "prior-lr3e-4-cosine": ("prior, `--lr 3e-4 --lr-scheduler cosine`", COSINE),
+    "noprior-lr3e-4-cosine": ("`--no-prior --lr 3e-4 --lr-scheduler cosine`", {**COSINE, "prior.enabled": False}),
+    "prior-lr3e-4-cosine-600": ("prior, `--lr 3e-4 --lr-scheduler cosine --steps 600`", {**COSINE, "train.steps": 600}),
+    "prior-lr3e-4-cosine-rank8": ("prior, `--lr 3e-4 --lr-scheduler cosine --rank 8`", {**COSINE, "lora.rank": 8}),
+    "prior-lr3e-4-cosine-rank16": ("prior, `--lr 3e-4 --lr-scheduler cosine --rank 16`", {**COSINE, "lora.rank": 16}),
     "prior-lr3e-4-cosine-lambda1": ("prior, `--lr 3e-4 --lr-scheduler cosine --prior-loss-weight 1`",
-                                    {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine",
-                                     "prior.loss_weight": 1.0}),
+                                    {**COSINE, "prior.loss_weight": 1.0}),
     "prior-lr3e-4-rank8": ("prior, `--lr 3e-4 --rank 8`", {"train.learning_rate": 3e-4, "lora.rank": 8}),
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
     "prior-mirrored": ("prior, the five photos mirrored once", {"data.instance_dir": MIRRORED}),
     # each photo trained with "a photo of sks ball on a blue background": the background named, not learnt as the subject
     "prior-lr3e-4-cosine-captions": ("prior, `--lr 3e-4 --lr-scheduler cosine`, captions naming each photo's background",
-                                     {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine",
-                                      "data.instance_dir": CAPTIONED}),
+                                     {**COSINE, "data.instance_dir": CAPTIONED}),
 }
 # (field, column title) of the README table, report set
 COLUMNS = (("subject_detected", "subject present"), ("dots_detected", "dots alone"),
@@ -118,10 +110,10 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, mod
 
     tag = f"seed{seed}-{variant}"
     overrides = dict(VARIANTS[variant][1])
-    if overrides.get("data.instance_dir") == MIRRORED:
-        overrides["data.instance_dir"] = str(mirrored_photos(out / "mirrored-photos"))
-    if overrides.get("data.instance_dir") == CAPTIONED:
-        overrides["data.instance_dir"] = str(captioned_photos(out / "captioned-photos"))
+    photo_folders = {MIRRORED: (mirrored_photos, "mirrored-photos"), CAPTIONED: (captioned_photos, "captioned-photos")}
+    if overrides.get("data.instance_dir") in photo_folders:  # a variant's own copy of the photos, made in --out
+        make, name = photo_folders[overrides["data.instance_dir"]]
+        overrides["data.instance_dir"] = str(make(out / name))
     # another toy-world model: the recipe builtin:toy recommends, given explicitly (recommendations follow the name)
     rebuilt = {"model.name": model, **recommended_settings(TOY)} if model else {}
     config = load_config(None, {**rebuilt, "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
@@ -144,10 +136,12 @@ def captioned_photos(folder: Path) -> Path:
     """The sample photos as they are, each beside a caption naming its background (rewritten each run)."""
     import shutil
 
+    from dreamlora.toyworld.world import BACKGROUNDS
+
     folder.mkdir(parents=True, exist_ok=True)
     photos = sorted(INSTANCES.glob("*.png"))
-    assert len(photos) == len(PHOTO_BACKGROUNDS), "the sample photos changed: update PHOTO_BACKGROUNDS"
-    for photo, background in zip(photos, PHOTO_BACKGROUNDS):
+    # the world's first five backgrounds are the five sample photos', in file order (scripts/make_sample_instances.py)
+    for photo, background in zip(photos, list(BACKGROUNDS)[:5], strict=True):
         shutil.copyfile(photo, folder / photo.name)
         (folder / photo.name).with_suffix(".txt").write_text(f"a photo of {{token}} {{class}} on a {background} background\n")
     return folder

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -557,9 +558,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model_configs(s.latent_size, s.unet_top_channels)
         if s.unet_from:  # the folder's weights must fit these settings: checked now, not after the data and VAE stages
-            if not (Path(s.unet_from) / "unet" / "config.json").is_file():
-                raise ValueError(f"--unet-from {s.unet_from}: not a finished model folder (no unet/config.json)")
-            start_from_model(s.unet_from, *build_unet_and_text(s, load_tokenizer(Path(s.unet_from) / "tokenizer")))
+            for part in ("unet", "text_encoder"):
+                if not (Path(s.unet_from) / part / "config.json").is_file():
+                    raise ValueError(f"--unet-from {s.unet_from}: not a finished model folder (no {part}/config.json)")
+            with tempfile.TemporaryDirectory() as tokenizer_dir:  # the tokenizer the UNet stage builds on
+                write_tokenizer_files(Path(tokenizer_dir))
+                start_from_model(s.unet_from, *build_unet_and_text(s, load_tokenizer(tokenizer_dir)))
     except ValueError as error:  # before anything is written
         parser.error(str(error))
     out: Path = args.out
