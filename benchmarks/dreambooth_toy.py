@@ -1,4 +1,4 @@
-"""DreamBooth on builtin:toy over many training seeds, scored by `dreamlora eval`: the README's table.
+"""DreamBooth on the default toy model over many training seeds, scored by `dreamlora eval`: the README's table.
 
 For each training seed the sample subject (sample_instances/polkaball) is trained with each variant
 (default: prior preservation, the default recipe; and --no-prior), every other setting the toy model's
@@ -12,8 +12,10 @@ commit it ran on; class images are generated once into a fresh cache, so the fir
     python benchmarks/dreambooth_toy.py --model runs/nf-dots/model --seeds 0   # a rebuilt toy (pretrain.py)
     python benchmarks/dreambooth_toy.py --tuning-only --seeds 0,1 --variants prior-lr3e-4,prior-lr3e-4-init
 
-`--model` trains a toy-world model folder (a `dreamlora.toyworld.pretrain` run) with builtin:toy's recommended
-settings and reads it with the shipped oracle, as for builtin:toy itself.
+The model is the default one (builtin:toy-dots since 2026-12-05; builtin:toy before) with its own recommended
+recipe. `--model builtin:toy` trains the other shipped toy with its own; `--model DIR` trains a toy-world model
+folder (a `dreamlora.toyworld.pretrain` run) with the default model's recipe, read by the shipped oracle. (Before
+2026-12-05 `--model` gave builtin:toy's recipe to every model, builtin:toy-dots included: lr 1e-3, constant.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's dreamlora, not another install
 
-from dreamlora.config import LoraConfig  # settings only: no torch until a run starts
+from dreamlora.config import DEFAULT_MODEL, LoraConfig  # settings only: no torch until a run starts
 
 INSTANCES = ROOT / "sample_instances" / "polkaball"
 # LoCon-style targets: the attention projections plus every ResNet convolution, the transformer blocks' 1x1
@@ -45,7 +47,14 @@ TOP_CONV_TARGETS = [*LoraConfig().target_modules,
                       for i in range(n) for conv in ("conv1", "conv2"))]
 MIRRORED = "<mirrored>"  # a variant's instance folder: the sample photos mirrored left to right, written into --out
 CAPTIONED = "<captioned>"  # a variant's instance folder: the sample photos, each with a caption naming its background
-COSINE = {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}  # builtin:toy-dots' recipe on TOY's
+COSINE = {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}  # builtin:toy-dots' recipe, given explicitly
+# The attention projections of the 8x8 level and the middle only (a 3-level toy UNet's down_blocks.2, mid_block and
+# up_blocks.0): the 16x16 level, where the marks' shape is decided, keeps the base model's weights
+COARSE_TARGETS = [f"{block}.attentions.{i}.transformer_blocks.0.{attn}.{proj}"
+                  for block, n in (("down_blocks.2", 1), ("mid_block", 1), ("up_blocks.0", 2)) for i in range(n)
+                  for attn in ("attn1", "attn2") for proj in LoraConfig().target_modules]
+# Cross-attention alone: the adapters change what the words ask for, not how the picture's parts attend to each other
+CROSS_TARGETS = [f"attn2.{proj}" for proj in LoraConfig().target_modules]
 VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
@@ -85,6 +94,13 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4-cosine-rank16": ("prior, `--lr 3e-4 --lr-scheduler cosine --rank 16`", {**COSINE, "lora.rank": 16}),
     "prior-lr3e-4-cosine-lambda1": ("prior, `--lr 3e-4 --lr-scheduler cosine --prior-loss-weight 1`",
                                     {**COSINE, "prior.loss_weight": 1.0}),
+    "prior-lr3e-4-cosine-coarse": ("prior, `--lr 3e-4 --lr-scheduler cosine`, adapters on the 8x8 level and middle only",
+                                   {**COSINE, "lora.target_modules": COARSE_TARGETS}),
+    "prior-lr3e-4-cosine-cross": ("prior, `--lr 3e-4 --lr-scheduler cosine`, adapters on cross-attention only",
+                                  {**COSINE, "lora.target_modules": CROSS_TARGETS}),
+    "prior-lr3e-4-cosine-snr5": ("prior, `--lr 3e-4 --lr-scheduler cosine --snr-gamma 5`",
+                                 {**COSINE, "train.snr_gamma": 5.0}),
+    "prior-class50": ("prior, `--num-class-images 50`", {"prior.num_class_images": 50}),
     "prior-lr3e-4-rank8": ("prior, `--lr 3e-4 --rank 8`", {"train.learning_rate": 3e-4, "lora.rank": 8}),
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
@@ -105,7 +121,7 @@ START, END = "<!-- toy-table: start (benchmarks/dreambooth_toy.py --readme) -->"
 def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, model: str | None = None,
         prompt_sets: tuple[str, ...] = ("tuning", "report")) -> dict:
     from dreamlora import load_config, train
-    from dreamlora.config import TOY, recommended_settings
+    from dreamlora.config import DEFAULT_MODEL, recommended_settings
     from dreamlora.evaluation import evaluate
 
     tag = f"seed{seed}-{variant}"
@@ -114,8 +130,11 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, mod
     if overrides.get("data.instance_dir") in photo_folders:  # a variant's own copy of the photos, made in --out
         make, name = photo_folders[overrides["data.instance_dir"]]
         overrides["data.instance_dir"] = str(make(out / name))
-    # another toy-world model: the recipe builtin:toy recommends, given explicitly (recommendations follow the name)
-    rebuilt = {"model.name": model, **recommended_settings(TOY)} if model else {}
+    # a built-in model brings its own recipe (recommendations follow the name); a rebuilt toy-world folder gets the
+    # default model's, given explicitly
+    rebuilt = {"model.name": model} if model else {}
+    if model and not model.startswith("builtin:"):
+        rebuilt.update(recommended_settings(DEFAULT_MODEL))
     config = load_config(None, {**rebuilt, "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
                                 "output.path": str(out / f"{tag}.safetensors"), "output.overwrite": True,
                                 "train.seed": seed, "validation.final": False, "validation.eval_every": 0,
@@ -214,7 +233,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="rewrite the README's table with this run's")
     parser.add_argument("--reuse", action="store_true", help="score files already in --out instead of training them")
     parser.add_argument("--tables", type=Path, nargs="+", help="no runs: the table of these results.json files")
-    parser.add_argument("--model", help="a rebuilt toy-world model folder instead of builtin:toy")
+    parser.add_argument("--model", help="builtin:toy, or a rebuilt toy-world model folder, instead of the default")
     parser.add_argument("--tuning-only", action="store_true",
                         help="score the tuning set alone and write no table: for choosing a recipe without "
                              "looking at the report set")
@@ -229,7 +248,7 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="dreambooth-toy-"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DREAMLORA_CACHE", str(out / "cache"))  # fresh: class images are part of the time
-    revision = commit() + (f", model {args.model}" if args.model else "")
+    revision = f"{commit()}, model {args.model or DEFAULT_MODEL}"
     sets = ("tuning",) if args.tuning_only else ("tuning", "report")
     results_name = "results-tuning.json" if args.tuning_only else "results.json"  # never mixed in one table
     rows = []

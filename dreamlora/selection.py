@@ -22,7 +22,7 @@ import base64
 import datetime
 import html
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,7 +84,8 @@ class CheckpointScorer:
         self.folder = run_dir / EVAL_DIR
         instances, _, _ = _instance_images(data.instance_dir, None)
         use_oracle = oracle_reads(base.identity, v.eval_oracle)
-        self.sets = [PROMPT_SETS["tuning"]]  # never the report set: it must stay free of choices
+        tuning = PROMPT_SETS["tuning"]  # never the report set: it must stay free of choices
+        self.sets = [replace(tuning, seeds=tuple(v.eval_seeds))] if v.eval_seeds else [tuning]
         self.scorers: Scorers = load_scorers(v.eval_dino, v.eval_clip, list(self.sets[0].backgrounds), instances,
                                              use_oracle)
         if self.scorers.oracle is None and self.scorers.dino is None and self.scorers.clip is None:

@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.epochs", "train.resume", "train.check
                      "train.log_every", "output.overwrite", "output.path", "output.format", "output.save_dtype",
                      "validation.every", "validation.prompts", "validation.seeds", "validation.steps",
                      "validation.guidance", "validation.sampler", "validation.final", "validation.eval_every",
+                     "validation.eval_seeds",
                      "validation.max_class_drift", "validation.eval_dino", "validation.eval_clip",
                      "train.run_dir", "data.instance_dir",
                      "prior.class_dir", "model.name", "model.single_file_config", "train.compile",

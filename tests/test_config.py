@@ -79,13 +79,14 @@ def test_shipped_tomls_are_valid(toml):
 
 
 def test_the_toy_model_fills_the_settings_left_unset_and_flags_still_win(tmp_path):
-    # builtin:toy (the default model) needs more rank, a higher rate and the text encoder to learn a subject.
+    # builtin:toy-dots (the default model) needs more rank, a higher rate and the text encoder to learn a subject.
     toml = tmp_path / "run.toml"
     toml.write_text('[lora]\nrank = 8\n')
     config = load_config(toml, {**REQUIRED, "model.name": None, "train.steps": 30})
-    assert config.model.name == "builtin:toy"
+    assert config.model.name == "builtin:toy-dots"
     assert config.lora.rank == 8 and config.train.steps == 30  # the TOML file and the flag win
-    assert config.train.learning_rate == 1e-3 and config.lora.train_text_encoder is True  # unset: recommended
+    assert config.train.learning_rate == 3e-4 and config.lora.train_text_encoder is True  # unset: recommended
+    assert config.train.lr_scheduler == "cosine" and config.validation.eval_seeds == [0, 1, 2, 3]
     assert config.prior.loss_weight == 0.5
     plain = load_config(None, REQUIRED)  # builtin:tiny-sd recommends nothing: the SD 1.5-sized defaults
     assert (plain.train.learning_rate, plain.lora.rank, plain.train.steps) == (1e-4, 4, 500)

@@ -49,7 +49,7 @@ def test_script_reproduces_shipped_images_exactly():
 def test_config_points_at_the_images():
     config = tomllib.loads((FOLDER / "dreamlora.toml").read_text())
     assert config["data"]["token"] == "sks" and config["data"]["class_word"] == "ball"
-    assert config["model"]["name"] == "builtin:toy"
+    assert config["model"]["name"] == "builtin:toy-dots"
     instance_dir = (FOLDER / config["data"]["instance_dir"]).resolve()
     assert instance_dir == FOLDER.resolve() and len(list(instance_dir.glob("*.png"))) >= 4
 

@@ -72,6 +72,31 @@ def test_report_page_holds_every_image_inline_and_the_plot_marks_the_pick(tmp_pa
     assert "step 4</b>" in page and "dreamlora export" in page
 
 
+def test_eval_seeds_choose_the_seeds_each_checkpoint_renders(tmp_path):
+    """--eval-seeds: every scored render (LoRA and base, subject and class prompts) is drawn from those seeds, and the
+    score is read over the tuning set's backgrounds x those seeds; without it, the tuning set's own seeds 0-7."""
+    from dreamlora.models import load_base_model
+    from dreamlora.selection import CheckpointScorer
+
+    base = load_base_model("builtin:toy")
+    settings = {"model.name": "builtin:toy", "data.instance_dir": str(INSTANCES), "data.class_word": "ball",
+                "output.path": str(tmp_path / "a.safetensors"), "validation.eval_every": 2}
+    seeds_seen = []
+
+    def blank(prompts: list[str], seeds: list[int], adapter_on: bool) -> list[Image.Image]:
+        seeds_seen.append(tuple(seeds))
+        return [Image.new("RGB", (64, 64), (200, 200, 200)) for _ in prompts for _ in seeds]
+
+    for chosen, expected in (([5, 6], (5, 6)), (None, tuple(range(8)))):
+        config = load_config(None, {**settings, "validation.eval_seeds": chosen} if chosen else settings)
+        scorer = CheckpointScorer(base, config, 64, tmp_path, start_step=0, write=False)
+        seeds_seen.clear()
+        scorer.render = blank
+        row = scorer(2)
+        assert seeds_seen and set(seeds_seen) == {expected}
+        assert row.fidelity == 0.0  # a gray picture shows no subject
+
+
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     """builtin:toy, 4 steps scored every 2 (1 sampling step per render): the run folder and its final file."""

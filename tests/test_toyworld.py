@@ -263,7 +263,8 @@ def test_shipped_model_is_small_and_packaged(name):
 
 def test_toy_dots_loads_offline_with_32x32_latents_and_its_recipe():
     """builtin:toy-dots: the white-dot world's model, shipped; builtin:toy's recipe at --lr 3e-4 decaying on a cosine,
-    read by the oracle."""
+    with 50 class images and a checkpoint scored from four seeds every 250 steps (the main job's 3 minutes), read by
+    the oracle."""
     from dreamlora.config import TOY, TOY_DOTS, load_config, recommended_settings
     from dreamlora.evaluation import oracle_reads
     from dreamlora.models import load_base_model
@@ -272,11 +273,12 @@ def test_toy_dots_loads_offline_with_32x32_latents_and_its_recipe():
     assert base.vae_scale_factor == 2 and base.unet.config.sample_size == 32
     assert not any("attn" in name for name, _ in base.unet.down_blocks[0].named_modules())  # none at 32x32
     recipe = recommended_settings(TOY_DOTS)
-    assert recipe == {**recommended_settings(TOY), "train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}
+    assert recipe == {**recommended_settings(TOY), "train.learning_rate": 3e-4, "train.lr_scheduler": "cosine",
+                      "prior.num_class_images": 50, "validation.eval_every": 250, "validation.eval_seeds": [0, 1, 2, 3]}
     config = load_config(None, {"model.name": TOY_DOTS, "data.instance_dir": "photos", "data.class_word": "ball",
                                 "output.path": "x.safetensors"})
     assert config.train.learning_rate == 3e-4 and config.train.lr_scheduler == "cosine"
-    assert config.validation.eval_every == 200  # scored by the oracle
+    assert config.validation.eval_every == 250 and config.validation.eval_seeds == [0, 1, 2, 3]  # scored by the oracle
     assert oracle_reads(TOY_DOTS, None)
 
 
