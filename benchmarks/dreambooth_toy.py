@@ -59,6 +59,8 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
     "prior-no-te": ("prior, `--no-train-text-encoder`", {"lora.train_text_encoder": False}),
+    "noprior-no-te": ("`--no-prior --no-train-text-encoder`, the UNet alone", {"prior.enabled": False,
+                                                                             "lora.train_text_encoder": False}),
     "prior-no-pivotal": ("prior, `--no-train-token-embedding`", {"lora.train_token_embedding": False}),
     "prior-conv": ("prior, adapters on the convolutions and MLPs too", {"lora.target_modules": CONV_TARGETS}),
     "prior-lr3e-4": ("prior, `--lr 3e-4`", {"train.learning_rate": 3e-4}),
