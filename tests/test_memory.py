@@ -164,7 +164,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, no_weights):
     result = CliRunner().invoke(app, ["train", str(INSTANCES), "--class-word", "ball", "--out", str(out),
                                       "--steps", "20", "--dry-run"])
     assert result.exit_code == 0, result.output
-    for text in ("steps: 20", "epochs: 4.0", "class images: 100", "estimated peak"):
+    for text in ("steps: 20", "epochs: 4.0", "class images: 50", "estimated peak"):  # the default toy's 50
         assert text in result.output
     assert not out.exists() and not (tmp_path / "ball-run").exists()
 
