@@ -103,6 +103,8 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-lr3e-4-cosine-snr5": ("prior, `--lr 3e-4 --lr-scheduler cosine --snr-gamma 5`",
                                  {**COSINE, "train.snr_gamma": 5.0}),
     "prior-class50": ("prior, `--num-class-images 50`", {"prior.num_class_images": 50}),
+    "prior-te1e-3": ("prior, `--text-encoder-lr 1e-3` (the UNet's adapters at the recipe's 3e-4)",
+                     {"lora.text_encoder_lr": 1e-3}),
     "prior-te-still": ("prior, text-encoder adapters held still (`--text-encoder-lr 1e-8`), the token's embedding learnt",
                        {"lora.text_encoder_lr": 1e-8}),
     "prior-lr3e-4-rank8": ("prior, `--lr 3e-4 --rank 8`", {"train.learning_rate": 3e-4, "lora.rank": 8}),
