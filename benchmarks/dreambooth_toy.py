@@ -36,13 +36,14 @@ sys.path.insert(0, str(ROOT))  # this checkout's dreamlora, not another install
 from dreamlora.config import DEFAULT_MODEL, LoraConfig  # settings only: no torch until a run starts
 
 INSTANCES = ROOT / "sample_instances" / "polkaball"
+DEFAULT_TARGETS = LoraConfig().target_modules  # to_q, to_k, to_v, to_out.0: the target lists below build on them
 # LoCon-style targets: the attention projections plus every ResNet convolution, the transformer blocks' 1x1
 # projections and their MLPs (where a UNet draws texture; the attention alone only routes it)
-CONV_TARGETS = [*LoraConfig().target_modules, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+CONV_TARGETS = [*DEFAULT_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 # The attention projections plus the finest level's ResNet convolutions (down_blocks.0 and the last of a 3-level
 # toy UNet's up blocks, up_blocks.2, which has layers_per_block + 1 = 2 ResNets), where a 32x32-latent toy draws
 # dots and has no attention to adapt
-TOP_CONV_TARGETS = [*LoraConfig().target_modules,
+TOP_CONV_TARGETS = [*DEFAULT_TARGETS,
                     *(f"{block}.resnets.{i}.{conv}" for block, n in (("down_blocks.0", 1), ("up_blocks.2", 2))
                       for i in range(n) for conv in ("conv1", "conv2"))]
 MIRRORED = "<mirrored>"  # a variant's instance folder: the sample photos mirrored left to right, written into --out
@@ -52,9 +53,9 @@ COSINE = {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}  # builti
 # up_blocks.0): the 16x16 level, where the marks' shape is decided, keeps the base model's weights
 COARSE_TARGETS = [f"{block}.attentions.{i}.transformer_blocks.0.{attn}.{proj}"
                   for block, n in (("down_blocks.2", 1), ("mid_block", 1), ("up_blocks.0", 2)) for i in range(n)
-                  for attn in ("attn1", "attn2") for proj in LoraConfig().target_modules]
+                  for attn in ("attn1", "attn2") for proj in DEFAULT_TARGETS]
 # Cross-attention alone: the adapters change what the words ask for, not how the picture's parts attend to each other
-CROSS_TARGETS = [f"attn2.{proj}" for proj in LoraConfig().target_modules]
+CROSS_TARGETS = [f"attn2.{proj}" for proj in DEFAULT_TARGETS]
 VARIANTS = {  # name -> (label, config overrides)
     "prior": ("prior preservation (default)", {}),
     "noprior": ("`--no-prior`", {"prior.enabled": False}),
