@@ -174,6 +174,10 @@ class LoraConfig:
     token_init: str | None = setting(None, flag="--token-init",
                                      help="Start the learnt embedding from these words (the mean of their vectors, "
                                           "e.g. 'red dots') instead of the token's own; needs --train-token-embedding.")
+    position_jitter: int = setting(0, flag="--position-jitter", low=0, high=16, recommended={TOY_DOTS: 4},
+                                   help="Read each training prompt at token positions shifted by a random k in "
+                                        "[-N, N] (CLIP text encoders, when they train), so the token is not learnt "
+                                        "at one position only; 0 is off.")
     dora: bool = setting(False, flag="--dora/--no-dora",
                          help="DoRA (peft): a learned magnitude per output channel on top of the LoRA update. "
                               "Written with --format diffusers only: no kohya reader applies peft's DoRA.")
@@ -451,6 +455,8 @@ def _ruled_out(key: str, value: Any, values: dict[str, Any]) -> bool:
     validation (builtin:toy learns the token's embedding, which a fine-tune or a frozen text encoder cannot)."""
     if key == "lora.train_token_embedding" and value:
         return values.get("data.job") == "finetune" or values.get("lora.train_text_encoder") is False
+    if key == "lora.position_jitter" and value:  # jitter moves what a trained text encoder reads
+        return values.get("lora.train_text_encoder") is False
     return False
 
 
@@ -649,6 +655,9 @@ def validate(config: DreamLoraConfig) -> list[str]:
     # multi-process run its gradients are synchronised with the adapters'.
     check(not c.lora.train_token_embedding or c.lora.train_text_encoder, "lora.train_token_embedding",
           "needs --train-text-encoder (the token's embedding is learnt inside the text encoder it trains)")
+    # Frozen encoders' prompt embeddings are computed once, before training: there is nothing to read at other positions.
+    check(c.lora.position_jitter == 0 or c.lora.train_text_encoder, "lora.position_jitter",
+          "shifts what a trained text encoder reads: pass --train-text-encoder too, or --position-jitter 0")
     check(c.lora.token_init is None or c.lora.train_token_embedding, "lora.token_init",
           "starts the learnt token embedding: pass --train-token-embedding too, or leave --token-init out")
     check(c.lora.token_init is None or bool(c.lora.token_init.strip()), "lora.token_init",

@@ -35,6 +35,7 @@ from .models.family import ImageGeometry, PromptEmbeddings
 from .preflight import preflight_training_data, prompt_length_warnings, token_warnings
 from .identity import ModelIdentity
 from .priors import cached_prior_dir, generate_priors, training_prior_spec
+from .position_jitter import draw_shifts, jittered_positions
 from .quantization import quantize_denoiser
 from .threads import cpu_threads
 from .token_embedding import attach_learned_token, initial_vectors, learned_token_parameters, token_ids
@@ -792,7 +793,11 @@ class BatchSource:
         timesteps = self.base.objective.sample_timesteps(x0.shape[0], generator, tuple(x0.shape[-2:]))
         device, dtype = self.accelerator.device, frozen_dtype(self.config.train.mixed_precision)
         if self.train_text:
-            embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
+            # its own generator: a run without jitter draws exactly what it drew before jitter existed
+            shifts = draw_shifts(len(prompts), self.config.lora.position_jitter, torch.Generator().manual_seed(
+                derive_seed(t.seed, "positions", step, micro, rank))) if self.config.lora.position_jitter else None
+            with jittered_positions(text_encoders, shifts):
+                embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
         else:
             embeddings = PromptEmbeddings.cat([self._frozen_embedding(p) for p in prompts])
         geometry = ImageGeometry(sizes, crops, (height, width))
