@@ -11,6 +11,7 @@ commit it ran on; class images are generated once into a fresh cache, so the fir
     python benchmarks/dreambooth_toy.py --readme                 # also rewrite the README's table
     python benchmarks/dreambooth_toy.py --model runs/nf-dots/model --seeds 0   # a rebuilt toy (pretrain.py)
     python benchmarks/dreambooth_toy.py --tuning-only --seeds 0,1 --variants prior-lr3e-4,prior-lr3e-4-init
+    python benchmarks/dreambooth_toy.py --tuning-only --phrasings --seeds 1,2 --variants prior,prior-no-jitter
 
 The model is the default one (builtin:toy-dots since 2026-12-05; builtin:toy before) with its own recommended
 recipe. `--model builtin:toy` trains the other shipped toy with its own; `--model DIR` trains a toy-world model
@@ -108,6 +109,9 @@ VARIANTS = {  # name -> (label, config overrides)
                      {"lora.text_encoder_lr": 1e-3}),
     "prior-te-still": ("prior, text-encoder adapters held still (`--text-encoder-lr 1e-8`), the token's embedding learnt",
                        {"lora.text_encoder_lr": 1e-8}),
+    # the recipe before --position-jitter (builtin:toy-dots recommends 4 since 2026-12-05)
+    "prior-no-jitter": ("prior, `--position-jitter 0`", {"lora.position_jitter": 0}),
+    "prior-jitter8": ("prior, `--position-jitter 8`", {"lora.position_jitter": 8}),
     "prior-lr3e-4-rank8": ("prior, `--lr 3e-4 --rank 8`", {"train.learning_rate": 3e-4, "lora.rank": 8}),
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
@@ -244,6 +248,9 @@ def main() -> None:
     parser.add_argument("--tuning-only", action="store_true",
                         help="score the tuning set alone and write no table: for choosing a recipe without "
                              "looking at the report set")
+    parser.add_argument("--phrasings", action="store_true",
+                        help="with --tuning-only: also the phrasings set (the tuning set's backgrounds and seeds, "
+                             "phrasings one word off the training prompt)")
     args = parser.parse_args()
     if args.tuning_only and (args.readme or args.tables):
         parser.error("--tuning-only writes no table: leave out --readme and --tables")
@@ -256,7 +263,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DREAMLORA_CACHE", str(out / "cache"))  # fresh: class images are part of the time
     revision = f"{commit()}, model {args.model or DEFAULT_MODEL}"
-    sets = ("tuning",) if args.tuning_only else ("tuning", "report")
+    if args.phrasings and not args.tuning_only:
+        parser.error("--phrasings goes with --tuning-only (the table is the report set's)")
+    sets = (("tuning", "phrasings") if args.phrasings else ("tuning",)) if args.tuning_only else ("tuning", "report")
     results_name = "results-tuning.json" if args.tuning_only else "results.json"  # never mixed in one table
     rows = []
     results = out / results_name

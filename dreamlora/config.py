@@ -894,11 +894,12 @@ class SampleSettings:
 class EvalSettings:
     """What `dreamlora eval` renders and how it scores the renders."""
 
-    prompt_sets: list[Literal["tuning", "report"]] = setting(
+    prompt_sets: list[Literal["tuning", "report", "phrasings"]] = setting(
         flag="--prompt-sets", factory=lambda: ["tuning", "report"],
         help="Prompt sets to render (comma-separated): tuning (what defaults and the best checkpoint are chosen "
-             "on) and report (other phrasings, backgrounds the photos do not show, other seeds; nothing is "
-             "chosen on it).")
+             "on), report (other phrasings, backgrounds the photos do not show, other seeds; nothing is "
+             "chosen on it) and phrasings (the tuning set's backgrounds and seeds with phrasings one word off "
+             "the training prompt, neither set's: for choosing what helps the token into other phrasings).")
     seeds: list[int] | None = setting(None, flag="--seeds", low=0, high=2**64 - 1,
                                       help="Comma-separated seeds replacing each set's own (tuning 0-7, report "
                                            "1000-1007): one render per prompt and seed.")
@@ -925,7 +926,7 @@ class EvalSettings:
         """Raises ConfigError listing every bad value, each naming its flag."""
         problems = range_problems(self)
         if not self.prompt_sets:
-            problems.append("--prompt-sets must name at least one set: tuning, report")
+            problems.append("--prompt-sets must name at least one set: tuning, report, phrasings")
         if self.seeds is not None and not self.seeds:
             problems.append("--seeds must list at least one seed, e.g. 0,1,2,3")
         if self.backgrounds is not None and not all(b.strip() for b in self.backgrounds or [""]):

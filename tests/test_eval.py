@@ -131,6 +131,29 @@ def test_evaluate_reports_lora_and_base_side_by_side(report_and_events):
     assert Path(data["grid"]).is_file()
 
 
+def test_the_phrasings_set_moves_the_training_prompt_one_word_and_keeps_the_tuning_backgrounds_and_seeds(lora_file):
+    """What recipes are chosen on for other phrasings: never the report set's phrasings, backgrounds or seeds."""
+    report = evaluate(lora_file, prompt_sets=["phrasings"], steps=1, oracle=False)
+    (phrasings,) = report.sets
+    assert phrasings.name == "phrasings" and phrasings.seeds == list(range(8))
+    assert phrasings.backgrounds == ["blue", "gray", "pink", "orange"]
+    assert phrasings.subject_prompts[:2] == ["a photo of a sks ball on a blue background",
+                                             "a photo of a sks ball on a gray background"]
+    assert phrasings.subject_prompts[4] == "photo of sks ball on a blue background"
+    others = {p for name in ("tuning", "report") for p in evaluate_prompts(name)}
+    assert not others & set(phrasings.subject_prompts)
+    assert not {1000, 1001} & set(phrasings.seeds)
+    with pytest.raises(ConfigError, match="--prompt-sets: must be one of tuning, report, phrasings"):
+        evaluate(lora_file, prompt_sets=["held-out"], steps=1, oracle=False)
+
+
+def evaluate_prompts(name: str) -> list[str]:
+    from dreamlora.evaluation import PROMPT_SETS, fill_subject
+
+    chosen = PROMPT_SETS[name]
+    return [fill_subject(phrasing, "sks", "ball", bg) for phrasing in chosen.phrasings for bg in chosen.backgrounds]
+
+
 def test_subject_present_needs_the_dots_on_a_round_ball_of_the_subjects_colour():
     from dreamlora.evaluation import total_variation
     from dreamlora.toyworld.oracle import OracleReading
