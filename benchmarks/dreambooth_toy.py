@@ -11,7 +11,7 @@ commit it ran on; class images are generated once into a fresh cache, so the fir
     python benchmarks/dreambooth_toy.py --readme                 # also rewrite the README's table
     python benchmarks/dreambooth_toy.py --model runs/nf-dots/model --seeds 0   # a rebuilt toy (pretrain.py)
     python benchmarks/dreambooth_toy.py --tuning-only --seeds 0,1 --variants prior-lr3e-4,prior-lr3e-4-init
-    python benchmarks/dreambooth_toy.py --tuning-only --phrasings --seeds 1,2 --variants prior,prior-no-jitter
+    python benchmarks/dreambooth_toy.py --tuning-only --phrasings --seeds 1,2 --variants prior,prior-jitter4
 
 The model is the default one (builtin:toy-dots since 2026-12-05; builtin:toy before) with its own recommended
 recipe. `--model builtin:toy` trains the other shipped toy with its own; `--model DIR` trains a toy-world model
@@ -109,8 +109,8 @@ VARIANTS = {  # name -> (label, config overrides)
                      {"lora.text_encoder_lr": 1e-3}),
     "prior-te-still": ("prior, text-encoder adapters held still (`--text-encoder-lr 1e-8`), the token's embedding learnt",
                        {"lora.text_encoder_lr": 1e-8}),
-    # the recipe before --position-jitter (builtin:toy-dots recommends 4 since 2026-12-05)
-    "prior-no-jitter": ("prior, `--position-jitter 0`", {"lora.position_jitter": 0}),
+    # the training prompt read at shifted token positions (docs/proof-of-learning.md, "prompt position jitter")
+    "prior-jitter4": ("prior, `--position-jitter 4`", {"lora.position_jitter": 4}),
     "prior-jitter8": ("prior, `--position-jitter 8`", {"lora.position_jitter": 8}),
     "prior-lr3e-4-rank8": ("prior, `--lr 3e-4 --rank 8`", {"train.learning_rate": 3e-4, "lora.rank": 8}),
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows

@@ -174,7 +174,7 @@ class LoraConfig:
     token_init: str | None = setting(None, flag="--token-init",
                                      help="Start the learnt embedding from these words (the mean of their vectors, "
                                           "e.g. 'red dots') instead of the token's own; needs --train-token-embedding.")
-    position_jitter: int = setting(0, flag="--position-jitter", low=0, high=16, recommended={TOY_DOTS: 4},
+    position_jitter: int = setting(0, flag="--position-jitter", low=0, high=16,
                                    help="Read each training prompt at token positions shifted by a random k in "
                                         "[-N, N] (CLIP text encoders, when they train), so the token is not learnt "
                                         "at one position only; 0 is off.")
@@ -455,8 +455,6 @@ def _ruled_out(key: str, value: Any, values: dict[str, Any]) -> bool:
     validation (builtin:toy learns the token's embedding, which a fine-tune or a frozen text encoder cannot)."""
     if key == "lora.train_token_embedding" and value:
         return values.get("data.job") == "finetune" or values.get("lora.train_text_encoder") is False
-    if key == "lora.position_jitter" and value:  # jitter moves what a trained text encoder reads
-        return values.get("lora.train_text_encoder") is False
     return False
 
 

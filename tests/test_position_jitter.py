@@ -64,10 +64,9 @@ def test_training_with_jitter_is_reproducible_and_learns_other_text_adapters(tmp
     assert text_weights and any(not torch.equal(first[k], plain[k]) for k in text_weights)
 
 
-def test_jitter_needs_a_trained_text_encoder_and_the_toys_recommendation_gives_way(tmp_path):
+def test_jitter_is_off_unless_asked_and_needs_a_trained_text_encoder(tmp_path):
     toy = {"data.instance_dir": str(INSTANCES), "data.class_word": "ball", "output.path": str(tmp_path / "t.safetensors")}
-    assert load_config(None, toy).lora.position_jitter == 4  # builtin:toy-dots, the default model
-    assert load_config(None, {**toy, "lora.train_text_encoder": False}).lora.position_jitter == 0
-    assert load_config(None, {**toy, "model.name": "builtin:tiny-sd"}).lora.position_jitter == 0
+    assert load_config(None, toy).lora.position_jitter == 0  # builtin:toy-dots' recipe does not jitter (docs)
+    assert load_config(None, {**toy, "lora.position_jitter": 4}).lora.position_jitter == 4
     with pytest.raises(ConfigError, match=r"lora.position_jitter \(flag --position-jitter\).*--train-text-encoder"):
         load_config(None, {**toy, "lora.train_text_encoder": False, "lora.position_jitter": 2})
