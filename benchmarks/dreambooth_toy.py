@@ -112,6 +112,9 @@ VARIANTS = {  # name -> (label, config overrides)
     # the training prompt read at shifted token positions (docs/proof-of-learning.md, "prompt position jitter")
     "prior-jitter4": ("prior, `--position-jitter 4`", {"lora.position_jitter": 4}),
     "prior-jitter8": ("prior, `--position-jitter 8`", {"lora.position_jitter": 8}),
+    "prior-jitter2": ("prior, `--position-jitter 2`", {"lora.position_jitter": 2}),
+    # jitter with the rank that was steadier on the tuning set (rank 8: smaller marks, less drift?)
+    "prior-jitter4-rank8": ("prior, `--position-jitter 4 --rank 8`", {"lora.position_jitter": 4, "lora.rank": 8}),
     "prior-lr3e-4-rank8": ("prior, `--lr 3e-4 --rank 8`", {"train.learning_rate": 3e-4, "lora.rank": 8}),
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
