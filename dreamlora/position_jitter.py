@@ -2,7 +2,7 @@
 
 CLIP text encoders add an absolute position embedding to every token. A DreamBooth token trained in one prompt
 ("a photo of sks dog") is learnt at one position, and the learnt embedding and text-encoder adapters can lean on
-it: on builtin:toy-dots the same prompt read one position further on loses about half of the subject
+it: on builtin:toy-dots the same prompt read a few positions further on loses much of the subject
 (docs/proof-of-learning.md). Users then write the token elsewhere ("sks dog on a beach"). Shifting every token but
 the start token by a random k in [-jitter, jitter] (positions kept at 1 or more) shows the token at several
 positions while the words stay the training prompt's. Only CLIP encoders are shifted: T5 has no absolute
