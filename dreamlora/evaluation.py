@@ -76,17 +76,18 @@ class PromptSet:
     bleed: bool = False  # also render other classes and asked attributes (oracle only)
 
 
+TUNING_SET = PromptSet("tuning", ("a photo of {token} {class} on {bg_article} {bg} background",),
+                       ("blue", "gray", "pink", "orange"), tuple(range(8)))
 PROMPT_SETS = {
-    "tuning": PromptSet("tuning", ("a photo of {token} {class} on {bg_article} {bg} background",),
-                        ("blue", "gray", "pink", "orange"), tuple(range(8))),
+    "tuning": TUNING_SET,
     "report": PromptSet("report", ("{token_article} {token} {class} on {bg_article} {bg} background",
                                    "{token} {class} on {bg_article} {bg} background"),
                         ("white", "pink", "orange"), tuple(range(1000, 1008)), bleed=True),
     # The tuning set with phrasings one word off its own, neither set's: how far the token carries beyond the
     # training prompt, measured without spending the report set
-    "phrasings": PromptSet("phrasings", ("a photo of a {token} {class} on {bg_article} {bg} background",
-                                         "photo of {token} {class} on {bg_article} {bg} background"),
-                           ("blue", "gray", "pink", "orange"), tuple(range(8))),
+    "phrasings": replace(TUNING_SET, name="phrasings",
+                         phrasings=("a photo of a {token} {class} on {bg_article} {bg} background",
+                                    "photo of {token} {class} on {bg_article} {bg} background")),
 }
 
 
