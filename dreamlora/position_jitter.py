@@ -25,9 +25,12 @@ def shifted_position_ids(shifts: torch.Tensor, length: int, max_positions: int) 
     return positions
 
 
-def draw_shifts(rows: int, jitter: int, generator: torch.Generator) -> torch.Tensor:
-    """One shift a prompt, uniform in [-jitter, jitter]."""
-    return torch.randint(-jitter, jitter + 1, (rows,), generator=generator)
+def draw_shifts(rows: int, jitter: int, seed: int) -> torch.Tensor | None:
+    """One shift a prompt, uniform in [-jitter, jitter], from a generator of its own seeded with `seed` (so a run
+    without jitter draws exactly what it drew before jitter existed); None when jitter is 0."""
+    if not jitter:
+        return None
+    return torch.randint(-jitter, jitter + 1, (rows,), generator=torch.Generator().manual_seed(seed))
 
 
 def _clip_text_embeddings(encoder: torch.nn.Module) -> list[torch.nn.Module]:

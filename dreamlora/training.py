@@ -793,9 +793,8 @@ class BatchSource:
         timesteps = self.base.objective.sample_timesteps(x0.shape[0], generator, tuple(x0.shape[-2:]))
         device, dtype = self.accelerator.device, frozen_dtype(self.config.train.mixed_precision)
         if self.train_text:
-            # its own generator: a run without jitter draws exactly what it drew before jitter existed
-            shifts = draw_shifts(len(prompts), self.config.lora.position_jitter, torch.Generator().manual_seed(
-                derive_seed(t.seed, "positions", step, micro, rank))) if self.config.lora.position_jitter else None
+            shifts = draw_shifts(len(prompts), self.config.lora.position_jitter,
+                                 derive_seed(t.seed, "positions", step, micro, rank))
             with jittered_positions(text_encoders, shifts):
                 embeddings = self.base.family.encode_prompts(self.base.tokenizers, text_encoders, prompts)
         else:

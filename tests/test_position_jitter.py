@@ -22,10 +22,12 @@ def test_shifted_positions_keep_the_start_token_and_stay_inside_the_table():
     assert positions.tolist() == [[0, 1, 1, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0, 4, 5, 6, 7, 7]]
 
 
-def test_shifts_are_drawn_from_the_generator_within_the_jitter():
-    shifts = draw_shifts(2000, 3, torch.Generator().manual_seed(0))
+def test_shifts_are_drawn_from_the_seed_within_the_jitter():
+    shifts = draw_shifts(2000, 3, seed=0)
     assert set(shifts.tolist()) == {-3, -2, -1, 0, 1, 2, 3}
-    assert torch.equal(shifts, draw_shifts(2000, 3, torch.Generator().manual_seed(0)))
+    assert torch.equal(shifts, draw_shifts(2000, 3, seed=0))
+    assert not torch.equal(shifts, draw_shifts(2000, 3, seed=1))
+    assert draw_shifts(2000, 0, seed=0) is None  # no jitter: nothing drawn
 
 
 def test_jittered_prompts_read_as_explicit_position_ids_would_and_the_hook_goes_away(tiny_sd):
