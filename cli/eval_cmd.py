@@ -71,8 +71,9 @@ def command(
 
 def format_table(report) -> str:
     """The report as small tables, one a prompt set: one row a computed metric, LoRA beside base."""
+    scale = f", LoRA scale {report.lora_scale:g}" if report.lora_scale != 1 else ""
     lines = [f"{report.lora_file} on {report.model}: {report.steps} {report.sampler} steps, guidance "
-             f"{report.guidance:g} ({report.seconds:.0f} s)"]
+             f"{report.guidance:g}{scale} ({report.seconds:.0f} s)"]
     for chosen in report.sets:
         lines += ["", f"{chosen.name} set: {len(chosen.seeds)} seeds ({_seed_range(chosen.seeds)}) x "
                   f"{len(chosen.subject_prompts)} subject prompts", f"{'metric':<24}{'LoRA':>8}{'base':>8}  "]

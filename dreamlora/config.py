@@ -907,6 +907,8 @@ class EvalSettings:
     steps: int = setting(20, flag="--steps", low=0, low_open=True, help="Sampling steps.")
     guidance: float = setting(7.5, flag="--guidance", low=0, help="Classifier-free guidance scale.")
     sampler: Sampler = setting(DEFAULT_SAMPLER, flag="--sampler", help="Sampler.")
+    lora_scale: float = setting(1.0, flag="--lora-scale", low=0,
+                                help="Strength of the LoRA in its renders (the base model's are always at 0).")
     instance_dir: str | None = setting(None, flag="--instance-dir", path=True,
                                        help="The instance photos (default: the folder recorded in the file, "
                                             "or sample_instances/<its name>).")

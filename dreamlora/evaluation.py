@@ -1,6 +1,6 @@
 """Measure a LoRA the way the DreamBooth paper does, beside its base model.
 
-`evaluate(lora_path)` renders, with the LoRA (scale 1) and with the adapter off (the base model), the
+`evaluate(lora_path)` renders, with the LoRA (at `lora_scale`, 1 by default) and with the adapter off (the base model), the
 same prompts from the same seeds, in two prompt sets that keep choices apart from reports:
 
 - `tuning`: "a photo of sks ball on a {blue, gray, pink, orange} background", seeds 0-7. Defaults were
@@ -149,6 +149,7 @@ class EvalReport:
     steps: int
     guidance: float
     sampler: str
+    lora_scale: float  # the LoRA's renders; the base model's are at 0
     resolution: int
     instance_dir: str | None  # the instance photos compared with (None: not found)
     instance_images: int
@@ -252,7 +253,7 @@ def evaluate(
     resolution = base.default_resolution
 
     def render(prompts: list[str], seeds: list[int], adapter_on: bool) -> list[Image.Image]:
-        set_lora_scale(pipe, base, 1.0 if adapter_on else 0.0, ADAPTER_NAME)  # 0: exactly the base model
+        set_lora_scale(pipe, base, settings.lora_scale if adapter_on else 0.0, ADAPTER_NAME)  # 0: the base model
         return [image for prompt in prompts for image in render_images(
             pipe, prompt, seeds, steps=settings.steps, guidance=settings.guidance, resolution=resolution,
             family=base.family)]
@@ -268,7 +269,7 @@ def evaluate(
         class_word=class_word, prompts=primary.subject_prompts + primary.class_prompts,
         subject_prompts=primary.subject_prompts, class_prompts=primary.class_prompts, seeds=primary.seeds,
         backgrounds=primary.backgrounds, steps=settings.steps, guidance=settings.guidance, sampler=settings.sampler,
-        resolution=resolution, instance_dir=str(instance_folder) if instance_folder else None,
+        lora_scale=settings.lora_scale, resolution=resolution, instance_dir=str(instance_folder) if instance_folder else None,
         instance_images=len(instances),
         oracle="toy oracle (dreamlora/builtin_models/toy_oracle)" if scorers.oracle else None,
         dino_model=Path(settings.dino).name if settings.dino is not None else None,

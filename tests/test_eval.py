@@ -147,6 +147,18 @@ def test_the_phrasings_set_moves_the_training_prompt_one_word_and_keeps_the_tuni
         evaluate(lora_file, prompt_sets=["held-out"], steps=1, oracle=False)
 
 
+def test_lora_scale_zero_renders_the_base_model_and_scale_one_is_the_default(lora_file, report_and_events):
+    """--lora-scale reaches the LoRA's renders only: at 0 they are the base model's, score for score."""
+    off = evaluate(lora_file, seeds=[0, 1], steps=1, backgrounds=["blue", "orange"], oracle=True, lora_scale=0.0)
+    assert off.lora_scale == 0.0 and off.lora == off.base and off.lora.class_shift == 0.0
+    full, _ = report_and_events  # the same prompts and seeds at the default scale (and with DINO and CLIP too)
+    assert full.lora_scale == 1.0 and full.lora.class_shift > 0
+    assert full.lora.subject_similarity != off.lora.subject_similarity == off.base.subject_similarity \
+        == full.base.subject_similarity
+    with pytest.raises(ConfigError, match="--lora-scale"):
+        evaluate(lora_file, steps=1, oracle=False, lora_scale=-1.0)
+
+
 def evaluate_prompts(name: str) -> list[str]:
     from dreamlora.evaluation import PROMPT_SETS, fill_subject
 
