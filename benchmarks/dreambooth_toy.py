@@ -48,6 +48,8 @@ TOP_CONV_TARGETS = [*DEFAULT_TARGETS,
                     *(f"{block}.resnets.{i}.{conv}" for block, n in (("down_blocks.0", 1), ("up_blocks.2", 2))
                       for i in range(n) for conv in ("conv1", "conv2"))]
 MIRRORED = "<mirrored>"  # a variant's instance folder: the sample photos mirrored left to right, written into --out
+MORE_PHOTOS = "<15 photos>"  # a variant's instance folder: the five sample photos and ten more of the same ball, drawn alike
+NEAR_PHOTOS = "<near photos>"  # a variant's instance folder: the five photos redrawn with the ball filling more of the frame
 CAPTIONED = "<captioned>"  # a variant's instance folder: the sample photos, each with a caption naming its background
 COSINE = {"train.learning_rate": 3e-4, "train.lr_scheduler": "cosine"}  # builtin:toy-dots' recipe, given explicitly
 # The attention projections of the 8x8 level and the middle only (a 3-level toy UNet's down_blocks.2, mid_block and
@@ -120,6 +122,11 @@ VARIANTS = {  # name -> (label, config overrides)
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
     "prior-mirrored": ("prior, the five photos mirrored once", {"data.instance_dir": MIRRORED}),
     # each photo trained with "a photo of sks ball on a blue background": the background named, not learnt as the subject
+    # more views of the same ball (other turns, places and sizes on the photos' five backgrounds): fewer dot layouts to blend
+    "prior-photos15": ("prior, 15 photos of the ball instead of 5", {"data.instance_dir": MORE_PHOTOS}),
+    # the ball nearer the camera (diameter 0.53-0.66 of the side, the top of the world's range; the photos: 0.38-0.72),
+    # so each dot covers more latent cells
+    "prior-photos-near": ("prior, the five photos with the ball nearer", {"data.instance_dir": NEAR_PHOTOS}),
     "prior-lr3e-4-cosine-captions": ("prior, `--lr 3e-4 --lr-scheduler cosine`, captions naming each photo's background",
                                      {**COSINE, "data.instance_dir": CAPTIONED}),
 }
@@ -140,7 +147,8 @@ def run(seed: int, variant: str, out: Path, grid: bool, reuse: bool = False, mod
 
     tag = f"seed{seed}-{variant}"
     overrides = dict(VARIANTS[variant][1])
-    photo_folders = {MIRRORED: (mirrored_photos, "mirrored-photos"), CAPTIONED: (captioned_photos, "captioned-photos")}
+    photo_folders = {MIRRORED: (mirrored_photos, "mirrored-photos"), CAPTIONED: (captioned_photos, "captioned-photos"),
+                     MORE_PHOTOS: (more_photos, "more-photos"), NEAR_PHOTOS: (near_photos, "near-photos")}
     if overrides.get("data.instance_dir") in photo_folders:  # a variant's own copy of the photos, made in --out
         make, name = photo_folders[overrides["data.instance_dir"]]
         overrides["data.instance_dir"] = str(make(out / name))
@@ -177,6 +185,31 @@ def captioned_photos(folder: Path) -> Path:
     for photo, background in zip(photos, list(BACKGROUNDS)[:5], strict=True):
         shutil.copyfile(photo, folder / photo.name)
         (folder / photo.name).with_suffix(".txt").write_text(f"a photo of {{token}} {{class}} on a {background} background\n")
+    return folder
+
+
+def more_photos(folder: Path, count: int = 15) -> Path:
+    """The five sample photos and more drawn by the same script from the next seeds (rewritten each run)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_sample_instances import DEFAULT_SEED, draw_instances
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [image for seed in range(DEFAULT_SEED, DEFAULT_SEED + -(-count // 5)) for image in draw_instances(seed)]
+    for i, image in enumerate(photos[:count], start=1):  # the first five are the sample photos, byte for byte
+        image.save(folder / f"{i:02d}.png", format="PNG")
+    return folder
+
+
+def near_photos(folder: Path, radii: tuple[float, ...] = (38.0, 36.0, 42.0, 40.0, 34.0)) -> Path:
+    """The five sample photos redrawn from the same seed with other ball radii (px at 128 px; rewritten each run)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_sample_instances as photos
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(photos.DEFAULT_SEED)
+    for i, (background, radius) in enumerate(zip(photos.BACKGROUNDS, radii, strict=True), start=1):
+        photos._draw_one(rng, background, radius).save(folder / f"{i:02d}.png", format="PNG")
     return folder
 
 

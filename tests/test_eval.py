@@ -8,6 +8,7 @@ renders stay free of it (prior preservation).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -302,3 +303,31 @@ def test_the_benchmarks_captioned_variant_names_each_photos_own_background(tmp_p
         shown.append(min(BACKGROUNDS, key=lambda name: float(np.sum((corner - np.array(BACKGROUNDS[name])) ** 2))))
     assert images.prompts == [f"a photo of sks ball on a {name} background" for name in shown]
     assert len(set(shown)) == 5  # five photos, five backgrounds
+
+
+def test_the_benchmarks_photo_variants_keep_the_sample_ball_and_change_only_what_they_name(tmp_path):
+    """`prior-photos15` starts from the five sample photos byte for byte; `prior-photos-near` redraws those five
+    with a bigger ball (more red pixels in every photo) on the same backgrounds."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("dreambooth_toy", ROOT / "benchmarks" / "dreambooth_toy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    samples = sorted(INSTANCES.glob("*.png"))
+    more = sorted(bench.more_photos(tmp_path / "more").glob("*.png"))
+    assert len(more) == 15 and [p.read_bytes() for p in more[:5]] == [p.read_bytes() for p in samples]
+    assert len({p.read_bytes() for p in more}) == 15
+
+    def red_share(path) -> float:
+        pixels = np.asarray(Image.open(path).convert("RGB"), np.int32)
+        return float(((pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)).mean())
+
+    nearer = (38.0, 36.0, 42.0, 40.0, 34.0)
+    near = sorted(bench.near_photos(tmp_path / "near", nearer).glob("*.png"))
+    radii = sys.modules["make_sample_instances"].RADII  # the sample photos' (imported by the benchmark)
+    for photo, sample, radius, bigger in zip(near, samples, radii, nearer, strict=True):
+        corner = lambda path: np.asarray(Image.open(path).convert("RGB"), np.float32)[:4, :4].mean()  # noqa: E731
+        assert abs(corner(photo) - corner(sample)) < 8  # the same background
+        assert (red_share(photo) > red_share(sample)) == (bigger > radius)
