@@ -121,12 +121,12 @@ VARIANTS = {  # name -> (label, config overrides)
     # the toy world lights everything from the upper left: a mirrored photo is lit from a side it never shows
     "prior-flip": ("prior, `--random-flip`", {"data.random_flip": True}),
     "prior-mirrored": ("prior, the five photos mirrored once", {"data.instance_dir": MIRRORED}),
-    # each photo trained with "a photo of sks ball on a blue background": the background named, not learnt as the subject
     # more views of the same ball (other turns, places and sizes on the photos' five backgrounds): fewer dot layouts to blend
     "prior-photos15": ("prior, 15 photos of the ball instead of 5", {"data.instance_dir": MORE_PHOTOS}),
     # the ball nearer the camera (diameter 0.53-0.66 of the side, the top of the world's range; the photos: 0.38-0.72),
     # so each dot covers more latent cells
     "prior-photos-near": ("prior, the five photos with the ball nearer", {"data.instance_dir": NEAR_PHOTOS}),
+    # each photo trained with "a photo of sks ball on a blue background": the background named, not learnt as the subject
     "prior-lr3e-4-cosine-captions": ("prior, `--lr 3e-4 --lr-scheduler cosine`, captions naming each photo's background",
                                      {**COSINE, "data.instance_dir": CAPTIONED}),
 }
@@ -190,11 +190,14 @@ def captioned_photos(folder: Path) -> Path:
 
 def more_photos(folder: Path, count: int = 15) -> Path:
     """The five sample photos and more drawn by the same script from the next seeds (rewritten each run)."""
+    import math
+
     sys.path.insert(0, str(ROOT / "scripts"))
     from make_sample_instances import DEFAULT_SEED, draw_instances
 
     folder.mkdir(parents=True, exist_ok=True)
-    photos = [image for seed in range(DEFAULT_SEED, DEFAULT_SEED + -(-count // 5)) for image in draw_instances(seed)]
+    seeds = range(DEFAULT_SEED, DEFAULT_SEED + math.ceil(count / 5))  # five photos a seed
+    photos = [image for seed in seeds for image in draw_instances(seed)]
     for i, image in enumerate(photos[:count], start=1):  # the first five are the sample photos, byte for byte
         image.save(folder / f"{i:02d}.png", format="PNG")
     return folder
@@ -203,13 +206,11 @@ def more_photos(folder: Path, count: int = 15) -> Path:
 def near_photos(folder: Path, radii: tuple[float, ...] = (38.0, 36.0, 42.0, 40.0, 34.0)) -> Path:
     """The five sample photos redrawn from the same seed with other ball radii (px at 128 px; rewritten each run)."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import make_sample_instances as photos
-    import numpy as np
+    from make_sample_instances import draw_instances
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(photos.DEFAULT_SEED)
-    for i, (background, radius) in enumerate(zip(photos.BACKGROUNDS, radii, strict=True), start=1):
-        photos._draw_one(rng, background, radius).save(folder / f"{i:02d}.png", format="PNG")
+    for i, image in enumerate(draw_instances(radii=radii), start=1):
+        image.save(folder / f"{i:02d}.png", format="PNG")
     return folder
 
 

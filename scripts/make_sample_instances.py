@@ -49,18 +49,20 @@ def _draw_one(rng: np.random.Generator, background: tuple[int, int, int], radius
     return draw_polka_ball(SIZE, background, (cx, cy), radius, quaternion, grain)
 
 
-def draw_instances(seed: int = DEFAULT_SEED) -> list[Image.Image]:
+def draw_instances(seed: int = DEFAULT_SEED, radii: tuple[float, ...] = RADII) -> list[Image.Image]:
     """Draw the five sample photos of the polka-dot ball.
 
     Args:
         seed: Seed for positions, rotations and background grain. The same seed gives the
             same pixels.
+        radii: Ball radius (px) a photo; other radii move the ball nearer or further (the
+            benchmark's `prior-photos-near`).
 
     Returns:
         Five 128x128 RGB images, one per background in ``BACKGROUNDS``.
     """
     rng = np.random.default_rng(seed)
-    return [_draw_one(rng, bg, r) for bg, r in zip(BACKGROUNDS, RADII)]
+    return [_draw_one(rng, bg, r) for bg, r in zip(BACKGROUNDS, radii, strict=True)]
 
 
 def main() -> None:
