@@ -188,30 +188,37 @@ def captioned_photos(folder: Path) -> Path:
     return folder
 
 
+def sample_photo_script():
+    """scripts/make_sample_instances.py, which draws the sample photos (imported once; its folder added once)."""
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import make_sample_instances
+
+    return make_sample_instances
+
+
+def save_photos(folder: Path, images) -> Path:
+    """`images` as 01.png, 02.png, ... in `folder` (made if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images, start=1):
+        image.save(folder / f"{i:02d}.png", format="PNG")
+    return folder
+
+
 def more_photos(folder: Path, count: int = 15) -> Path:
     """The five sample photos and more drawn by the same script from the next seeds (rewritten each run)."""
     import math
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_sample_instances import DEFAULT_SEED, draw_instances
-
-    folder.mkdir(parents=True, exist_ok=True)
-    seeds = range(DEFAULT_SEED, DEFAULT_SEED + math.ceil(count / 5))  # five photos a seed
-    photos = [image for seed in seeds for image in draw_instances(seed)]
-    for i, image in enumerate(photos[:count], start=1):  # the first five are the sample photos, byte for byte
-        image.save(folder / f"{i:02d}.png", format="PNG")
-    return folder
+    script = sample_photo_script()
+    seeds = range(script.DEFAULT_SEED, script.DEFAULT_SEED + math.ceil(count / 5))  # five photos a seed
+    photos = [image for seed in seeds for image in script.draw_instances(seed)]
+    return save_photos(folder, photos[:count])  # the first five are the sample photos, byte for byte
 
 
 def near_photos(folder: Path, radii: tuple[float, ...] = (38.0, 36.0, 42.0, 40.0, 34.0)) -> Path:
     """The five sample photos redrawn from the same seed with other ball radii (px at 128 px; rewritten each run)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_sample_instances import draw_instances
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(draw_instances(radii=radii), start=1):
-        image.save(folder / f"{i:02d}.png", format="PNG")
-    return folder
+    return save_photos(folder, sample_photo_script().draw_instances(radii=radii))
 
 
 def mirrored_photos(folder: Path) -> Path:
@@ -291,6 +298,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.tuning_only and (args.readme or args.tables):
         parser.error("--tuning-only writes no table: leave out --readme and --tables")
+    if args.phrasings and not args.tuning_only:
+        parser.error("--phrasings goes with --tuning-only (the table is the report set's)")
     if args.tables:
         loaded = [json.loads(path.read_text()) for path in args.tables]
         revisions = sorted({data["commit"] for data in loaded})
@@ -300,8 +309,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DREAMLORA_CACHE", str(out / "cache"))  # fresh: class images are part of the time
     revision = f"{commit()}, model {args.model or DEFAULT_MODEL}"
-    if args.phrasings and not args.tuning_only:
-        parser.error("--phrasings goes with --tuning-only (the table is the report set's)")
     sets = (("tuning", "phrasings") if args.phrasings else ("tuning",)) if args.tuning_only else ("tuning", "report")
     results_name = "results-tuning.json" if args.tuning_only else "results.json"  # never mixed in one table
     rows = []

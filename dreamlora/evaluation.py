@@ -1,7 +1,7 @@
 """Measure a LoRA the way the DreamBooth paper does, beside its base model.
 
-`evaluate(lora_path)` renders, with the LoRA (at `lora_scale`, 1 by default) and with the adapter off (the base model), the
-same prompts from the same seeds, in two prompt sets that keep choices apart from reports:
+`evaluate(lora_path)` renders, with the LoRA (at `lora_scale`, 1 by default) and with the adapter off (the base
+model), the same prompts from the same seeds, in two prompt sets that keep choices apart from reports:
 
 - `tuning`: "a photo of sks ball on a {blue, gray, pink, orange} background", seeds 0-7. Defaults were
   chosen on it, and a run's best checkpoint (`--eval-every`) is chosen on it;
@@ -269,8 +269,8 @@ def evaluate(
         class_word=class_word, prompts=primary.subject_prompts + primary.class_prompts,
         subject_prompts=primary.subject_prompts, class_prompts=primary.class_prompts, seeds=primary.seeds,
         backgrounds=primary.backgrounds, steps=settings.steps, guidance=settings.guidance, sampler=settings.sampler,
-        lora_scale=settings.lora_scale, resolution=resolution, instance_dir=str(instance_folder) if instance_folder else None,
-        instance_images=len(instances),
+        lora_scale=settings.lora_scale, resolution=resolution,
+        instance_dir=str(instance_folder) if instance_folder else None, instance_images=len(instances),
         oracle="toy oracle (dreamlora/builtin_models/toy_oracle)" if scorers.oracle else None,
         dino_model=Path(settings.dino).name if settings.dino is not None else None,
         clip_model=Path(settings.clip).name if settings.clip is not None else None,
